@@ -1,0 +1,3 @@
+"""ringfence host agent: transparent, identity-aware interception of protected ports."""
+
+__version__ = "0.1.0"

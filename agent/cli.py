@@ -1,0 +1,86 @@
+"""The ``ringfence`` command line."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from agent import __version__
+from agent.cli_audit import audit
+from agent.config import Config, ConfigError, load_config
+
+
+def load_or_exit(path: str | None) -> Config:
+    """Load the configuration or exit with its error message."""
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        click.echo(f"ringfence: config error: {e}", err=True)
+        sys.exit(2)
+
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    metavar="PATH",
+    envvar="RINGFENCE_CONFIG",
+    help="Configuration file (default /etc/ringfence/ringfence.toml).",
+)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="ringfence")
+def main() -> None:
+    """ringfence: identity-aware, tamper-evident interception of protected ports."""
+
+
+@main.command()
+@config_option
+def run(config_path: str | None) -> None:
+    """Run the agent in the foreground until SIGTERM or SIGINT."""
+    from agent.daemon import run_agent
+
+    sys.exit(run_agent(load_or_exit(config_path)))
+
+
+@main.command()
+@config_option
+def doctor(config_path: str | None) -> None:
+    """Check that this host can run the agent; one line per check."""
+    from agent.doctor import run_doctor
+
+    sys.exit(run_doctor(config_path))
+
+
+@main.group()
+def redirect() -> None:
+    """Inspect or remove the iptables redirect rules."""
+
+
+@redirect.command("status")
+def redirect_status() -> None:
+    """Show the RINGFENCE_* chains and their rules."""
+    from agent.redirect import Redirector
+
+    rules = Redirector.installed_rules()
+    if not rules:
+        click.echo("no ringfence redirect rules installed")
+        return
+    for line in rules:
+        click.echo(line)
+
+
+@redirect.command("clean")
+def redirect_clean() -> None:
+    """Remove every RINGFENCE_* chain and jump (also those of a crashed agent)."""
+    from agent.redirect import Redirector
+
+    removed = Redirector.clean_all()
+    click.echo(f"removed {removed} ringfence chain(s)")
+
+
+main.add_command(audit)
+
+if __name__ == "__main__":
+    main()

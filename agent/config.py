@@ -1,0 +1,311 @@
+"""Agent configuration: TOML file, validated into frozen dataclasses.
+
+The default file is ``packaging/ringfence.toml``, installed as
+``/etc/ringfence/ringfence.toml``; ``--config PATH`` or ``RINGFENCE_CONFIG``
+choose another. Every key is documented in the default file. Unknown keys
+and bad values are rejected with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+DEFAULT_CONFIG_PATH = Path("/etc/ringfence/ringfence.toml")
+CONFIG_ENV = "RINGFENCE_CONFIG"
+
+SUPPORTED_PROTOCOLS = ("postgres",)
+DEFAULT_PORTS = {"postgres": 5432}
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or invalid."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    state_dir: Path = Path("/var/lib/ringfence")
+    run_dir: Path = Path("/run/ringfence")
+    log_level: str = "info"
+    log_format: str = "json"
+    # SO_MARK carried by the agent's own upstream sockets; the redirect rules
+    # return early for packets whose mark matches under mark_mask.
+    upstream_mark: int = 0x52460000
+    mark_mask: int = 0xFFFF0000
+    listen_addresses: tuple[str, ...] = ("0.0.0.0", "::")
+    # Largest single protocol message accepted from a client or server before
+    # the session is ended (a protocol's own limit may be lower).
+    max_message_bytes: int = 64 * 1024 * 1024
+    # How much of a statement's text is kept in its audit record.
+    max_statement_bytes: int = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class BpfSettings:
+    # "auto": use BPF when it loads, else fall back to procfs and say so;
+    # "required": refuse to start without BPF; "off": procfs only.
+    mode: str = "auto"
+    # "auto": the running kernel's headers under /lib/modules/$(uname -r),
+    # else the newest installed headers set (ringfence's BPF programs read only
+    # UAPI contexts, so headers of another release are safe); or a path to a
+    # /lib/modules/<release> directory or a kernel build tree.
+    kernel_headers: str = "auto"
+    # "auto": the cgroup v2 mount found in /proc/mounts.
+    cgroup_root: str = "auto"
+    map_entries: int = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class RedirectSettings:
+    ipv6: bool = True
+    # Intercept clients on this host (nat OUTPUT) and from other hosts
+    # (nat PREROUTING).
+    local: bool = True
+    remote: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSettings:
+    path: Path = Path("/var/lib/ringfence/audit")
+
+
+@dataclass(frozen=True, slots=True)
+class ProtectedService:
+    name: str
+    port: int
+    protocol: str
+    listen_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    agent: AgentSettings = field(default_factory=AgentSettings)
+    bpf: BpfSettings = field(default_factory=BpfSettings)
+    redirect: RedirectSettings = field(default_factory=RedirectSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    protect: tuple[ProtectedService, ...] = ()
+    source: Path | None = None
+
+    def service_by_listen_port(self, port: int) -> ProtectedService | None:
+        for service in self.protect:
+            if service.listen_port == port:
+                return service
+        return None
+
+
+class _Table:
+    """A TOML table being read: typed access by key, unknown keys reported."""
+
+    def __init__(self, where: str, data: Mapping[str, Any]) -> None:
+        self.where = where
+        self.data = data
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def get(self, name: str, kind: type[T], default: T) -> T:
+        self.used.add(name)
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(
+                f"{self.key(name)}: expected {kind.__name__}, got {type(value).__name__}"
+            )
+        return value
+
+    def require(self, name: str, kind: type[T]) -> T:
+        if name not in self.data:
+            raise ConfigError(f"{self.key(name)}: required key is missing")
+        return self.get(name, kind, kind())
+
+    def choice(self, name: str, allowed: tuple[str, ...], default: str) -> str:
+        value = self.get(name, str, default)
+        if value not in allowed:
+            raise ConfigError(f"{self.key(name)}: must be one of {', '.join(allowed)}, got {value!r}")
+        return value
+
+    def port(self, name: str, default: int | None = None) -> int:
+        value = self.require(name, int) if default is None else self.get(name, int, default)
+        if not 1 <= value <= 65535:
+            raise ConfigError(f"{self.key(name)}: {value} is not a TCP port (1-65535)")
+        return value
+
+    def path(self, name: str, default: Path) -> Path:
+        value = self.get(name, str, str(default))
+        if not value:
+            raise ConfigError(f"{self.key(name)}: must not be empty")
+        return Path(value)
+
+    def table(self, name: str) -> _Table:
+        self.used.add(name)
+        value = self.data.get(name, {})
+        if not isinstance(value, dict):
+            raise ConfigError(f"{self.key(name)}: expected a table")
+        return _Table(self.key(name), value)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(f"{self.key(unknown[0])}: unknown key")
+
+
+def _agent(t: _Table) -> AgentSettings:
+    d = AgentSettings()
+    addresses = t.get("listen_addresses", list, list(d.listen_addresses))
+    for i, address in enumerate(addresses):
+        try:
+            ipaddress.ip_address(address)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{t.key('listen_addresses')}[{i}]: not an IP address: {address!r}")
+    mark = t.get("upstream_mark", int, d.upstream_mark)
+    mask = t.get("mark_mask", int, d.mark_mask)
+    if not 0 < mark < 2**32 or not 0 < mask < 2**32 or mark & ~mask:
+        raise ConfigError(
+            f"{t.key('upstream_mark')}: must be a non-zero 32-bit value inside mark_mask"
+        )
+    max_message = t.get("max_message_bytes", int, d.max_message_bytes)
+    if not 1024 <= max_message <= 2**30:
+        raise ConfigError(f"{t.key('max_message_bytes')}: must be between 1024 and 2^30")
+    max_statement = t.get("max_statement_bytes", int, d.max_statement_bytes)
+    if max_statement < 64:
+        raise ConfigError(f"{t.key('max_statement_bytes')}: must be at least 64")
+    settings = AgentSettings(
+        state_dir=t.path("state_dir", d.state_dir),
+        run_dir=t.path("run_dir", d.run_dir),
+        log_level=t.choice("log_level", ("debug", "info", "warning", "error"), d.log_level),
+        log_format=t.choice("log_format", ("json", "text"), d.log_format),
+        upstream_mark=mark,
+        mark_mask=mask,
+        listen_addresses=tuple(addresses),
+        max_message_bytes=max_message,
+        max_statement_bytes=max_statement,
+    )
+    t.finish()
+    return settings
+
+
+def _bpf(t: _Table) -> BpfSettings:
+    d = BpfSettings()
+    entries = t.get("map_entries", int, d.map_entries)
+    if not 1024 <= entries <= 1 << 22:
+        raise ConfigError(f"{t.key('map_entries')}: must be between 1024 and 4194304")
+    settings = BpfSettings(
+        mode=t.choice("mode", ("auto", "required", "off"), d.mode),
+        kernel_headers=t.get("kernel_headers", str, d.kernel_headers) or "auto",
+        cgroup_root=t.get("cgroup_root", str, d.cgroup_root) or "auto",
+        map_entries=entries,
+    )
+    t.finish()
+    return settings
+
+
+def _redirect(t: _Table) -> RedirectSettings:
+    d = RedirectSettings()
+    settings = RedirectSettings(
+        ipv6=t.get("ipv6", bool, d.ipv6),
+        local=t.get("local", bool, d.local),
+        remote=t.get("remote", bool, d.remote),
+    )
+    t.finish()
+    return settings
+
+
+def _audit(t: _Table) -> AuditSettings:
+    d = AuditSettings()
+    settings = AuditSettings(path=t.path("path", d.path))
+    t.finish()
+    return settings
+
+
+def _protect(items: Any) -> tuple[ProtectedService, ...]:
+    if not isinstance(items, list):
+        raise ConfigError("protect: expected an array of tables ([[protect]])")
+    services: list[ProtectedService] = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ConfigError(f"protect[{i}]: expected a table")
+        t = _Table(f"protect[{i}]", item)
+        name = t.require("name", str)
+        if not name or not name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"{t.key('name')}: use letters, digits, '-' and '_' only")
+        protocol = t.choice("protocol", SUPPORTED_PROTOCOLS, "postgres")
+        port = t.port("port", DEFAULT_PORTS[protocol])
+        default_listen = port + 10000 if port + 10000 <= 65535 else None
+        if default_listen is None and "listen_port" not in item:
+            raise ConfigError(f"{t.key('listen_port')}: required when port + 10000 exceeds 65535")
+        listen_port = t.port("listen_port", default_listen)
+        if listen_port == port:
+            raise ConfigError(f"{t.key('listen_port')}: must differ from port {port}")
+        t.finish()
+        services.append(ProtectedService(name, port, protocol, listen_port))
+    _check_unique(services)
+    return tuple(services)
+
+
+def _check_unique(services: list[ProtectedService]) -> None:
+    seen: dict[str, str] = {}
+    for i, s in enumerate(services):
+        for what, value in (("name", s.name), ("port", str(s.port)), ("listen_port", str(s.listen_port))):
+            tag = f"{what}={value}"
+            if tag in seen:
+                raise ConfigError(f"protect[{i}].{what}: {value} is already used by {seen[tag]}")
+            seen[tag] = f"protect[{i}]"
+        ports = {x.port for x in services}
+        if s.listen_port in ports:
+            raise ConfigError(f"protect[{i}].listen_port: {s.listen_port} is a protected port")
+
+
+_SECTIONS: dict[str, Callable[[_Table], Any]] = {
+    "agent": _agent,
+    "bpf": _bpf,
+    "redirect": _redirect,
+    "audit": _audit,
+}
+
+
+def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
+    """Validate a decoded TOML document into a :class:`Config`."""
+    root = _Table("", data)
+    sections = {name: reader(root.table(name)) for name, reader in _SECTIONS.items()}
+    root.used.add("protect")
+    services = _protect(data.get("protect", []))
+    root.finish()
+    return Config(protect=services, source=source, **sections)
+
+
+def resolve_config_path(explicit: str | os.PathLike[str] | None) -> Path:
+    """The file to read: ``--config``, then ``$RINGFENCE_CONFIG``, then the default."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    return DEFAULT_CONFIG_PATH
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate the configuration file."""
+    resolved = resolve_config_path(path)
+    try:
+        raw = resolved.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{resolved}: cannot read config: {e.strerror or e}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{resolved}: {e}") from None
+    try:
+        return parse_config(data, source=resolved)
+    except ConfigError as e:
+        raise ConfigError(f"{resolved}: {e}") from None

@@ -1,0 +1,1 @@
+"""Sans-IO protocol parsers and writers: fed bytes, they return events."""
