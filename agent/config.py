@@ -77,11 +77,93 @@ class AuditSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ServiceCredentials:
+    """What the agent uses upstream for a protected service; never shown to clients."""
+
+    user: str
+    password_file: Path | None = None
+    password_env: str | None = None
+    # auto: SCRAM-SHA-256, md5 or trust, whichever the server asks for (never
+    # cleartext); or exactly one of CREDENTIAL_METHODS.
+    method: str = "auto"
+
+
+CREDENTIAL_METHODS = ("auto", "scram-sha-256", "md5", "password", "trust")
+# Public-key JWS algorithms an issuer may be allowed; "none" and HMAC never are.
+TOKEN_ALGORITHMS = (
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerConfig:
+    """One trusted OIDC issuer: where its keys come from and how its tokens read."""
+
+    issuer: str
+    audience: str
+    jwks_file: Path | None = None
+    discovery: bool = False
+    jwks_uri: str | None = None
+    subject_claim: str = "sub"
+    groups_claim: str | None = None
+    algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
+    required_claims: tuple[str, ...] = ("exp",)
+    # "human": its subjects are people (a finding when automation uses them);
+    # "automation": workload identities (CI, services).
+    subject_kind: str = "human"
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceAccountConfig:
+    """Automation without a token, recognised by where its process runs."""
+
+    name: str
+    unit: str | None = None
+    cgroup: str | None = None
+    exe: str | None = None
+    uid: int | None = None
+    subject: str = ""
+    groups: tuple[str, ...] = ()
+    # Token subjects that belong to this account: such a token used from a
+    # process that does not match the account is an impersonation finding.
+    token_subjects: tuple[str, ...] = ()
+
+    @property
+    def identity_subject(self) -> str:
+        return self.subject or f"service:{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class IdentitySettings:
+    issuers: tuple[IssuerConfig, ...] = ()
+    env_var: str = "RINGFENCE_TOKEN"
+    on_finding: str = "refuse"
+    leeway_seconds: int = 30
+    jwks_cache_seconds: int = 3600
+    jwks_min_refresh_seconds: int = 30
+    service_accounts: tuple[ServiceAccountConfig, ...] = ()
+    # (token subject, local user name): the person's account on this host.
+    subject_users: tuple[tuple[str, str], ...] = ()
+    # Glob patterns of token subjects that are automation, not people.
+    automation_subjects: tuple[str, ...] = ()
+    # Refuse connections for which no identity is found.
+    required: bool = False
+
+    def local_user_for(self, subject: str) -> str | None:
+        for mapped_subject, user in self.subject_users:
+            if mapped_subject == subject:
+                return user
+        return None
+
+
+@dataclass(frozen=True, slots=True)
 class ProtectedService:
     name: str
     port: int
     protocol: str
     listen_port: int
+    credentials: ServiceCredentials | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +172,7 @@ class Config:
     bpf: BpfSettings = field(default_factory=BpfSettings)
     redirect: RedirectSettings = field(default_factory=RedirectSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    identity: IdentitySettings = field(default_factory=IdentitySettings)
     protect: tuple[ProtectedService, ...] = ()
     source: Path | None = None
 
@@ -228,6 +311,165 @@ def _audit(t: _Table) -> AuditSettings:
     return settings
 
 
+def _loopback_or_https(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return True
+    return parts.scheme == "http" and parts.hostname in ("127.0.0.1", "::1", "localhost")
+
+
+def _str_list(t: _Table, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    values = t.get(name, list, list(default))
+    for i, value in enumerate(values):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{t.key(name)}[{i}]: expected a non-empty string")
+    return tuple(values)
+
+
+def _issuer(t: _Table) -> IssuerConfig:
+    d = IssuerConfig("", "")
+    issuer = t.require("issuer", str)
+    if not _loopback_or_https(issuer):
+        raise ConfigError(
+            f"{t.key('issuer')}: must be an https:// URL (http:// only on loopback)"
+        )
+    audience = t.require("audience", str)
+    if not audience:
+        raise ConfigError(f"{t.key('audience')}: must not be empty")
+    jwks_file = t.get("jwks_file", str, "")
+    discovery = t.get("discovery", bool, False)
+    jwks_uri = t.get("jwks_uri", str, "")
+    if sum((bool(jwks_file), discovery, bool(jwks_uri))) != 1:
+        raise ConfigError(
+            f"{t.key('jwks_file')}: set exactly one of jwks_file, discovery, jwks_uri"
+        )
+    if jwks_uri and not _loopback_or_https(jwks_uri):
+        raise ConfigError(
+            f"{t.key('jwks_uri')}: must be an https:// URL (http:// only on loopback)"
+        )
+    algorithms = _str_list(t, "algorithms", d.algorithms)
+    for alg in algorithms:
+        if alg not in TOKEN_ALGORITHMS:
+            raise ConfigError(
+                f"{t.key('algorithms')}: {alg!r} is not allowed "
+                f"(public-key algorithms only: {', '.join(TOKEN_ALGORITHMS)})"
+            )
+    if not algorithms:
+        raise ConfigError(f"{t.key('algorithms')}: must not be empty")
+    ca_file = t.get("ca_file", str, "")
+    settings = IssuerConfig(
+        issuer=issuer,
+        audience=audience,
+        jwks_file=Path(jwks_file) if jwks_file else None,
+        discovery=discovery,
+        jwks_uri=jwks_uri or None,
+        subject_claim=t.get("subject_claim", str, d.subject_claim) or d.subject_claim,
+        groups_claim=t.get("groups_claim", str, "") or None,
+        algorithms=algorithms,
+        required_claims=_str_list(t, "required_claims", d.required_claims),
+        subject_kind=t.choice("subject_kind", ("human", "automation"), d.subject_kind),
+        ca_file=Path(ca_file) if ca_file else None,
+    )
+    t.finish()
+    return settings
+
+
+def _service_account(t: _Table) -> ServiceAccountConfig:
+    name = t.require("name", str)
+    if not name:
+        raise ConfigError(f"{t.key('name')}: must not be empty")
+    uid = t.get("uid", int, -1)
+    account = ServiceAccountConfig(
+        name=name,
+        unit=t.get("unit", str, "") or None,
+        cgroup=t.get("cgroup", str, "") or None,
+        exe=t.get("exe", str, "") or None,
+        uid=uid if uid >= 0 else None,
+        subject=t.get("subject", str, ""),
+        groups=_str_list(t, "groups", ()),
+        token_subjects=_str_list(t, "token_subjects", ()),
+    )
+    if all(x is None for x in (account.unit, account.cgroup, account.exe, account.uid)):
+        raise ConfigError(f"{t.where}: declare at least one of unit, cgroup, exe, uid")
+    t.finish()
+    return account
+
+
+def _tables(t: _Table, name: str) -> list[_Table]:
+    items = t.get(name, list, [])
+    tables = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ConfigError(f"{t.key(name)}[{i}]: expected a table")
+        tables.append(_Table(f"{t.key(name)}[{i}]", item))
+    return tables
+
+
+def _identity(t: _Table) -> IdentitySettings:
+    d = IdentitySettings()
+    issuers = tuple(_issuer(x) for x in _tables(t, "issuers"))
+    seen = [i.issuer for i in issuers]
+    for i, issuer in enumerate(seen):
+        if issuer in seen[:i]:
+            raise ConfigError(f"identity.issuers[{i}].issuer: {issuer} is listed twice")
+    env_var = t.get("env_var", str, d.env_var)
+    if "=" in env_var or "\0" in env_var:
+        raise ConfigError(f"{t.key('env_var')}: not an environment variable name")
+    leeway = t.get("leeway_seconds", int, d.leeway_seconds)
+    if not 0 <= leeway <= 600:
+        raise ConfigError(f"{t.key('leeway_seconds')}: must be between 0 and 600")
+    cache = t.get("jwks_cache_seconds", int, d.jwks_cache_seconds)
+    min_refresh = t.get("jwks_min_refresh_seconds", int, d.jwks_min_refresh_seconds)
+    if cache < 60 or not 1 <= min_refresh <= cache:
+        raise ConfigError(
+            f"{t.key('jwks_cache_seconds')}: must be at least 60, "
+            "and jwks_min_refresh_seconds between 1 and jwks_cache_seconds"
+        )
+    users = t.table("subject_users")
+    for subject, user in users.data.items():
+        users.used.add(subject)
+        if not isinstance(user, str) or not user:
+            raise ConfigError(f"{users.key(subject)}: expected a local user name")
+    settings = IdentitySettings(
+        issuers=issuers,
+        env_var=env_var,
+        on_finding=t.choice("on_finding", ("refuse", "flag"), d.on_finding),
+        leeway_seconds=leeway,
+        jwks_cache_seconds=cache,
+        jwks_min_refresh_seconds=min_refresh,
+        service_accounts=tuple(_service_account(x) for x in _tables(t, "service_accounts")),
+        subject_users=tuple((str(k), str(v)) for k, v in users.data.items()),
+        automation_subjects=_str_list(t, "automation_subjects", ()),
+        required=t.get("required", bool, d.required),
+    )
+    t.finish()
+    return settings
+
+
+def _credentials(t: _Table) -> ServiceCredentials:
+    user = t.require("user", str)
+    if not user:
+        raise ConfigError(f"{t.key('user')}: must not be empty")
+    password_file = t.get("password_file", str, "")
+    password_env = t.get("password_env", str, "")
+    method = t.choice("method", CREDENTIAL_METHODS, "auto")
+    if password_file and password_env:
+        raise ConfigError(
+            f"{t.key('password_file')}: set password_file or password_env, not both"
+        )
+    if not password_file and not password_env and method != "trust":
+        raise ConfigError(f"{t.key('password_file')}: set password_file or password_env")
+    t.finish()
+    return ServiceCredentials(
+        user=user,
+        password_file=Path(password_file) if password_file else None,
+        password_env=password_env or None,
+        method=method,
+    )
+
+
 def _protect(items: Any) -> tuple[ProtectedService, ...]:
     if not isinstance(items, list):
         raise ConfigError("protect: expected an array of tables ([[protect]])")
@@ -247,8 +489,9 @@ def _protect(items: Any) -> tuple[ProtectedService, ...]:
         listen_port = t.port("listen_port", default_listen)
         if listen_port == port:
             raise ConfigError(f"{t.key('listen_port')}: must differ from port {port}")
+        credentials = _credentials(t.table("credentials")) if "credentials" in item else None
         t.finish()
-        services.append(ProtectedService(name, port, protocol, listen_port))
+        services.append(ProtectedService(name, port, protocol, listen_port, credentials))
     _check_unique(services)
     return tuple(services)
 
@@ -271,6 +514,7 @@ _SECTIONS: dict[str, Callable[[_Table], Any]] = {
     "bpf": _bpf,
     "redirect": _redirect,
     "audit": _audit,
+    "identity": _identity,
 }
 
 
