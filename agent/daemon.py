@@ -1,0 +1,160 @@
+"""``ringfence run``: bring everything up in order, tear it down in reverse.
+
+Start order: audit log → attribution probes → listeners → redirect rules →
+``agent.start`` record → ``READY=1``. Rules go in last, so no connection is
+ever redirected to a port nobody listens on. Stop order (SIGTERM/SIGINT):
+rules out first (new connections go straight to the service again), then
+sessions are ended with a clear message, probes detached, ``agent.stop``
+recorded, the audit log closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from contextlib import ExitStack
+from typing import Any
+
+from agent import __version__
+from agent.config import Config
+from agent.logs import configure_logging
+from agent.notify import sd_notify
+from agent.proxy import Proxy
+from agent.redirect import RedirectError, Redirector
+
+log = logging.getLogger("ringfence.agent")
+
+
+class StartupError(Exception):
+    """The agent cannot start; the message says why and what to do."""
+
+
+def run_agent(config: Config) -> int:
+    """Run until a stop signal; returns the process exit code."""
+    configure_logging(config.agent.log_level, config.agent.log_format)
+    if os.geteuid() != 0:
+        log.error(
+            "ringfence run needs root (iptables rules, BPF probes, reading /proc of other users)",
+            extra={"event": "agent.not_root"},
+        )
+        return 1
+    import uvloop
+
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(_serve(config))
+    except StartupError as e:
+        log.error("cannot start: %s", e, extra={"event": "agent.start_failed"})
+        return 1
+
+
+async def _serve(config: Config) -> int:
+    from audit import AuditLog
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    stop_reason = ["stopped"]
+
+    def request_stop(signum: int) -> None:
+        stop_reason[0] = f"signal {signal.Signals(signum).name}"
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, request_stop, signum)
+
+    state_dir = config.agent.state_dir
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    host = socket.gethostname()
+
+    with ExitStack() as cleanup:
+        try:
+            audit_log = AuditLog.open(config.audit, host=host, state_dir=state_dir)
+        except Exception as e:
+            raise StartupError(f"audit trail at {config.audit.path}: {e}") from None
+        cleanup.callback(audit_log.close)
+
+        attributor, attribution_mode, attribution_reason = await _start_attribution(config)
+        if attributor is not None:
+            cleanup.callback(attributor.stop)
+
+        proxy = Proxy(config, audit_log, attributor)
+        try:
+            await proxy.start()
+        except OSError as e:
+            raise StartupError(str(e)) from None
+
+        redirector = Redirector(config.protect, config.redirect, config.agent)
+        try:
+            redirector.install()
+        except RedirectError as e:
+            await proxy.stop()
+            raise StartupError(f"redirect rules: {e}") from None
+
+        audit_log.emit(
+            "agent.start",
+            {
+                "version": __version__,
+                "pid": os.getpid(),
+                "config_path": str(config.source) if config.source else None,
+                "services": [
+                    {
+                        "name": s.name,
+                        "protocol": s.protocol,
+                        "port": s.port,
+                        "listen_port": s.listen_port,
+                    }
+                    for s in config.protect
+                ],
+                "attribution_mode": attribution_mode,
+                "attribution_reason": attribution_reason,
+                "redirect_families": [f.name for f in redirector.families],
+            },
+        )
+        sd_notify("READY=1")
+        log.info(
+            "ringfence agent ready",
+            extra={
+                "event": "agent.ready",
+                "version": __version__,
+                "services": [f"{s.name}:{s.port}->{s.listen_port}" for s in config.protect],
+                "attribution": attribution_mode,
+            },
+        )
+
+        await stop.wait()
+
+        sd_notify("STOPPING=1")
+        log.info("stopping", extra={"event": "agent.stopping", "reason": stop_reason[0]})
+        try:
+            redirector.remove()
+        except RedirectError as e:
+            log.error(
+                "could not remove redirect rules; run `ringfence redirect clean`",
+                extra={"event": "redirect.remove_failed", "error": str(e)},
+            )
+        await proxy.stop("agent stopping")
+        audit_log.emit("agent.stop", {"reason": stop_reason[0]})
+    return 0
+
+
+async def _start_attribution(config: Config) -> tuple[Any, str, str | None]:
+    """Start BPF attribution (or its procfs fallback) in a worker thread."""
+    from agent.attribution import AttributionError, Attributor
+
+    ports = [s.port for s in config.protect]
+    attributor = Attributor(config.bpf, ports, config.agent.state_dir)
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, attributor.start)
+    except AttributionError as e:
+        raise StartupError(f"attribution: {e}") from None
+    reason = attributor.degraded_reason
+    if reason:
+        log.warning(
+            "BPF attribution unavailable; using procfs: %s",
+            reason,
+            extra={"event": "attribution.degraded"},
+        )
+    return attributor, attributor.mode, reason

@@ -1,0 +1,718 @@
+"""PostgreSQL frontend/backend protocol v3, sans-IO.
+
+Two parsers, one per direction, each fed the bytes that arrived and returning
+events. Neither touches sockets, clocks or files.
+
+* :class:`FrontendParser` reads what a client sends. It frames every message
+  (startup packets first, then typed messages) and returns one event per
+  message, carrying the message's bytes exactly as they came (``raw``) so the
+  caller can forward them untouched.
+* :class:`BackendScanner` reads what a server sends. The caller forwards the
+  server's chunks as they came; the scanner only walks message headers and
+  decodes the few message kinds a record needs (authentication, parameter
+  status, key data, command completion, errors, ready-for-query). DataRow
+  bodies are skipped, never buffered, so a large result streams in bounded
+  memory.
+
+Message layouts follow the PostgreSQL documentation, "Frontend/Backend
+Protocol" (chapter 55 of the v15 manual).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+# Startup-phase request codes (the int32 after the length of an untyped packet).
+PROTOCOL_V3: Final = 3 << 16
+CANCEL_REQUEST_CODE: Final = (1234 << 16) | 5678
+SSL_REQUEST_CODE: Final = (1234 << 16) | 5679
+GSSENC_REQUEST_CODE: Final = (1234 << 16) | 5680
+
+# The server's own bound on a startup packet (MAX_STARTUP_PACKET_LENGTH).
+MAX_STARTUP_PACKET: Final = 10000
+DEFAULT_MAX_MESSAGE: Final = 64 * 1024 * 1024
+
+SSL_REFUSED: Final = b"N"
+
+_INT32 = struct.Struct("!i")
+_HEADER = struct.Struct("!ci")
+
+FRONTEND_TYPES: Final = frozenset(b"BCcDdEFfHPpQSX")
+
+
+class ProtocolError(Exception):
+    """The byte stream does not follow the protocol."""
+
+
+class ClientProtocolError(ProtocolError):
+    """The client (frontend) sent bytes that break the protocol."""
+
+
+class ServerProtocolError(ProtocolError):
+    """The server (backend) sent bytes that break the protocol."""
+
+
+# --------------------------------------------------------------------------
+# Frontend events
+
+
+@dataclass(frozen=True, slots=True)
+class StartupMessage:
+    protocol: int
+    parameters: dict[str, str]
+    raw: bytes
+
+    @property
+    def user(self) -> str | None:
+        return self.parameters.get("user")
+
+    @property
+    def database(self) -> str | None:
+        return self.parameters.get("database", self.parameters.get("user"))
+
+
+@dataclass(frozen=True, slots=True)
+class SSLRequest:
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class GSSENCRequest:
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequest:
+    backend_pid: int
+    secret: int
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """A simple-protocol Query ('Q'): one string, possibly several statements."""
+
+    sql: str
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Parse:
+    statement: str
+    sql: str
+    parameter_types: tuple[int, ...]
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Bind:
+    portal: str
+    statement: str
+    parameter_formats: tuple[int, ...]
+    parameters: tuple[bytes | None, ...]
+    result_formats: tuple[int, ...]
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Execute:
+    portal: str
+    max_rows: int
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Describe:
+    kind: str  # "S" statement or "P" portal
+    name: str
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    kind: str
+    name: str
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Sync:
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Flush:
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Terminate:
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PasswordMessage:
+    """'p': password, SASL initial response or SASL response (opaque here)."""
+
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CopyData:
+    size: int
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CopyDone:
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CopyFail:
+    message: str
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionCall:
+    function_oid: int
+    raw: bytes
+
+
+FrontendEvent = (
+    StartupMessage | SSLRequest | GSSENCRequest | CancelRequest | Query | Parse | Bind
+    | Execute | Describe | Close | Sync | Flush | Terminate | PasswordMessage | CopyData
+    | CopyDone | CopyFail | FunctionCall
+)
+
+
+def _cstring(body: bytes, pos: int, side: type[ProtocolError]) -> tuple[str, int]:
+    end = body.find(b"\x00", pos)
+    if end < 0:
+        raise side("string field is not NUL-terminated")
+    return body[pos:end].decode("utf-8", "replace"), end + 1
+
+
+class _Reader:
+    """Cursor over one message body; every read is bounds-checked."""
+
+    __slots__ = ("body", "pos", "side")
+
+    def __init__(self, body: bytes, side: type[ProtocolError]) -> None:
+        self.body = body
+        self.pos = 0
+        self.side = side
+
+    def cstring(self) -> str:
+        value, self.pos = _cstring(self.body, self.pos, self.side)
+        return value
+
+    def int16(self) -> int:
+        if self.pos + 2 > len(self.body):
+            raise self.side("message ends inside an int16 field")
+        (value,) = struct.unpack_from("!h", self.body, self.pos)
+        self.pos += 2
+        return int(value)
+
+    def int32(self) -> int:
+        if self.pos + 4 > len(self.body):
+            raise self.side("message ends inside an int32 field")
+        (value,) = _INT32.unpack_from(self.body, self.pos)
+        self.pos += 4
+        return int(value)
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.body):
+            raise self.side("field length runs past the end of the message")
+        value = self.body[self.pos : self.pos + n]
+        self.pos += n
+        return value
+
+    def int16_array(self) -> tuple[int, ...]:
+        count = self.int16()
+        if count < 0:
+            raise self.side("negative array length")
+        return tuple(self.int16() for _ in range(count))
+
+
+def _parse_startup(packet: bytes) -> StartupMessage | SSLRequest | GSSENCRequest | CancelRequest:
+    length = len(packet)
+    code = _INT32.unpack_from(packet, 4)[0]
+    if code == SSL_REQUEST_CODE and length == 8:
+        return SSLRequest(packet)
+    if code == GSSENC_REQUEST_CODE and length == 8:
+        return GSSENCRequest(packet)
+    if code == CANCEL_REQUEST_CODE and length == 16:
+        pid, secret = struct.unpack_from("!ii", packet, 8)
+        return CancelRequest(pid, secret, packet)
+    if code >> 16 != 3:
+        raise ClientProtocolError(
+            f"unsupported startup request code {code} (protocol {code >> 16}.{code & 0xFFFF})"
+        )
+    body = packet[8:]
+    if not body.endswith(b"\x00"):
+        raise ClientProtocolError("startup packet does not end with a NUL byte")
+    parts = body[:-1].split(b"\x00")
+    if parts and parts[-1] == b"":
+        parts.pop()
+    if len(parts) % 2:
+        raise ClientProtocolError("startup packet has a parameter name without a value")
+    params: dict[str, str] = {}
+    for i in range(0, len(parts), 2):
+        params[parts[i].decode("utf-8", "replace")] = parts[i + 1].decode("utf-8", "replace")
+    if "user" not in params:
+        raise ClientProtocolError("startup packet has no user name")
+    return StartupMessage(code, params, packet)
+
+
+def _decode_frontend(kind: int, raw: bytes) -> FrontendEvent:
+    body = raw[5:]
+    r = _Reader(body, ClientProtocolError)
+    if kind == 0x51:  # Q
+        return Query(r.cstring(), raw)
+    if kind == 0x50:  # P
+        name = r.cstring()
+        sql = r.cstring()
+        count = r.int16()
+        types = tuple(r.int32() & 0xFFFFFFFF for _ in range(max(count, 0)))
+        return Parse(name, sql, types, raw)
+    if kind == 0x42:  # B
+        portal = r.cstring()
+        statement = r.cstring()
+        formats = r.int16_array()
+        count = r.int16()
+        values: list[bytes | None] = []
+        for _ in range(max(count, 0)):
+            size = r.int32()
+            values.append(None if size == -1 else r.take(size))
+        return Bind(portal, statement, formats, tuple(values), r.int16_array(), raw)
+    if kind == 0x45:  # E
+        return Execute(r.cstring(), r.int32(), raw)
+    if kind == 0x44:  # D
+        which = r.take(1).decode("ascii", "replace")
+        return Describe(which, r.cstring(), raw)
+    if kind == 0x43:  # C
+        which = r.take(1).decode("ascii", "replace")
+        return Close(which, r.cstring(), raw)
+    if kind == 0x53:  # S
+        return Sync(raw)
+    if kind == 0x48:  # H
+        return Flush(raw)
+    if kind == 0x58:  # X
+        return Terminate(raw)
+    if kind == 0x70:  # p
+        return PasswordMessage(raw)
+    if kind == 0x64:  # d
+        return CopyData(len(body), raw)
+    if kind == 0x63:  # c
+        return CopyDone(raw)
+    if kind == 0x66:  # f
+        return CopyFail(r.cstring(), raw)
+    if kind == 0x46:  # F
+        return FunctionCall(r.int32(), raw)
+    raise ClientProtocolError(f"unknown frontend message type {bytes([kind])!r}")
+
+
+class FrontendParser:
+    """Frames and decodes what a client sends.
+
+    ``feed(data)`` returns the complete messages found so far; a partial
+    message stays buffered. Bounds: a startup packet may not exceed the
+    server's own limit (10000 bytes), a typed message may not exceed
+    ``max_message``; a declared length beyond either fails at once, before
+    any body arrives.
+    """
+
+    def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
+        self.max_message = max_message
+        self._buffer = bytearray()
+        self._startup = True
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def startup_done(self) -> None:
+        """Switch to typed messages (after a StartupMessage was accepted)."""
+        self._startup = False
+
+    def feed(self, data: bytes) -> list[FrontendEvent]:
+        buf = self._buffer
+        buf += data
+        events: list[FrontendEvent] = []
+        pos = 0
+        size = len(buf)
+        while True:
+            if self._startup:
+                if size - pos < 4:
+                    break
+                length = _INT32.unpack_from(buf, pos)[0]
+                if length < 8 or length > MAX_STARTUP_PACKET:
+                    raise ClientProtocolError(f"invalid startup packet length {length}")
+                if size - pos < length:
+                    break
+                event = _parse_startup(bytes(buf[pos : pos + length]))
+                pos += length
+                events.append(event)
+                if isinstance(event, StartupMessage):
+                    self._startup = False
+                elif isinstance(event, CancelRequest) and size > pos:
+                    # A cancel request is the only thing on its connection.
+                    raise ClientProtocolError("data after a cancel request")
+                continue
+            if size - pos < 5:
+                break
+            kind = buf[pos]
+            length = _INT32.unpack_from(buf, pos + 1)[0]
+            if kind not in FRONTEND_TYPES:
+                raise ClientProtocolError(f"unknown frontend message type {bytes([kind])!r}")
+            if length < 4:
+                raise ClientProtocolError(f"invalid message length {length}")
+            if length > self.max_message:
+                raise ClientProtocolError(
+                    f"message of {length} bytes exceeds the limit of {self.max_message}"
+                )
+            end = pos + 1 + length
+            if size < end:
+                break
+            events.append(_decode_frontend(kind, bytes(buf[pos:end])))
+            pos = end
+        if pos:
+            del buf[:pos]
+        return events
+
+
+# --------------------------------------------------------------------------
+# Backend events
+
+
+@dataclass(frozen=True, slots=True)
+class AuthenticationRequest:
+    code: int  # 0 ok, 3 cleartext, 5 md5, 10 SASL, 11 SASL continue, 12 SASL final
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ParameterStatus:
+    name: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class BackendKeyData:
+    backend_pid: int
+    secret: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyForQuery:
+    status: str  # "I" idle, "T" in transaction, "E" failed transaction
+
+
+@dataclass(frozen=True, slots=True)
+class RowDescription:
+    columns: int
+
+
+@dataclass(frozen=True, slots=True)
+class DataRows:
+    """``count`` DataRow messages in a row (bodies not decoded)."""
+
+    count: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class CommandComplete:
+    tag: str
+
+    @property
+    def rows(self) -> int | None:
+        """Row count carried by the tag (SELECT n, INSERT oid n, UPDATE n, …)."""
+        last = self.tag.rsplit(" ", 1)[-1]
+        return int(last) if last.isdigit() and " " in self.tag else None
+
+
+@dataclass(frozen=True, slots=True)
+class EmptyQueryResponse:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorResponse:
+    fields: dict[str, str]
+
+    @property
+    def sqlstate(self) -> str:
+        return self.fields.get("C", "")
+
+    @property
+    def message(self) -> str:
+        return self.fields.get("M", "")
+
+    @property
+    def severity(self) -> str:
+        return self.fields.get("V", self.fields.get("S", ""))
+
+
+@dataclass(frozen=True, slots=True)
+class NoticeResponse:
+    fields: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class ParseComplete:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class BindComplete:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class PortalSuspended:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class NoData:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class CopyResponse:
+    direction: str  # "in", "out" or "both"
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationResponse:
+    backend_pid: int
+    channel: str
+
+
+@dataclass(frozen=True, slots=True)
+class NegotiateProtocolVersion:
+    minor: int
+
+
+BackendEvent = (
+    AuthenticationRequest | ParameterStatus | BackendKeyData | ReadyForQuery | RowDescription
+    | DataRows | CommandComplete | EmptyQueryResponse | ErrorResponse | NoticeResponse
+    | ParseComplete | BindComplete | PortalSuspended | NoData | CopyResponse
+    | NotificationResponse | NegotiateProtocolVersion
+)
+
+# Backend message types whose body a record needs; everything else is skipped.
+_DECODED = frozenset(b"RSKZCEINAT")
+# Types that only need a marker event (no body).
+_MARKERS: dict[int, BackendEvent] = {
+    ord("1"): ParseComplete(),
+    ord("2"): BindComplete(),
+    ord("s"): PortalSuspended(),
+    ord("n"): NoData(),
+    ord("I"): EmptyQueryResponse(),
+}
+_COPY = {ord("G"): "in", ord("H"): "out", ord("W"): "both"}
+BACKEND_TYPES: Final = frozenset(b"RSKZTDCEIN123nstGHWdcAvV")
+
+
+def _fields(body: bytes) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    pos = 0
+    while pos < len(body) and body[pos] != 0:
+        code = chr(body[pos])
+        value, pos = _cstring(body, pos + 1, ServerProtocolError)
+        fields[code] = value
+    return fields
+
+
+def _decode_backend(kind: int, body: bytes) -> BackendEvent:
+    r = _Reader(body, ServerProtocolError)
+    if kind == 0x44:
+        raise AssertionError("DataRow bodies are never decoded")
+    if kind == 0x52:  # R
+        return AuthenticationRequest(r.int32(), body[4:])
+    if kind == 0x53:  # S
+        name = r.cstring()
+        return ParameterStatus(name, r.cstring())
+    if kind == 0x4B:  # K
+        return BackendKeyData(r.int32(), r.int32())
+    if kind == 0x5A:  # Z
+        return ReadyForQuery(r.take(1).decode("ascii", "replace"))
+    if kind == 0x43:  # C
+        return CommandComplete(r.cstring())
+    if kind == 0x45:  # E
+        return ErrorResponse(_fields(body))
+    if kind == 0x4E:  # N
+        return NoticeResponse(_fields(body))
+    if kind == 0x41:  # A
+        pid = r.int32()
+        return NotificationResponse(pid, r.cstring())
+    if kind == 0x54:  # T
+        return RowDescription(r.int16())
+    if kind == 0x76:  # v
+        return NegotiateProtocolVersion(r.int32())
+    raise ServerProtocolError(f"unexpected backend message type {bytes([kind])!r}")
+
+
+class BackendScanner:
+    """Walks the server's byte stream message by message without copying it.
+
+    ``feed(chunk)`` returns events for the messages that ended in this chunk
+    and that a record needs; runs of DataRow messages become one
+    :class:`DataRows` event. Bodies of decoded kinds are bounded by
+    ``max_message``; bodies of skipped kinds (DataRow, CopyData, …) are never
+    held, whatever their size.
+    """
+
+    def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
+        self.max_message = max_message
+        self._header = bytearray()  # a message header split across chunks
+        self._kind = -1  # type of the message whose body is in progress
+        self._remaining = 0  # body bytes of that message still to come
+        self._body: bytearray | None = None  # collected body of a decoded kind
+        self._rows = 0
+        self._row_bytes = 0
+
+    def feed(self, chunk: bytes) -> list[BackendEvent]:
+        events: list[BackendEvent] = []
+        pos = 0
+        size = len(chunk)
+        unpack_header = _HEADER.unpack_from
+        while pos < size:
+            if self._remaining:
+                take = min(self._remaining, size - pos)
+                if self._body is not None:
+                    self._body += chunk[pos : pos + take]
+                pos += take
+                self._remaining -= take
+                if not self._remaining:
+                    self._finish(events)
+                continue
+            if self._header or size - pos < 5:
+                need = 5 - len(self._header)
+                self._header += chunk[pos : pos + need]
+                pos += min(need, size - pos)
+                if len(self._header) < 5:
+                    break
+                kind_b, length = unpack_header(self._header)
+                self._header.clear()
+            else:
+                kind_b, length = unpack_header(chunk, pos)
+                pos += 5
+            kind = kind_b[0]
+            if kind == 0x44:  # DataRow: the hot path
+                if length < 4:
+                    raise ServerProtocolError(f"invalid message length {length}")
+                self._rows += 1
+                self._row_bytes += length + 1
+                body_len = length - 4
+                if size - pos >= body_len:
+                    pos += body_len
+                    continue
+                self._kind = kind
+                self._remaining = body_len - (size - pos)
+                pos = size
+                continue
+            self._start(kind, length, events)
+            if self._remaining == 0:
+                self._finish(events)
+        if self._rows and not self._remaining:
+            self._flush_rows(events)
+        return events
+
+    def _flush_rows(self, events: list[BackendEvent]) -> None:
+        events.append(DataRows(self._rows, self._row_bytes))
+        self._rows = 0
+        self._row_bytes = 0
+
+    def _start(self, kind: int, length: int, events: list[BackendEvent]) -> None:
+        if kind not in BACKEND_TYPES:
+            raise ServerProtocolError(f"unknown backend message type {bytes([kind])!r}")
+        if length < 4:
+            raise ServerProtocolError(f"invalid message length {length}")
+        if self._rows:
+            self._flush_rows(events)
+        self._kind = kind
+        self._remaining = length - 4
+        if kind in _DECODED:
+            if length > self.max_message:
+                raise ServerProtocolError(
+                    f"message of {length} bytes exceeds the limit of {self.max_message}"
+                )
+            self._body = bytearray()
+        else:
+            self._body = None
+
+    def _finish(self, events: list[BackendEvent]) -> None:
+        kind = self._kind
+        body = self._body
+        self._kind = -1
+        self._body = None
+        if kind == 0x44:
+            return
+        marker = _MARKERS.get(kind)
+        if marker is not None:
+            events.append(marker)
+            return
+        copy = _COPY.get(kind)
+        if copy is not None:
+            events.append(CopyResponse(copy))
+            return
+        if body is not None:
+            events.append(_decode_backend(kind, bytes(body)))
+
+
+# --------------------------------------------------------------------------
+# Writers: protocol-native replies built by the agent itself
+
+
+def _message(kind: bytes, body: bytes) -> bytes:
+    return kind + _INT32.pack(len(body) + 4) + body
+
+
+def error_response(
+    severity: str,
+    sqlstate: str,
+    message: str,
+    *,
+    detail: str | None = None,
+    hint: str | None = None,
+) -> bytes:
+    """An ErrorResponse ('E') as a server would send it."""
+    parts = [b"S", severity.encode(), b"\x00", b"V", severity.encode(), b"\x00"]
+    parts += [b"C", sqlstate.encode("ascii"), b"\x00", b"M", message.encode(), b"\x00"]
+    if detail:
+        parts += [b"D", detail.encode(), b"\x00"]
+    if hint:
+        parts += [b"H", hint.encode(), b"\x00"]
+    parts.append(b"\x00")
+    return _message(b"E", b"".join(parts))
+
+
+def ready_for_query(status: str) -> bytes:
+    """A ReadyForQuery ('Z') with transaction status I, T or E."""
+    return _message(b"Z", status.encode("ascii"))
+
+
+def startup_message(parameters: dict[str, str], protocol: int = PROTOCOL_V3) -> bytes:
+    """A StartupMessage packet (used by tests and by the agent's own logins)."""
+    body = _INT32.pack(protocol)
+    for name, value in parameters.items():
+        body += name.encode() + b"\x00" + value.encode() + b"\x00"
+    body += b"\x00"
+    return _INT32.pack(len(body) + 4) + body
+
+
+def query_message(sql: str) -> bytes:
+    """A simple-protocol Query ('Q')."""
+    return _message(b"Q", sql.encode() + b"\x00")
+
+
+def frontend_message(kind: bytes, body: bytes) -> bytes:
+    """Any typed frontend message."""
+    return _message(kind, body)

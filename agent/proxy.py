@@ -1,0 +1,422 @@
+"""The asyncio proxy: accept redirected connections and run a protocol session each.
+
+All socket I/O of the agent's sessions lives here. Per connection:
+
+1. accept on the service's listener; SO_ORIGINAL_DST gives the real target
+   (a connection that was not redirected is refused: the listener is never a
+   way around the rules);
+2. attribution (BPF map or procfs) in a worker thread, while the upstream
+   socket, marked with SO_MARK so the redirect rules let it pass, connects to
+   the real target;
+3. the protocol session is fed the bytes of each side and returns what to
+   forward and what to record; records go to the audit log before the bytes
+   they describe are forwarded.
+
+Backpressure: when one side's transport buffers more than its high-water
+mark, reading from the other side pauses until it drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import secrets
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from agent.config import Config, ProtectedService
+from agent.pgsession import Actions, PostgresSession
+
+log = logging.getLogger("ringfence.proxy")
+
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
+IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h
+SOL_IPV6 = 41
+UPSTREAM_CONNECT_TIMEOUT = 10.0
+ATTRIBUTION_TIMEOUT = 2.0
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+
+
+class AuditSink(Protocol):
+    """The part of the audit log the proxy uses."""
+
+    @property
+    def healthy(self) -> bool: ...
+
+    def emit(self, type: str, event: dict[str, Any], *, session_id: str | None = None) -> None: ...
+
+
+class Attribution(Protocol):
+    def to_record(self) -> tuple[dict[str, Any] | None, dict[str, Any]]: ...
+
+
+class Attributor(Protocol):
+    def lookup(self, conn: Any, original_dst: tuple[str, int]) -> Attribution: ...
+
+
+def original_destination(sock: Any) -> tuple[str, int] | None:
+    """The destination the client dialled before REDIRECT, or None if not NATed."""
+    try:
+        if sock.family == socket.AF_INET6:
+            raw = sock.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+            port = struct.unpack_from("!H", raw, 2)[0]
+            address = ipaddress.IPv6Address(raw[8:24])
+            host = str(address.ipv4_mapped or address)
+        else:
+            raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+            port = struct.unpack_from("!H", raw, 2)[0]
+            host = socket.inet_ntoa(raw[4:8])
+    except OSError:
+        return None
+    return host, port
+
+
+def _endpoint(address: Any) -> dict[str, Any]:
+    host = str(address[0])
+    if host.startswith("::ffff:"):
+        host = host[7:]
+    return {"ip": host, "port": int(address[1])}
+
+
+class Proxy:
+    """Listeners for every protected service and the sessions they carry."""
+
+    def __init__(
+        self,
+        config: Config,
+        audit: AuditSink,
+        attributor: Attributor | None,
+    ) -> None:
+        self.config = config
+        self.audit = audit
+        self.attributor = attributor
+        self.servers: list[asyncio.base_events.Server] = []
+        self.connections: set[ClientSide] = set()
+        self.backend_keys: dict[tuple[str, int, int, int], str] = {}
+
+    async def start(self) -> None:
+        """Bind every listener; raises OSError naming the address on failure."""
+        loop = asyncio.get_running_loop()
+        for service in self.config.protect:
+            for address in self.config.agent.listen_addresses:
+                family = socket.AF_INET6 if ":" in address else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    sock.bind((address, service.listen_port))
+                    sock.listen(1024)
+                    sock.setblocking(False)
+                except OSError as e:
+                    sock.close()
+                    if family == socket.AF_INET6 and e.errno in (97, 99):  # no IPv6 here
+                        log.warning(
+                            "IPv6 unavailable; not listening on %s", address,
+                            extra={"event": "proxy.ipv6_unavailable"},
+                        )
+                        continue
+                    raise OSError(
+                        e.errno, f"cannot listen on [{address}]:{service.listen_port}: {e.strerror}"
+                    ) from None
+                server = await loop.create_server(
+                    self._factory(service), sock=sock, backlog=1024
+                )
+                self.servers.append(server)
+
+    def _factory(self, service: ProtectedService) -> Callable[[], ClientSide]:
+        return lambda: ClientSide(self, service)
+
+    async def stop(self, reason: str = "agent stopping") -> None:
+        """Stop accepting and end every open session with a clear message."""
+        for server in self.servers:
+            server.close()
+        for conn in list(self.connections):
+            conn.shutdown(reason)
+        for server in self.servers:
+            await server.wait_closed()
+        self.servers.clear()
+
+    def cancel_target(self, destination: tuple[str, int]) -> Callable[[int, int], str | None]:
+        def lookup(pid: int, secret: int) -> str | None:
+            return self.backend_keys.get((destination[0], destination[1], pid, secret))
+
+        return lookup
+
+
+class ClientSide(asyncio.Protocol):
+    """The client's connection to the agent; owns the session and the upstream."""
+
+    def __init__(self, proxy: Proxy, service: ProtectedService) -> None:
+        self.proxy = proxy
+        self.service = service
+        self.session_id = secrets.token_hex(8)
+        self.transport: asyncio.Transport | None = None
+        self.upstream: UpstreamSide | None = None
+        self.session: PostgresSession | None = None
+        self.destination: tuple[str, int] | None = None
+        self.closed = False
+        self.key_registered: tuple[str, int, int, int] | None = None
+
+    # asyncio callbacks --------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.pause_reading()
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        self.proxy.connections.add(self)
+        asyncio.get_running_loop().create_task(self._setup())
+
+    def data_received(self, data: bytes) -> None:
+        session = self.session
+        if session is None or self.closed:
+            return
+        self.apply(session.client_data(data))
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = "client closed" if exc is None else f"client connection error: {exc}"
+        if self.session is not None and not self.session.ended:
+            self.apply(self.session.connection_lost(reason, "success" if exc is None else "failure"))
+        self._close_all()
+
+    def pause_writing(self) -> None:
+        if self.upstream and self.upstream.transport:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream and self.upstream.transport and not self.closed:
+            self.upstream.transport.resume_reading()
+
+    # setup --------------------------------------------------------------
+
+    async def _setup(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        sock = transport.get_extra_info("socket")
+        peer = transport.get_extra_info("peername")
+        local = transport.get_extra_info("sockname")
+        if sock is None or peer is None or local is None:
+            transport.close()
+            return
+        destination = original_destination(sock)
+        context: dict[str, Any] = {
+            "service": self.service.name,
+            "protocol": self.service.protocol,
+            "source": _endpoint(peer),
+            "destination": _endpoint(destination) if destination else None,
+            "listener": _endpoint(local),
+        }
+        self.destination = destination
+        cfg = self.proxy.config.agent
+        self.session = PostgresSession(
+            self.session_id,
+            context,
+            max_message=cfg.max_message_bytes,
+            max_statement=cfg.max_statement_bytes,
+            cancel_target=self.proxy.cancel_target(destination) if destination else None,
+        )
+        if destination is None or (
+            destination[1] == self.service.listen_port and _endpoint(local)["ip"] == destination[0]
+        ):
+            context["attribution"] = {"source": "unknown", "verified": False}
+            self.apply(
+                self.session.refuse(
+                    "08004",
+                    "ringfence: connect to the service's own port; the agent's listener "
+                    "only accepts redirected connections",
+                    "not a redirected connection",
+                )
+            )
+            return
+        if destination[1] != self.service.port:
+            log.warning(
+                "redirected connection to an unexpected port",
+                extra={"event": "proxy.unexpected_port", "port": destination[1]},
+            )
+        if not self.proxy.audit.healthy:
+            context["attribution"] = {"source": "unknown", "verified": False}
+            self.apply(
+                self.session.refuse(
+                    "58000",
+                    "ringfence: the audit trail cannot be written, so this protected service "
+                    "refuses connections until it recovers",
+                    "audit unavailable",
+                )
+            )
+            return
+        attribution_task = asyncio.ensure_future(self._attribute(sock, destination))
+        try:
+            await self._connect_upstream(destination)
+        except OSError as e:
+            context["process"], context["attribution"] = await attribution_task
+            self.apply(
+                self.session.refuse(
+                    "08006",
+                    f"ringfence: cannot reach {destination[0]}:{destination[1]}: {e.strerror or e}",
+                    f"upstream connect failed: {e.strerror or e}",
+                )
+            )
+            return
+        context["process"], context["attribution"] = await attribution_task
+        if self.closed:
+            return
+        transport.resume_reading()
+
+    async def _attribute(
+        self, sock: Any, destination: tuple[str, int]
+    ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        attributor = self.proxy.attributor
+        if attributor is None:
+            return None, {"source": "unknown", "verified": False, "reason": "attribution off"}
+        loop = asyncio.get_running_loop()
+        try:
+            record = await asyncio.wait_for(
+                loop.run_in_executor(None, attributor.lookup, sock, destination),
+                ATTRIBUTION_TIMEOUT,
+            )
+            return record.to_record()
+        except Exception as e:  # attribution must never take a session down
+            log.warning(
+                "attribution failed", extra={"event": "attribution.error", "error": repr(e)}
+            )
+            return None, {"source": "unknown", "verified": False, "reason": f"lookup failed: {e}"}
+
+    async def _connect_upstream(self, destination: tuple[str, int]) -> None:
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in destination[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.proxy.config.agent.upstream_mark)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)
+            await asyncio.wait_for(loop.sock_connect(sock, destination), UPSTREAM_CONNECT_TIMEOUT)
+        except TimeoutError:
+            sock.close()
+            raise OSError(110, "connection timed out") from None
+        except OSError:
+            sock.close()
+            raise
+        upstream = UpstreamSide(self)
+        await loop.create_connection(lambda: upstream, sock=sock)
+        self.upstream = upstream
+        if self.closed and upstream.transport is not None:
+            upstream.transport.close()
+
+    # actions ------------------------------------------------------------
+
+    def apply(self, actions: Actions) -> None:
+        """Record, then forward, then close, as the session asked."""
+        if actions.records:
+            emit = self.proxy.audit.emit
+            try:
+                for kind, record in actions.records:
+                    emit(kind, record, session_id=self.session_id)
+            except Exception as e:
+                log.error(
+                    "audit write failed; ending session",
+                    extra={"event": "audit.unavailable", "error": repr(e)},
+                )
+                self._fail_closed()
+                return
+        if actions.to_server and self.upstream and self.upstream.transport:
+            if len(actions.to_server) == 1:
+                self.upstream.transport.write(actions.to_server[0])
+            else:
+                self.upstream.transport.write(b"".join(actions.to_server))
+        if actions.to_client and self.transport:
+            if len(actions.to_client) == 1:
+                self.transport.write(actions.to_client[0])
+            else:
+                self.transport.write(b"".join(actions.to_client))
+        session = self.session
+        if session is not None and session.backend_key and self.key_registered is None:
+            self._register_key(session.backend_key)
+        if actions.close:
+            self._close_all()
+
+    def _fail_closed(self) -> None:
+        if self.transport:
+            from agent.protocols.postgres import error_response
+
+            self.transport.write(
+                error_response(
+                    "FATAL",
+                    "58000",
+                    "ringfence: the audit trail cannot be written; session ended",
+                )
+            )
+        self._close_all()
+
+    def _register_key(self, key: tuple[int, int]) -> None:
+        if self.destination is None:
+            return
+        entry = (self.destination[0], self.destination[1], key[0], key[1])
+        self.proxy.backend_keys[entry] = self.session_id
+        self.key_registered = entry
+
+    def shutdown(self, reason: str) -> None:
+        """End this session because the agent stops."""
+        if self.session is not None and not self.session.ended:
+            self.apply(
+                self.session.refuse(
+                    "57P01", f"terminating connection: ringfence {reason}", reason
+                )
+            )
+        self._close_all()
+
+    def _close_all(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.proxy.connections.discard(self)
+        if self.key_registered is not None:
+            self.proxy.backend_keys.pop(self.key_registered, None)
+        if self.transport is not None:
+            self.transport.close()
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.close()
+
+
+class UpstreamSide(asyncio.Protocol):
+    """The agent's (marked) connection to the real server."""
+
+    def __init__(self, client: ClientSide) -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        session = self.client.session
+        if session is None or self.client.closed:
+            return
+        self.client.apply(session.server_data(data))
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        client = self.client
+        if client.session is not None and not client.session.ended:
+            reason = "server closed" if exc is None else f"server connection error: {exc}"
+            client.apply(client.session.connection_lost(reason, "success" if exc is None else "failure"))
+        client._close_all()
+
+    def pause_writing(self) -> None:
+        if self.client.transport:
+            self.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client.transport and not self.client.closed:
+            self.client.transport.resume_reading()

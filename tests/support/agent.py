@@ -1,0 +1,134 @@
+"""The ringfence agent as a real process inside a test's network namespace."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.support.netns import NetNS
+
+REPO = Path(__file__).resolve().parents[2]
+RINGFENCE = [sys.executable, "-m", "agent.cli"]
+
+
+def ringfence(*args: str, config: Path | None = None, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run a ringfence CLI command on this host (outside any namespace)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    if config is not None:
+        env["RINGFENCE_CONFIG"] = str(config)
+    kwargs.setdefault("capture_output", True)
+    kwargs.setdefault("text", True)
+    kwargs.setdefault("timeout", 120)
+    return subprocess.run([*RINGFENCE, *args], env=env, check=False, **kwargs)
+
+
+class AgentProcess:
+    """Writes a config, starts ``ringfence run`` in ``ns``, waits for READY=1."""
+
+    def __init__(self, ns: NetNS, workdir: Path, *, bpf_mode: str = "required",
+                 extra: str = "", services: str | None = None) -> None:
+        self.ns = ns
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config = workdir / "ringfence.toml"
+        self.log = workdir / "agent.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        services = services or '[[protect]]\nname = "postgres"\nprotocol = "postgres"\nport = 5432\n'
+        self.config.write_text(
+            f"""
+[agent]
+state_dir = "{workdir / 'state'}"
+run_dir = "{workdir / 'run'}"
+log_format = "text"
+log_level = "debug"
+
+[bpf]
+mode = "{bpf_mode}"
+
+[audit]
+path = "{workdir / 'audit'}"
+
+{extra}
+
+{services}
+"""
+        )
+
+    def start(self, timeout: float = 180) -> None:
+        notify_path = self.workdir / "notify.sock"
+        if notify_path.exists():
+            notify_path.unlink()
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(notify_path))
+        notify.settimeout(0.5)
+        env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), PYTHONPATH=str(REPO))
+        with open(self.log, "ab") as log:
+            self.process = self.ns.popen(
+                [*RINGFENCE, "run", "--config", str(self.config)],
+                env=env, stdout=log, stderr=log, cwd=str(REPO),
+            )
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    if b"READY=1" in notify.recv(4096):
+                        return
+                except TimeoutError:
+                    pass
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"agent exited {self.process.returncode}:\n{self.log_text()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"agent not ready after {timeout}s:\n{self.log_text()}")
+        finally:
+            notify.close()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")[-8000:]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise RuntimeError(f"agent did not stop within {timeout}s:\n{self.log_text()}") from None
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every audit record so far, via ``ringfence audit tail --json``."""
+        done = ringfence("audit", "tail", "--json", config=self.config)
+        if done.returncode != 0:
+            raise RuntimeError(f"audit tail failed: {done.stderr}")
+        return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+    def wait_for(self, predicate: Callable[[list[dict[str, Any]]], Any], timeout: float = 20) -> Any:
+        """Poll the audit trail until ``predicate(records)`` is truthy; return its value."""
+        deadline = time.monotonic() + timeout
+        while True:
+            records = self.records()
+            value = predicate(records)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"audit trail never matched; last records: {json.dumps(records[-10:], indent=1)}"
+                )
+            time.sleep(0.1)

@@ -1,0 +1,92 @@
+"""A real PostgreSQL server started by a test, inside a network namespace."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support.netns import NetNS, run
+
+
+def pg_bindir() -> Path | None:
+    """The newest installed PostgreSQL server's bin directory."""
+    root = Path("/usr/lib/postgresql")
+    if not root.is_dir():
+        return None
+    versions = sorted((p for p in root.iterdir() if (p / "bin" / "postgres").exists()),
+                      key=lambda p: [int(x) for x in p.name.split(".") if x.isdigit()])
+    return versions[-1] / "bin" if versions else None
+
+
+@dataclass
+class PgServer:
+    ns: NetNS
+    bindir: Path
+    datadir: Path
+    sockdir: Path
+    port: int
+    process: subprocess.Popen[bytes]
+
+    def tool(self, name: str) -> str:
+        return str(self.bindir / name)
+
+
+def _as_postgres(argv: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *argv]
+
+
+@contextmanager
+def pgserver(ns: NetNS, port: int = 5432, roles: tuple[str, ...] = ("nobody",)) -> Iterator[PgServer]:
+    """initdb + postgres in ``ns`` listening on all addresses, trust auth, given roles created."""
+    bindir = pg_bindir()
+    if bindir is None:
+        raise RuntimeError("PostgreSQL server is not installed")
+    pw = pwd.getpwnam("postgres")
+    base = Path(tempfile.mkdtemp(prefix="ringfence-pg-"))
+    os.chmod(base, 0o755)
+    datadir, sockdir = base / "data", base / "sock"
+    for d in (datadir, sockdir):
+        d.mkdir()
+        os.chown(d, pw.pw_uid, pw.pw_gid)
+    run(_as_postgres([str(bindir / "initdb"), "-D", str(datadir), "-A", "trust", "-U", "postgres",
+                      "--no-sync", "-E", "UTF8", "--locale", "C"]))
+    with open(datadir / "pg_hba.conf", "w") as f:
+        f.write("local all all trust\nhost all all 0.0.0.0/0 trust\nhost all all ::/0 trust\n")
+    with open(base / "server.log", "wb") as server_log:
+        process = ns.popen(
+            _as_postgres([str(bindir / "postgres"), "-D", str(datadir), "-p", str(port),
+                          "-c", "listen_addresses=*", "-c", f"unix_socket_directories={sockdir}",
+                          "-c", "fsync=off", "-c", "max_connections=100"]),
+            stdout=subprocess.DEVNULL, stderr=server_log,
+        )
+    server = PgServer(ns, bindir, datadir, sockdir, port, process)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            done = subprocess.run(ns.argv([server.tool("pg_isready"), "-h", str(sockdir), "-p",
+                                           str(port)]), capture_output=True)
+            if done.returncode == 0:
+                break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((base / "server.log").read_text())
+            time.sleep(0.1)
+        for role in roles:
+            ns.run(_as_postgres([server.tool("psql"), "-h", str(sockdir), "-p", str(port), "-U",
+                                 "postgres", "-c", f'CREATE ROLE "{role}" LOGIN']))
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        shutil.rmtree(base, ignore_errors=True)
