@@ -1,0 +1,876 @@
+"""Which process is behind an accepted connection.
+
+Two sources, chosen once at :meth:`Attributor.start`:
+
+``bpf``
+    ``bpf/attribution.bpf.c`` (cgroup connect4/connect6 + sock_ops), compiled
+    with BCC and attached with ``BPF_F_ALLOW_MULTI`` to the cgroup v2 root,
+    fills an LRU map keyed by (netns cookie, family, client address, client
+    port) while the client is still inside ``connect()``. A lookup is one map
+    read plus a few /proc reads.
+``procfs``
+    When BPF cannot load (or ``[bpf] mode = "off"``): a sock_diag request finds
+    the client socket's inode from its 4-tuple, then ``/proc/*/fd`` is scanned
+    for ``socket:[inode]``. Slower, racy with short-lived clients, and said so
+    in every record.
+
+Peers whose address does not belong to the agent's network namespace are
+``remote``: no process on this host can be named.
+
+Attached program ids are recorded in ``<state_dir>/bpf-attachments.json``
+before they are attached, so a run killed without :meth:`Attributor.stop` is
+cleaned up by the next run with the same state directory, without touching
+the programs of other agents sharing the cgroup root.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+import logging
+import os
+import socket
+import struct
+import threading
+from collections.abc import Iterable
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent import bpfsys, kheaders
+from agent.config import BpfSettings
+from agent.procinfo import ProcessInfo, ProcReader, process_dict
+from bpf import source_path
+
+log = logging.getLogger(__name__)
+
+PROGRAM_PREFIX = "ringfence_"
+STATE_FILE = "bpf-attachments.json"
+SO_NETNS_COOKIE = 71
+BPF_SOURCE = "attribution.bpf.c"
+# (function in the C source, program type, attach type)
+PROGRAMS = (
+    ("ringfence_sops", bpfsys.BPF_PROG_TYPE_SOCK_OPS, bpfsys.BPF_CGROUP_SOCK_OPS),
+    ("ringfence_c4", bpfsys.BPF_PROG_TYPE_CGROUP_SOCK_ADDR, bpfsys.BPF_CGROUP_INET4_CONNECT),
+    ("ringfence_c6", bpfsys.BPF_PROG_TYPE_CGROUP_SOCK_ADDR, bpfsys.BPF_CGROUP_INET6_CONNECT),
+)
+
+# struct rf_key / struct rf_value in bpf/attribution.bpf.c
+KEY_FORMAT = struct.Struct("=QIHH16s")
+VALUE_FORMAT = struct.Struct("=QQQIIII16sIHH16s")
+
+# A process started this long after the connect cannot have made it (pid reuse).
+PID_REUSE_SLACK_NS = 1_000_000_000
+
+
+class AttributionError(Exception):
+    """Attribution cannot run as configured (BPF required but unavailable)."""
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True)
+class AttributionRecord:
+    """What attribution found out about one accepted connection."""
+
+    source: str  # "bpf" | "procfs" | "remote" | "unknown"
+    verified: bool  # the BPF entry's destination equals SO_ORIGINAL_DST
+    process: dict[str, Any] | None
+    reason: str | None = None
+    netns_cookie: int | None = None
+    socket_cookie: int | None = None
+    cgroup_id: int | None = None
+
+    def to_record(self) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """The ``process`` and ``attribution`` fields of the session.start event."""
+        attribution: dict[str, Any] = {
+            "source": self.source,
+            "verified": self.verified,
+            "reason": self.reason,
+            "netns_cookie": self.netns_cookie,
+            "socket_cookie": self.socket_cookie,
+            "cgroup_id": self.cgroup_id,
+        }
+        return self.process, attribution
+
+
+@dataclass(frozen=True, slots=True)
+class KernelEntry:
+    """One entry of the BPF attribution map."""
+
+    socket_cookie: int
+    ktime_ns: int
+    cgroup_id: int
+    pid: int
+    tid: int
+    uid: int
+    gid: int
+    comm: str
+    destination: tuple[str, int]
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> KernelEntry:
+        (cookie, ktime, cgroup_id, pid, tid, uid, gid, comm, family, port, _, addr) = (
+            VALUE_FORMAT.unpack(raw[: VALUE_FORMAT.size])
+        )
+        return cls(
+            cookie,
+            ktime,
+            cgroup_id,
+            pid,
+            tid,
+            uid,
+            gid,
+            comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
+            (_address_text(family, addr), port),
+        )
+
+
+def _address_text(family: int, raw: bytes) -> str:
+    if family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    return socket.inet_ntop(socket.AF_INET6, raw[:16])
+
+
+def normalize_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address as the map stores it: IPv4-mapped IPv6 becomes IPv4, no scope."""
+    address = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def map_key(netns_cookie: int, host: str, port: int) -> bytes:
+    """The attribution map key for a client at ``host``:``port`` in a network namespace."""
+    address = normalize_address(host)
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    return KEY_FORMAT.pack(netns_cookie, family, port, 0, address.packed.ljust(16, b"\0"))
+
+
+def netns_cookie(sock: socket.socket) -> int:
+    """The cookie of the network namespace ``sock`` lives in."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+    return int(struct.unpack("=Q", raw)[0])
+
+
+def same_endpoint(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    """Whether two (address, port) pairs name the same endpoint."""
+    try:
+        return a[1] == b[1] and normalize_address(a[0]) == normalize_address(b[0])
+    except ValueError:
+        return False
+
+
+def is_local_address(host: str) -> bool:
+    """Whether ``host`` belongs to the calling thread's network namespace."""
+    address = normalize_address(host)
+    if address.is_loopback:
+        return True
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((str(address), 0))
+        except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:
+                return False
+            raise
+    return True
+
+
+# --------------------------------------------------------------------------- cgroup root
+
+
+def find_cgroup2_mount(mounts: str | None = None) -> Path:
+    """The cgroup v2 mount point from /proc/mounts (``/sys/fs/cgroup`` preferred)."""
+    if mounts is None:
+        mounts = Path("/proc/mounts").read_text()
+    found: list[Path] = []
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[2] == "cgroup2":
+            found.append(Path(fields[1].replace("\\040", " ")))
+    if not found:
+        raise AttributionError(
+            "no cgroup v2 mount in /proc/mounts; mount one "
+            "(mount -t cgroup2 none /sys/fs/cgroup) or set [bpf] cgroup_root"
+        )
+    for path in found:
+        if path == Path("/sys/fs/cgroup"):
+            return path
+    return found[0]
+
+
+def resolve_cgroup_root(setting: str) -> Path:
+    return find_cgroup2_mount() if setting in ("", "auto") else Path(setting)
+
+
+# --------------------------------------------------------------------------- cleanup
+
+
+def ringfence_programs(cgroup_root: Path) -> list[tuple[int, int, str]]:
+    """(attach type, program id, name) of every ``ringfence_*`` program on ``cgroup_root``."""
+    found: list[tuple[int, int, str]] = []
+    with bpfsys.open_cgroup(cgroup_root) as cg:
+        for attach_type in bpfsys.ATTRIBUTION_ATTACH_TYPES:
+            for prog_id in bpfsys.prog_query(cg, attach_type):
+                try:
+                    info = bpfsys.prog_info_by_id(prog_id)
+                except OSError:
+                    continue  # detached and freed meanwhile
+                if info.name.startswith(PROGRAM_PREFIX):
+                    found.append((attach_type, prog_id, info.name))
+    return found
+
+
+def _detach(cg: int, prog_id: int, attach_type: int) -> bool:
+    """Detach one ``ringfence_*`` program; False when it is gone or not ours."""
+    try:
+        fd = bpfsys.prog_get_fd_by_id(prog_id)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    try:
+        if not bpfsys.prog_info(fd).name.startswith(PROGRAM_PREFIX):
+            return False
+        bpfsys.prog_detach(fd, cg, attach_type)
+        return True
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    finally:
+        os.close(fd)
+
+
+def detach_all_ringfence_programs(cgroup_root: Path | str) -> int:
+    """Detach every ``ringfence_*`` program from ``cgroup_root``; how many were detached.
+
+    For an explicit full cleanup: this also removes the programs of other
+    agents running on this host.
+    """
+    root = Path(cgroup_root)
+    count = 0
+    with bpfsys.open_cgroup(root) as cg:
+        for attach_type, prog_id, _ in ringfence_programs(root):
+            count += _detach(cg, prog_id, attach_type)
+    return count
+
+
+def _pid_start_ticks(pid: int) -> int | None:
+    stat = ProcReader().stat(pid)
+    return stat.start_ticks if stat else None
+
+
+# State dirs whose Attributor is running in this process; a state file naming
+# this process but absent here was left by an Attributor that was never stopped.
+_ACTIVE: set[Path] = set()
+_ACTIVE_LOCK = threading.Lock()
+
+
+def detach_stale(state_dir: Path) -> int:
+    """Detach what a dead previous run of ``state_dir`` left attached; how many."""
+    path = state_dir / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+        pid, start = int(state["pid"]), state.get("pid_start")
+        cgroup_root = Path(state["cgroup_root"])
+        programs = [(int(p["id"]), int(p["attach_type"])) for p in state["programs"]]
+    except FileNotFoundError:
+        return 0
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("ignoring unreadable %s: %s", path, e)
+        path.unlink(missing_ok=True)
+        return 0
+    alive = _pid_start_ticks(pid) == start and start is not None
+    if pid == os.getpid():
+        with _ACTIVE_LOCK:
+            alive = state_dir.resolve() in _ACTIVE
+    if alive:
+        log.warning(
+            "agent pid %d is still running with state_dir %s; leaving its BPF programs alone",
+            pid,
+            state_dir,
+        )
+        return 0
+    count = 0
+    try:
+        with bpfsys.open_cgroup(cgroup_root) as cg:
+            for prog_id, attach_type in programs:
+                count += _detach(cg, prog_id, attach_type)
+    except OSError as e:
+        log.warning("cannot detach stale programs from %s: %s", cgroup_root, e)
+        return 0
+    if count:
+        log.info("detached %d BPF programs left by agent pid %d", count, pid)
+    path.unlink(missing_ok=True)
+    return count
+
+
+# --------------------------------------------------------------------------- BPF loader
+
+
+class _KernelAttribution:
+    """The compiled, attached attribution programs and their map."""
+
+    def __init__(self, settings: BpfSettings, ports: Iterable[int], state_dir: Path) -> None:
+        self.settings = settings
+        self.ports = sorted(set(ports))
+        self.state_dir = state_dir
+        self.cgroup_root = resolve_cgroup_root(settings.cgroup_root)
+        self.headers: kheaders.KernelHeaders | None = None
+        self._bcc: Any = None
+        self._attached: list[tuple[int, int]] = []  # (prog fd, attach type)
+        self._map_fd = -1
+        self._lock = threading.Lock()
+
+    def load(self) -> None:
+        self.headers = kheaders.prepare_for_bcc(self.settings.kernel_headers, self.state_dir)
+        try:
+            from bcc import BPF  # imported late: optional, and slow to import
+        except ImportError as e:
+            raise AttributionError(
+                f"the BCC Python module is not installed ({e}); "
+                "install python3-bpfcc (Debian/Ubuntu) or python3-bcc (Fedora/RHEL)"
+            ) from None
+        pending = max(1024, self.settings.map_entries // 8)
+        cflags = [
+            f"-DRF_MAP_ENTRIES={self.settings.map_entries}",
+            f"-DRF_PENDING_ENTRIES={pending}",
+            "-w",
+        ]
+        try:
+            self._bcc = BPF(src_file=str(source_path(BPF_SOURCE)).encode(), cflags=cflags)
+            functions = [
+                (self._bcc.load_func(name.encode(), prog_type, attach_type=attach_type), attach_type)
+                for name, prog_type, attach_type in PROGRAMS
+            ]
+        except Exception as e:  # BCC raises bare Exception for compile and load errors
+            self.close()
+            raise AttributionError(f"cannot compile or load {BPF_SOURCE}: {e}") from None
+        table = self._bcc[b"rf_attrib"]
+        key_size, value_size = _ctypes_size(table.Key), _ctypes_size(table.Leaf)
+        if (key_size, value_size) != (KEY_FORMAT.size, VALUE_FORMAT.size):
+            self.close()
+            raise AttributionError(
+                f"map layout mismatch: key {key_size}/{KEY_FORMAT.size}, "
+                f"value {value_size}/{VALUE_FORMAT.size}"
+            )
+        self._map_fd = int(table.map_fd)
+        self._fill_ports()
+        self._record(functions)
+        with bpfsys.open_cgroup(self.cgroup_root) as cg:
+            try:
+                for fn, attach_type in functions:
+                    bpfsys.prog_attach(fn.fd, cg, attach_type, bpfsys.BPF_F_ALLOW_MULTI)
+                    self._attached.append((fn.fd, attach_type))
+            except OSError as e:
+                self._detach_all(cg)
+                self.close()
+                raise AttributionError(
+                    f"cannot attach to cgroup {self.cgroup_root}: {e.strerror or e}"
+                ) from None
+
+    def _fill_ports(self) -> None:
+        import ctypes
+
+        ports = self._bcc[b"rf_ports"]
+        for port in self.ports:
+            ports[ctypes.c_uint16(port)] = ctypes.c_uint8(1)
+
+    def _record(self, functions: list[tuple[Any, int]]) -> None:
+        """Write the ids about to be attached, so a killed run can be cleaned up."""
+        programs = []
+        for fn, attach_type in functions:
+            info = bpfsys.prog_info(fn.fd)
+            programs.append({"id": info.id, "name": info.name, "attach_type": attach_type})
+        state = {
+            "pid": os.getpid(),
+            "pid_start": _pid_start_ticks(os.getpid()),
+            "cgroup_root": str(self.cgroup_root),
+            "programs": programs,
+        }
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        path = self.state_dir / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(path)
+
+    @property
+    def program_ids(self) -> list[int]:
+        return [bpfsys.prog_info(fd).id for fd, _ in self._attached]
+
+    def lookup(self, key: bytes) -> KernelEntry | None:
+        with self._lock:
+            if self._map_fd < 0:
+                return None
+            raw = bpfsys.map_lookup(self._map_fd, key, VALUE_FORMAT.size)
+        return KernelEntry.unpack(raw) if raw is not None else None
+
+    def _detach_all(self, cg: int) -> None:
+        while self._attached:
+            fd, attach_type = self._attached.pop()
+            try:
+                bpfsys.prog_detach(fd, cg, attach_type)
+            except OSError as e:
+                log.warning("cannot detach BPF program (attach type %d): %s", attach_type, e)
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._attached:
+                try:
+                    with bpfsys.open_cgroup(self.cgroup_root) as cg:
+                        self._detach_all(cg)
+                except OSError as e:
+                    log.warning("cannot open cgroup %s to detach: %s", self.cgroup_root, e)
+            self._map_fd = -1
+            self.close()
+        (self.state_dir / STATE_FILE).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._bcc is not None:
+            with suppress(Exception):
+                self._bcc.cleanup()
+            self._bcc = None
+
+
+def _ctypes_size(kind: Any) -> int:
+    import ctypes
+
+    return int(ctypes.sizeof(kind))
+
+
+# --------------------------------------------------------------------------- sock_diag
+
+
+SOCK_DIAG_BY_FAMILY = 20
+NETLINK_SOCK_DIAG = 4
+NLMSG_ERROR = 2
+INET_DIAG_NOCOOKIE = 0xFFFFFFFFFFFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class DiagSocketInfo:
+    inode: int
+    uid: int
+
+
+def sock_diag_lookup(src: tuple[str, int], dst: tuple[str, int]) -> DiagSocketInfo | None:
+    """The inode and owner uid of the TCP socket ``src`` → ``dst`` in this network namespace.
+
+    One exact ``SOCK_DIAG_BY_FAMILY`` request (no dump), encoded with
+    pyroute2's inet_diag schema.
+    """
+    from pyroute2.netlink import NLM_F_REQUEST
+    from pyroute2.netlink.diag import inet_diag_msg, inet_diag_req
+
+    s_addr, d_addr = normalize_address(src[0]), normalize_address(dst[0])
+    if s_addr.version != d_addr.version:
+        return None
+    family = socket.AF_INET if s_addr.version == 4 else socket.AF_INET6
+    req = inet_diag_req()
+    req["header"]["type"] = SOCK_DIAG_BY_FAMILY
+    req["header"]["flags"] = NLM_F_REQUEST
+    req["header"]["sequence_number"] = 1
+    req["header"]["pid"] = 0
+    req["sdiag_family"] = family
+    req["sdiag_protocol"] = socket.IPPROTO_TCP
+    req["idiag_states"] = 0xFFFFFFFF
+    req["idiag_sport"] = src[1]
+    req["idiag_dport"] = dst[1]
+    req["idiag_src"] = struct.unpack(">4I", s_addr.packed.ljust(16, b"\0"))
+    req["idiag_dst"] = struct.unpack(">4I", d_addr.packed.ljust(16, b"\0"))
+    req["idiag_cookie"] = INET_DIAG_NOCOOKIE
+    req.encode()
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
+        nl.settimeout(2.0)
+        nl.send(req.data)
+        data = nl.recv(65536)
+    if len(data) < 16:
+        return None
+    (msg_type,) = struct.unpack_from("=H", data, 4)
+    if msg_type != SOCK_DIAG_BY_FAMILY:
+        return None  # NLMSG_ERROR: no such socket (ENOENT) or not permitted
+    msg = inet_diag_msg(data)
+    msg.decode()
+    return DiagSocketInfo(int(msg["idiag_inode"]), int(msg["idiag_uid"]))
+
+
+# --------------------------------------------------------------------------- Attributor
+
+
+class Attributor:
+    """Attributes accepted connections to local processes."""
+
+    def __init__(self, settings: BpfSettings, ports: Iterable[int], state_dir: Path) -> None:
+        self.settings = settings
+        self.ports = tuple(sorted(set(ports)))
+        self.state_dir = Path(state_dir)
+        self._mode = "off"
+        self._degraded: str | None = None
+        self._kernel: _KernelAttribution | None = None
+        self._proc = ProcReader()
+        self._lock = threading.Lock()
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        """Load and attach the BPF programs, or fall back to procfs as configured."""
+        with self._lock:
+            if self._mode != "off":
+                return
+            if self.settings.mode == "off":
+                self._mode = "procfs"
+                self._degraded = 'BPF attribution is disabled ([bpf] mode = "off")'
+                log.info("attribution: procfs (%s)", self._degraded)
+                return
+            state_dir = self.state_dir.resolve()
+            try:
+                detach_stale(self.state_dir)
+                kernel = _KernelAttribution(self.settings, self.ports, self.state_dir)
+                kernel.load()
+            except (AttributionError, kheaders.KernelHeadersError, OSError) as e:
+                if self.settings.mode == "required":
+                    raise AttributionError(
+                        f'BPF attribution is required ([bpf] mode = "required") '
+                        f"but cannot start: {e}"
+                    ) from None
+                self._mode = "procfs"
+                self._degraded = f"BPF attribution unavailable ({e}); using procfs and sock_diag"
+                log.warning("attribution: %s", self._degraded)
+                return
+            self._kernel = kernel
+            self._mode = "bpf"
+            with _ACTIVE_LOCK:
+                _ACTIVE.add(state_dir)
+            log.info(
+                "attribution: bpf, programs %s attached to %s for ports %s",
+                kernel.program_ids,
+                kernel.cgroup_root,
+                ",".join(map(str, self.ports)),
+            )
+
+    def stop(self) -> None:
+        """Detach the programs and close the map; safe to call more than once."""
+        with self._lock:
+            kernel, self._kernel = self._kernel, None
+            self._mode = "off"
+            if kernel is not None:
+                kernel.stop()
+                with _ACTIVE_LOCK:
+                    _ACTIVE.discard(self.state_dir.resolve())
+
+    def __enter__(self) -> Attributor:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @property
+    def degraded_reason(self) -> str | None:
+        return self._degraded
+
+    @property
+    def program_ids(self) -> list[int]:
+        """Ids of the attached programs (empty unless mode is "bpf")."""
+        kernel = self._kernel
+        return kernel.program_ids if kernel is not None else []
+
+    @property
+    def cgroup_root(self) -> Path | None:
+        kernel = self._kernel
+        return kernel.cgroup_root if kernel is not None else None
+
+    # -- lookups
+
+    def kernel_entry(self, netns: int, peer: tuple[str, int]) -> KernelEntry | None:
+        """The BPF map entry of the client at ``peer`` in the network namespace ``netns``."""
+        kernel = self._kernel
+        if kernel is None:
+            return None
+        return kernel.lookup(map_key(netns, peer[0], peer[1]))
+
+    def lookup(self, conn: socket.socket, original_dst: tuple[str, int]) -> AttributionRecord:
+        """Attribute the accepted connection ``conn`` whose client dialled ``original_dst``.
+
+        Call from a thread in ``conn``'s network namespace. Never raises for a
+        client or process that is gone: the record says what is missing.
+        """
+        try:
+            peer_raw = conn.getpeername()
+            peer = (str(peer_raw[0]), int(peer_raw[1]))
+            cookie = netns_cookie(conn)
+        except OSError as e:
+            return AttributionRecord("unknown", False, None, f"connection is gone: {e}")
+        try:
+            return self._lookup(conn, peer, cookie, original_dst)
+        except Exception as e:  # attribution must never take a session down
+            log.exception("attribution of %s failed", peer)
+            return AttributionRecord(
+                "unknown", False, None, f"attribution failed: {e}", netns_cookie=cookie
+            )
+
+    def _lookup(
+        self,
+        conn: socket.socket,
+        peer: tuple[str, int],
+        cookie: int,
+        original_dst: tuple[str, int],
+    ) -> AttributionRecord:
+        reason = self._degraded
+        if self._kernel is not None:
+            entry = self._kernel.lookup(map_key(cookie, peer[0], peer[1]))
+            if entry is not None:
+                return self._from_kernel(entry, cookie, original_dst)
+            reason = "no BPF map entry for this client (connected before attach, or untracked)"
+        if not is_local_address(peer[0]):
+            return AttributionRecord(
+                "remote",
+                False,
+                None,
+                f"client {peer[0]} is on another host or network namespace",
+                netns_cookie=cookie,
+            )
+        return self._from_procfs(conn, peer, cookie, original_dst, reason)
+
+    def _from_kernel(
+        self, entry: KernelEntry, cookie: int, original_dst: tuple[str, int]
+    ) -> AttributionRecord:
+        verified = same_endpoint(entry.destination, original_dst)
+        reasons: list[str] = []
+        if not verified:
+            reasons.append(
+                f"BPF entry destination {entry.destination[0]}:{entry.destination[1]} "
+                f"differs from the original destination {original_dst[0]}:{original_dst[1]}"
+            )
+        info = self._proc.process(entry.pid)
+        if info is not None and _started_after(info, entry.ktime_ns):
+            reasons.append(f"pid {entry.pid} was reused after the connect")
+            info = None
+        if info is None:
+            if not reasons or "reused" not in reasons[-1]:
+                reasons.append(f"process {entry.pid} exited before it could be read")
+            process = _kernel_process(entry)
+        else:
+            process = process_dict(info, entry.tid)
+            # The kernel's facts were taken inside connect(); they win over /proc's.
+            process["uid"], process["gid"] = entry.uid, entry.gid
+            process["connect_comm"] = entry.comm
+        return AttributionRecord(
+            "bpf",
+            verified,
+            process,
+            "; ".join(reasons) or None,
+            netns_cookie=cookie,
+            socket_cookie=entry.socket_cookie,
+            cgroup_id=entry.cgroup_id,
+        )
+
+    def _from_procfs(
+        self,
+        conn: socket.socket,
+        peer: tuple[str, int],
+        cookie: int,
+        original_dst: tuple[str, int],
+        reason: str | None,
+    ) -> AttributionRecord:
+        verified = True
+        found = sock_diag_lookup(peer, original_dst)
+        if found is None:
+            local = conn.getsockname()
+            found = sock_diag_lookup(peer, (str(local[0]), int(local[1])))
+            verified = False
+        if found is None:
+            return AttributionRecord(
+                "unknown", False, None, _join(reason, "client socket not found by sock_diag"),
+                netns_cookie=cookie,
+            )
+        pid = self._proc.find_socket_owner(found.inode, found.uid)
+        info = self._proc.process(pid) if pid is not None else None
+        if info is None:
+            return AttributionRecord(
+                "unknown",
+                False,
+                None,
+                _join(reason, f"no process holds socket inode {found.inode} (uid {found.uid})"),
+                netns_cookie=cookie,
+            )
+        return AttributionRecord(
+            "procfs", verified, process_dict(info), reason, netns_cookie=cookie
+        )
+
+
+def _join(*parts: str | None) -> str:
+    return "; ".join(p for p in parts if p)
+
+
+def _started_after(info: ProcessInfo, ktime_ns: int) -> bool:
+    start = info.start_boot_ns
+    return start is not None and start > ktime_ns + PID_REUSE_SLACK_NS
+
+
+def _kernel_process(entry: KernelEntry) -> dict[str, Any]:
+    """The process facts the kernel recorded, for a process /proc no longer shows."""
+    return {
+        "pid": entry.pid,
+        "tid": entry.tid,
+        "uid": entry.uid,
+        "gid": entry.gid,
+        "euid": None,
+        "egid": None,
+        "loginuid": None,
+        "audit_session": None,
+        "comm": entry.comm,
+        "exe": None,
+        "cmdline": None,
+        "tty": None,
+        "cgroup": None,
+        "unit": None,
+        "container_id": None,
+        "start_time": None,
+        "ancestry": [],
+    }
+
+
+# --------------------------------------------------------------------------- doctor
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One line of ``ringfence doctor``."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str | None = None
+
+
+def doctor_checks(settings: BpfSettings, state_dir: Path) -> list[Check]:
+    """Whether BPF attribution can run here, and how to fix what is missing."""
+    checks = [_check_headers(settings), _check_btf()]
+    cgroup = _check_cgroup(settings)
+    checks.append(cgroup)
+    if cgroup.ok:
+        root = resolve_cgroup_root(settings.cgroup_root)
+        checks.append(_check_attach(root))
+        checks.append(_check_attached(root))
+    if checks[0].ok:
+        checks.append(_check_compile(settings, state_dir))
+    return checks
+
+
+def _check_headers(settings: BpfSettings) -> Check:
+    try:
+        headers = kheaders.resolve_kernel_headers(settings.kernel_headers)
+    except kheaders.KernelHeadersError as e:
+        return Check("kernel headers", False, str(e), kheaders.install_hint())
+    where = str(headers.build) if not headers.split else f"{headers.build} + {headers.source}"
+    detail = f"{headers.release or 'unknown release'} at {where}"
+    if headers.warning:
+        detail += f" ({headers.warning})"
+    return Check("kernel headers", True, detail)
+
+
+def _check_btf() -> Check:
+    path = Path("/sys/kernel/btf/vmlinux")
+    if path.exists():
+        return Check("btf", True, f"{path} present")
+    return Check(
+        "btf",
+        False,
+        f"{path} missing (optional: ringfence's programs read UAPI contexts only)",
+        "use a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+    )
+
+
+def _check_cgroup(settings: BpfSettings) -> Check:
+    try:
+        root = resolve_cgroup_root(settings.cgroup_root)
+    except (AttributionError, OSError) as e:
+        return Check("cgroup v2", False, str(e), "mount -t cgroup2 none /sys/fs/cgroup")
+    try:
+        fs_type = _mount_type(root)
+    except OSError as e:
+        return Check("cgroup v2", False, f"{root}: {e}", "set [bpf] cgroup_root to a cgroup2 mount")
+    if fs_type != "cgroup2":
+        return Check(
+            "cgroup v2", False, f"{root} is not a cgroup2 mount", "set [bpf] cgroup_root = \"auto\""
+        )
+    return Check("cgroup v2", True, f"mounted at {root}")
+
+
+def _mount_type(path: Path) -> str | None:
+    resolved = str(path.resolve())
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[1].replace("\\040", " ") == resolved:
+            return fields[2]
+    return None
+
+
+def _check_attach(root: Path) -> Check:
+    """Load, attach and detach a trivial program of each type the agent uses."""
+    done: list[str] = []
+    try:
+        with bpfsys.open_cgroup(root) as cg:
+            for _, prog_type, attach_type in PROGRAMS:
+                expected = attach_type if prog_type == bpfsys.BPF_PROG_TYPE_CGROUP_SOCK_ADDR else 0
+                fd = bpfsys.prog_load(prog_type, bpfsys.RETURN_ONE, "ringfence_probe", expected)
+                try:
+                    bpfsys.prog_attach(fd, cg, attach_type, bpfsys.BPF_F_ALLOW_MULTI)
+                    bpfsys.prog_detach(fd, cg, attach_type)
+                finally:
+                    os.close(fd)
+                done.append(bpfsys.ATTRIBUTION_ATTACH_TYPES[attach_type])
+    except OSError as e:
+        return Check(
+            "bpf attach",
+            False,
+            f"bpf(2) failed after {done or 'nothing'}: {e.strerror or e}",
+            "run the agent as root (or with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN); "
+            "check kernel.unprivileged_bpf_disabled and lockdown",
+        )
+    return Check("bpf attach", True, f"test programs attached and detached on {root}: {', '.join(done)}")
+
+
+def _check_attached(root: Path) -> Check:
+    try:
+        found = ringfence_programs(root)
+    except OSError as e:
+        return Check("ringfence programs", False, f"cannot query {root}: {e.strerror or e}")
+    if not found:
+        return Check("ringfence programs", True, f"none attached to {root}")
+    shown = ", ".join(f"{name} (id {pid})" for _, pid, name in found)
+    return Check(
+        "ringfence programs",
+        True,
+        f"{len(found)} attached to {root}: {shown}",
+        "programs of a stopped agent are removed by `ringfence cleanup`",
+    )
+
+
+def _check_compile(settings: BpfSettings, state_dir: Path) -> Check:
+    try:
+        from bcc import BPF
+    except ImportError as e:
+        return Check("bpf compile", False, f"BCC not importable: {e}", "apt-get install python3-bpfcc")
+    try:
+        kheaders.prepare_for_bcc(settings.kernel_headers, state_dir)
+        bcc = BPF(src_file=str(source_path(BPF_SOURCE)).encode(), cflags=["-w"])
+        try:
+            for name, prog_type, attach_type in PROGRAMS:
+                bcc.load_func(name.encode(), prog_type, attach_type=attach_type)
+        finally:
+            bcc.cleanup()
+    except Exception as e:
+        return Check("bpf compile", False, f"{BPF_SOURCE}: {e}", kheaders.install_hint())
+    return Check("bpf compile", True, f"{BPF_SOURCE} compiles and loads")
+

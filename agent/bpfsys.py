@@ -1,0 +1,207 @@
+"""Thin ctypes wrappers around the bpf(2) commands the agent needs without BCC.
+
+BCC compiles and attaches the attribution programs; these helpers cover the
+rest: finding what is attached to a cgroup (``BPF_PROG_QUERY``), naming a
+program by id (``BPF_PROG_GET_FD_BY_ID`` + ``BPF_OBJ_GET_INFO_BY_FD``),
+detaching a program left by a killed run (``BPF_PROG_DETACH``), loading a
+two-instruction probe program for ``ringfence doctor`` (``BPF_PROG_LOAD``),
+and reading the attribution map by file descriptor (``BPF_MAP_LOOKUP_ELEM``).
+
+Every call raises :class:`OSError` with the kernel's errno on failure.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+import struct
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+# enum bpf_cmd (uapi/linux/bpf.h)
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_PROG_LOAD = 5
+BPF_PROG_ATTACH = 8
+BPF_PROG_DETACH = 9
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_PROG_QUERY = 16
+
+# enum bpf_prog_type
+BPF_PROG_TYPE_SOCK_OPS = 13
+BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
+
+# enum bpf_attach_type
+BPF_CGROUP_SOCK_OPS = 3
+BPF_CGROUP_INET4_CONNECT = 10
+BPF_CGROUP_INET6_CONNECT = 11
+
+BPF_F_ALLOW_MULTI = 1 << 1
+
+# The attach types the attribution programs use, with a readable name each.
+ATTRIBUTION_ATTACH_TYPES: dict[int, str] = {
+    BPF_CGROUP_INET4_CONNECT: "cgroup_inet4_connect",
+    BPF_CGROUP_INET6_CONNECT: "cgroup_inet6_connect",
+    BPF_CGROUP_SOCK_OPS: "cgroup_sock_ops",
+}
+
+_SYSCALL_NUMBERS = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv64": 280}
+# union bpf_attr is larger than any command we use; the kernel requires the
+# bytes it does not know about to be zero, which a zeroed buffer guarantees.
+_ATTR_SIZE = 160
+_PROG_INFO_SIZE = 96  # covers bpf_prog_info up to and including name[16]
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def _nr() -> int:
+    machine = platform.machine()
+    try:
+        return _SYSCALL_NUMBERS[machine]
+    except KeyError:
+        raise OSError(f"bpf(2): unsupported architecture {machine}") from None
+
+
+def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
+    ret = int(_libc.syscall(_nr(), cmd, attr, len(attr)))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"bpf(cmd={cmd}): {os.strerror(err)}")
+    return ret
+
+
+def _attr() -> ctypes.Array[ctypes.c_char]:
+    return ctypes.create_string_buffer(_ATTR_SIZE)
+
+
+def _addr(buf: ctypes.Array[ctypes.c_char]) -> int:
+    return ctypes.addressof(buf)
+
+
+@dataclass(frozen=True, slots=True)
+class ProgInfo:
+    """What the kernel says about a loaded program."""
+
+    id: int
+    type: int
+    name: str
+
+
+def prog_query(target_fd: int, attach_type: int) -> list[int]:
+    """Ids of the programs attached to ``target_fd`` (a cgroup) for ``attach_type``."""
+    count = 64
+    while True:
+        ids = (ctypes.c_uint32 * count)()
+        attr = _attr()
+        # target_fd u32, attach_type u32, query_flags u32, attach_flags u32,
+        # prog_ids u64, prog_cnt u32
+        struct.pack_into("=IIIIQI", attr, 0, target_fd, attach_type, 0, 0, ctypes.addressof(ids), count)
+        try:
+            _bpf(BPF_PROG_QUERY, attr)
+        except OSError as e:
+            if e.errno == 28 and count < 65536:  # ENOSPC: more programs than room
+                count *= 4
+                continue
+            raise
+        (found,) = struct.unpack_from("=I", attr, 24)
+        return [ids[i] for i in range(min(found, count))]
+
+
+def prog_get_fd_by_id(prog_id: int) -> int:
+    """A new file descriptor for the program ``prog_id``; the caller closes it."""
+    attr = _attr()
+    struct.pack_into("=I", attr, 0, prog_id)
+    return _bpf(BPF_PROG_GET_FD_BY_ID, attr)
+
+
+def prog_info(prog_fd: int) -> ProgInfo:
+    """Id, type and name of the program behind ``prog_fd``."""
+    info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
+    attr = _attr()
+    struct.pack_into("=IIQ", attr, 0, prog_fd, _PROG_INFO_SIZE, _addr(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+    prog_type, prog_id = struct.unpack_from("=II", info, 0)
+    raw_name = bytes(info.raw[64:80])
+    return ProgInfo(prog_id, prog_type, raw_name.split(b"\0", 1)[0].decode("ascii", "replace"))
+
+
+def prog_info_by_id(prog_id: int) -> ProgInfo:
+    """Id, type and name of the program ``prog_id``."""
+    with _closing(prog_get_fd_by_id(prog_id)) as fd:
+        return prog_info(fd)
+
+
+def prog_attach(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) -> None:
+    """Attach ``prog_fd`` to the cgroup ``target_fd``."""
+    attr = _attr()
+    struct.pack_into("=IIII", attr, 0, target_fd, prog_fd, attach_type, flags)
+    _bpf(BPF_PROG_ATTACH, attr)
+
+
+def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
+    """Detach exactly ``prog_fd`` from the cgroup ``target_fd``."""
+    attr = _attr()
+    struct.pack_into("=III", attr, 0, target_fd, prog_fd, attach_type)
+    _bpf(BPF_PROG_DETACH, attr)
+
+
+def prog_detach_by_id(prog_id: int, target_fd: int, attach_type: int) -> None:
+    """Detach the program ``prog_id`` from the cgroup ``target_fd``."""
+    with _closing(prog_get_fd_by_id(prog_id)) as fd:
+        prog_detach(fd, target_fd, attach_type)
+
+
+def prog_load(
+    prog_type: int, insns: Sequence[int], name: str, expected_attach_type: int = 0
+) -> int:
+    """Load raw instructions (each a little-endian u64) and return the program fd."""
+    code = (ctypes.c_uint64 * len(insns))(*insns)
+    license = ctypes.create_string_buffer(b"GPL")
+    attr = _attr()
+    # prog_type u32, insn_cnt u32, insns u64, license u64, log_level u32,
+    # log_size u32, log_buf u64, kern_version u32, prog_flags u32,
+    # prog_name[16], prog_ifindex u32, expected_attach_type u32
+    struct.pack_into("=IIQQ", attr, 0, prog_type, len(insns), ctypes.addressof(code), _addr(license))
+    struct.pack_into("=16s", attr, 48, name.encode("ascii")[:15])
+    struct.pack_into("=I", attr, 68, expected_attach_type)
+    return _bpf(BPF_PROG_LOAD, attr)
+
+
+# "r0 = 1; exit": the smallest valid program; returning 1 allows the operation.
+RETURN_ONE = (0x00000001_000000B7, 0x00000000_00000095)
+
+
+def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:
+    """The value stored under ``key`` in the map ``map_fd``, or None."""
+    k = ctypes.create_string_buffer(key, len(key))
+    v = ctypes.create_string_buffer(value_size)
+    attr = _attr()
+    # map_fd u32, pad u32, key u64, value u64
+    struct.pack_into("=IIQQ", attr, 0, map_fd, 0, _addr(k), _addr(v))
+    try:
+        _bpf(BPF_MAP_LOOKUP_ELEM, attr)
+    except OSError as e:
+        if e.errno == 2:  # ENOENT
+            return None
+        raise
+    return v.raw
+
+
+@contextmanager
+def _closing(fd: int) -> Iterator[int]:
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def open_cgroup(path: str | os.PathLike[str]) -> Iterator[int]:
+    """A read-only directory fd for a cgroup v2 directory, closed on exit."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    with _closing(fd):
+        yield fd
