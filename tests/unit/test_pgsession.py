@@ -1,0 +1,161 @@
+"""The PostgreSQL session: what it forwards and what it records, message by message."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from agent.pgsession import PostgresSession
+from agent.protocols import postgres as pg
+
+
+def msg(kind: bytes, body: bytes) -> bytes:
+    return kind + struct.pack("!i", len(body) + 4) + body
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def session() -> tuple[PostgresSession, Clock]:
+    clock = Clock()
+    s = PostgresSession("s1", {"service": "postgres", "source": {"ip": "127.0.0.1", "port": 5}},
+                        max_statement=32, clock=clock)
+    return s, clock
+
+
+def records(actions: Any, kind: str) -> list[dict[str, Any]]:
+    return [r for t, r in actions.records if t == kind]
+
+
+AUTH_OK = msg(b"R", struct.pack("!i", 0)) + msg(b"K", struct.pack("!ii", 11, 22)) + msg(b"Z", b"I")
+STARTUP = pg.startup_message({"user": "alice", "database": "shop"})
+
+
+def ready(s: PostgresSession) -> None:
+    s.client_data(STARTUP)
+    s.server_data(AUTH_OK)
+
+
+def test_startup_is_forwarded_and_recorded_with_target() -> None:
+    """The StartupMessage goes upstream unchanged and session.start names database and user."""
+    s, _ = session()
+    actions = s.client_data(STARTUP)
+    assert actions.to_server == [STARTUP]
+    (start,) = records(actions, "session.start")
+    assert start["target"] == {"database": "shop", "user": "alice", "application_name": None}
+    assert start["service"] == "postgres"
+
+
+def test_ssl_request_is_refused_locally() -> None:
+    """An SSLRequest is answered 'N' by the agent and never reaches the server."""
+    s, _ = session()
+    actions = s.client_data(struct.pack("!ii", 8, pg.SSL_REQUEST_CODE))
+    assert actions.to_client == [b"N"] and actions.to_server == []
+
+
+def test_simple_query_recorded_with_rows_tag_and_duration() -> None:
+    """A Query becomes a query record, its response a result with rows, tag and duration."""
+    s, clock = session()
+    ready(s)
+    actions = s.client_data(pg.query_message("select 42"))
+    assert actions.to_server == [pg.query_message("select 42")]
+    (query,) = records(actions, "query")
+    assert query["text"] == "select 42" and query["protocol"] == "simple"
+    clock.now += 0.25
+    response = (msg(b"T", struct.pack("!h", 1) + b"?column?\x00" + b"\x00" * 18)
+                + msg(b"D", struct.pack("!hi", 1, 2) + b"42") + msg(b"C", b"SELECT 1\x00")
+                + msg(b"Z", b"I"))
+    actions = s.server_data(response)
+    assert actions.to_client == [response]
+    (result,) = records(actions, "result")
+    assert result["rows"] == 1 and result["command_tag"] == "SELECT 1"
+    assert result["outcome"] == "success" and result["duration_ms"] == 250.0
+
+
+def test_error_response_makes_a_failed_result() -> None:
+    """A server error is recorded with its SQLSTATE and message."""
+    s, _ = session()
+    ready(s)
+    s.client_data(pg.query_message("select * from nope"))
+    actions = s.server_data(msg(b"E", b"SERROR\x00C42P01\x00Mno such table\x00\x00") + msg(b"Z", b"I"))
+    (result,) = records(actions, "result")
+    assert result["outcome"] == "failure"
+    assert result["error"] == {"sqlstate": "42P01", "message": "no such table"}
+
+
+def test_long_statement_is_truncated_but_hashed_whole() -> None:
+    """Text beyond max_statement is cut; length and SHA-256 cover the whole statement."""
+    s, _ = session()
+    ready(s)
+    sql = "select '" + "x" * 100 + "'"
+    (query,) = records(s.client_data(pg.query_message(sql)), "query")
+    assert query["truncated"] is True and len(query["text"]) == 32 and query["length"] == len(sql)
+
+
+def test_extended_pipeline_error_marks_later_executions_not_executed() -> None:
+    """In a pipeline, an error fails its Execute and the queued ones behind it until Sync."""
+    s, _ = session()
+    ready(s)
+    parse = msg(b"P", b"\x00select 1/$1\x00" + struct.pack("!h", 0))
+    bind = msg(b"B", b"\x00\x00" + struct.pack("!hhi", 0, 1, 1) + b"0" + struct.pack("!h", 0))
+    execute = msg(b"E", b"\x00" + struct.pack("!i", 0))
+    actions = s.client_data(parse + bind + execute + bind + execute + msg(b"S", b""))
+    queries = records(actions, "query")
+    assert [q["parameters"] for q in queries] == [["0"], ["0"]]
+    assert all(q["text"] == "select 1/$1" and q["protocol"] == "extended" for q in queries)
+    reply = (msg(b"1", b"") + msg(b"2", b"")
+             + msg(b"E", b"SERROR\x00C22012\x00Mdivision by zero\x00\x00") + msg(b"Z", b"I"))
+    results = records(s.server_data(reply), "result")
+    assert [r["error"]["sqlstate"] for r in results] == ["22012", ""]
+    assert "not executed" in results[1]["error"]["message"]
+
+
+def test_garbage_startup_ends_session_with_reason() -> None:
+    """A garbage startup packet ends the session with a FATAL error and a session.end reason."""
+    s, _ = session()
+    actions = s.client_data(b"\x80\x00\x00\x00garbage")
+    assert actions.close and "invalid startup packet length" in actions.close
+    (end,) = records(actions, "session.end")
+    assert "invalid startup packet length" in end["reason"] and end["outcome"] == "failure"
+    assert records(actions, "session.start"), "a session.start precedes every session.end"
+    assert actions.to_client and actions.to_client[0].startswith(b"E")
+
+
+def test_terminate_ends_session_with_counters() -> None:
+    """Terminate is forwarded and session.end carries bytes and statement counts."""
+    s, _ = session()
+    ready(s)
+    s.client_data(pg.query_message("select 1"))
+    s.server_data(msg(b"C", b"SELECT 0\x00") + msg(b"Z", b"I"))
+    actions = s.client_data(msg(b"X", b""))
+    (end,) = records(actions, "session.end")
+    assert end["statements"] == 1 and end["reason"] == "client terminated"
+    assert end["bytes_from_client"] == len(STARTUP) + len(pg.query_message("select 1")) + 5
+    assert end["backend_pid"] == 11
+
+
+def test_connection_lost_mid_query_records_interrupted_result() -> None:
+    """A statement still running when the connection drops gets a failed result."""
+    s, _ = session()
+    ready(s)
+    s.client_data(pg.query_message("select pg_sleep(10)"))
+    actions = s.connection_lost("client closed")
+    (result,) = records(actions, "result")
+    assert "interrupted" in result["error"]["message"]
+    assert records(actions, "session.end")
+
+
+def test_authentication_failure_is_the_end_reason() -> None:
+    """A FATAL error during authentication becomes the session.end reason."""
+    s, _ = session()
+    s.client_data(STARTUP)
+    s.server_data(msg(b"R", struct.pack("!i", 10) + b"SCRAM-SHA-256\x00\x00"))
+    s.server_data(msg(b"E", b"SFATAL\x00C28P01\x00Mpassword authentication failed\x00\x00"))
+    (end,) = records(s.connection_lost("server closed"), "session.end")
+    assert end["reason"].startswith("authentication failed: password authentication failed")
+    assert end["auth_method"] == "scram-sha-256"
