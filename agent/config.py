@@ -74,6 +74,22 @@ class RedirectSettings:
 @dataclass(frozen=True, slots=True)
 class AuditSettings:
     path: Path = Path("/var/lib/ringfence/audit")
+    # Ed25519 checkpoint signing key; None: <agent.state_dir>/audit.key.
+    key_path: Path | None = None
+    # Checkpoint origin line; "" derives "<host>/ringfence/audit".
+    origin: str = ""
+    checkpoint_every_records: int = 10_000
+    checkpoint_every_seconds: float = 60.0
+    # Where checkpoints also go: "" (nowhere), "stdout", or a file path.
+    checkpoint_export: str = ""
+    segment_max_bytes: int = 1 << 30
+    # 0: segments are rotated by size only.
+    segment_max_age_seconds: float = 0.0
+    queue_size: int = 65_536
+    batch_max_records: int = 4096
+    batch_max_delay_ms: float = 5.0
+    # While the store fails, how often the writer tries to write again.
+    retry_interval_ms: float = 500.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,7 +322,43 @@ def _redirect(t: _Table) -> RedirectSettings:
 
 def _audit(t: _Table) -> AuditSettings:
     d = AuditSettings()
-    settings = AuditSettings(path=t.path("path", d.path))
+
+    def bounded(name: str, kind: type[T], default: T, low: float, high: float) -> T:
+        value = t.get(name, kind, default)
+        if not low <= value <= high:  # type: ignore[operator]
+            raise ConfigError(f"{t.key(name)}: must be between {low:g} and {high:g}")
+        return value
+
+    key_path = t.get("key_path", str, "")
+    origin = t.get("origin", str, d.origin)
+    if origin and (any(c.isspace() for c in origin) or "+" in origin):
+        raise ConfigError(f"{t.key('origin')}: must not contain spaces or '+'")
+    export = t.get("checkpoint_export", str, d.checkpoint_export)
+    if export not in ("", "stdout") and not Path(export).is_absolute():
+        raise ConfigError(
+            f"{t.key('checkpoint_export')}: must be \"\", \"stdout\" or an absolute path"
+        )
+    queue_size = bounded("queue_size", int, d.queue_size, 16, 1 << 24)
+    settings = AuditSettings(
+        path=t.path("path", d.path),
+        key_path=Path(key_path) if key_path else None,
+        origin=origin,
+        checkpoint_every_records=bounded(
+            "checkpoint_every_records", int, d.checkpoint_every_records, 1, 1 << 32
+        ),
+        checkpoint_every_seconds=bounded(
+            "checkpoint_every_seconds", float, d.checkpoint_every_seconds, 0.01, 86400 * 7
+        ),
+        checkpoint_export=export,
+        segment_max_bytes=bounded("segment_max_bytes", int, d.segment_max_bytes, 1 << 20, 1 << 40),
+        segment_max_age_seconds=bounded(
+            "segment_max_age_seconds", float, d.segment_max_age_seconds, 0, 86400 * 366
+        ),
+        queue_size=queue_size,
+        batch_max_records=bounded("batch_max_records", int, d.batch_max_records, 1, queue_size),
+        batch_max_delay_ms=bounded("batch_max_delay_ms", float, d.batch_max_delay_ms, 0, 1000),
+        retry_interval_ms=bounded("retry_interval_ms", float, d.retry_interval_ms, 1, 60_000),
+    )
     t.finish()
     return settings
 

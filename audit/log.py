@@ -1,0 +1,667 @@
+"""AuditLog: the one way into the audit trail; a single writer thread owns LMDB.
+
+Producers put records on a bounded queue (``emit`` blocks while it is full);
+the writer takes whatever is queued (up to ``batch_max_records``, waiting at
+most ``batch_max_delay_ms`` for a batch to fill unless a strict record is
+waiting), assigns seq, links each record to the previous leaf hash, computes
+the Merkle hashes, and commits records, hashes and ``next_seq`` in one fsync'd
+transaction. Checkpoints are signed only after the commit they cover returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lmdb
+import msgpack
+
+from audit.checkpoint import Checkpoint, Signer, load_or_create_key
+from audit.errors import AuditUnavailable, StoreCorrupt, UnknownEventType
+from audit.merkle import leaf_hash, stored_hash_count
+from audit.schema import (
+    AUDIT_LOSS,
+    CHECKPOINT,
+    ENVELOPE_VERSION,
+    EVENT_TYPES,
+    SESSION_END,
+    SESSION_START,
+    STORE_EVENT_TYPES,
+    ZERO_HASH,
+    encode_event,
+)
+from audit.store import (
+    DB_CHECKPOINTS,
+    DB_META,
+    DB_NODES,
+    DB_RECORDS,
+    DB_SESSIONS,
+    Segment,
+    Store,
+    create_segment,
+    u64,
+)
+
+if TYPE_CHECKING:
+    from agent.config import AuditSettings
+
+log = logging.getLogger("ringfence.audit")
+
+# (type, session_id, ts_ns, event bytes, waiter); the waiter is None (batched),
+# a _Waiter (strict) or, for checkpoint records, the tree size they cover.
+_Item = tuple[str, str | None, int, bytes, object]
+
+
+class _Waiter:
+    """Where a strict record's outcome is delivered: an asyncio future or a thread event."""
+
+    __slots__ = ("loop", "future", "event", "seq", "error")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.loop = loop
+        self.future: asyncio.Future[int] | None = loop.create_future() if loop else None
+        self.event = threading.Event() if loop is None else None
+        self.seq = -1
+        self.error: BaseException | None = None
+
+    def resolve(self, seq: int, error: BaseException | None) -> None:
+        self.seq, self.error = seq, error
+        if self.event is not None:
+            self.event.set()
+        elif self.loop is not None:
+            # A closed loop means nobody is waiting any more.
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        fut = self.future
+        if fut is None or fut.done():
+            return
+        if self.error is not None:
+            fut.set_exception(self.error)
+        else:
+            fut.set_result(self.seq)
+
+
+class _Failure(Exception):
+    """A batch could not be committed."""
+
+
+def default_origin(host: str) -> str:
+    """The checkpoint origin used when the configuration names none."""
+    return f"{host}/ringfence/audit"
+
+
+class AuditLog:
+    """The audit trail of this host: emit records, close cleanly; see the module docstring."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        host: str,
+        signer: Signer,
+        origin: str,
+        checkpoint_every_records: int = 10_000,
+        checkpoint_every_seconds: float = 60.0,
+        checkpoint_export: str = "",
+        segment_max_bytes: int = 1 << 30,
+        segment_max_age_seconds: float = 0.0,
+        queue_size: int = 65_536,
+        batch_max_records: int = 4096,
+        batch_max_delay_ms: float = 5.0,
+        retry_interval_ms: float = 500.0,
+    ) -> None:
+        self.root = root
+        self.host = host
+        self.signer = signer
+        self.origin = origin
+        self.checkpoint_every_records = checkpoint_every_records
+        self.checkpoint_every_seconds = checkpoint_every_seconds
+        self.checkpoint_export = checkpoint_export
+        self.segment_max_bytes = segment_max_bytes
+        self.segment_max_age_seconds = segment_max_age_seconds
+        self.queue_size = queue_size
+        self.batch_max_records = batch_max_records
+        self.batch_max_delay = batch_max_delay_ms / 1000.0
+        self.retry_interval = retry_interval_ms / 1000.0
+
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._writer_idle = False
+        self._blocked = 0
+        self._strict_queued = 0
+        self._accepted = 0
+        self._processed = 0
+        self._closing = False
+        self._closed = False
+        self._healthy = True
+        self.failure: str | None = None
+        self._lost: dict[str, int] = {}
+        self._lost_first_ts = 0
+        self._lost_last_ts = 0
+        self._lost_reason = ""
+        self._internal: list[_Item] = []
+        self._next_retry = 0.0
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self.last_export_error: str | None = None
+
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.store = Store(root)
+        if not self.store.segments:
+            self.store.segments.append(create_segment(root, 1, 0, time.time_ns(), None, []))
+        seg = self.store.segments[-1]
+        self.next_seq = seg.next_seq()
+        if self.next_seq > 0:
+            raw = self.store.get_raw(self.next_seq - 1)
+            if raw is None:
+                raise StoreCorrupt(f"{root}: record {self.next_seq - 1} is missing")
+            self.prev_leaf = leaf_hash(raw)
+        else:
+            self.prev_leaf = ZERO_HASH
+        self.frontier = self.store.frontier(self.next_seq)
+        cps = self.store.checkpoint_seqs()
+        last_cp = cps[-1] if cps else None
+        self._since_checkpoint = 0
+        if last_cp is None:
+            self._since_checkpoint = self.next_seq
+        else:
+            # Records after the last checkpoint record are not covered yet.
+            self._since_checkpoint = max(0, self.next_seq - last_cp[1] - 1)
+        self._last_checkpoint_time = time.monotonic()
+        self._checkpoint_due = self._since_checkpoint > 0
+        self._sessions: dict[str, int] = {}
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ API
+
+    @classmethod
+    def open(cls, settings: AuditSettings, *, host: str, state_dir: Path) -> AuditLog:
+        """Open (create) the store, continue the chain, start the writer thread."""
+        origin = settings.origin or default_origin(host)
+        key_path = settings.key_path or state_dir / "audit.key"
+        signer = load_or_create_key(key_path, origin)
+        return cls(
+            settings.path,
+            host=host,
+            signer=signer,
+            origin=origin,
+            checkpoint_every_records=settings.checkpoint_every_records,
+            checkpoint_every_seconds=settings.checkpoint_every_seconds,
+            checkpoint_export=settings.checkpoint_export,
+            segment_max_bytes=settings.segment_max_bytes,
+            segment_max_age_seconds=settings.segment_max_age_seconds,
+            queue_size=settings.queue_size,
+            batch_max_records=settings.batch_max_records,
+            batch_max_delay_ms=settings.batch_max_delay_ms,
+            retry_interval_ms=settings.retry_interval_ms,
+        )
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the store is writing (False while failing or after close)."""
+        return self._healthy and not self._closing
+
+    def emit(self, type: str, event: Mapping[str, Any], *, session_id: str | None = None) -> None:
+        """Queue a record (batched durability); blocks while the queue is full."""
+        self._put(type, event, session_id, None)
+
+    async def emit_durable(
+        self, type: str, event: Mapping[str, Any], *, session_id: str | None = None
+    ) -> int:
+        """Queue a record and return its seq once its commit is on disk (strict durability)."""
+        waiter = _Waiter(asyncio.get_running_loop())
+        self._put(type, event, session_id, waiter)
+        assert waiter.future is not None
+        return await waiter.future
+
+    def emit_durable_sync(self, type: str, event: Mapping[str, Any], *, session_id: str | None = None) -> int:
+        """emit_durable for callers outside an event loop: blocks until the commit is on disk."""
+        waiter = _Waiter()
+        self._put(type, event, session_id, waiter)
+        assert waiter.event is not None
+        waiter.event.wait()
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.seq
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every record queued before this call is committed or counted lost."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            target = self._accepted
+            self._cond.notify_all()
+            while self._processed < target and self._thread.is_alive():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining if remaining is not None else 0.05)
+        return True
+
+    def close(self) -> None:
+        """Drain the queue, commit, write a final checkpoint, stop the writer. Idempotent."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+        self.store.close()
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ producers
+
+    def _put(
+        self, type: str, event: Mapping[str, Any], session_id: str | None, waiter: _Waiter | None
+    ) -> None:
+        if type not in EVENT_TYPES or type in STORE_EVENT_TYPES:
+            raise UnknownEventType(f"{type!r} is not an event type producers may emit")
+        data = encode_event(event)
+        ts = time.time_ns()
+        item: _Item = (type, session_id, ts, data, waiter)
+        cond = self._cond
+        with cond:
+            while True:
+                if self._closing:
+                    raise AuditUnavailable("audit log is closed")
+                if not self._healthy:
+                    self._count_lost(type, ts)
+                    raise AuditUnavailable(f"audit store is failing: {self.failure}")
+                if len(self._queue) < self.queue_size:
+                    break
+                self._blocked += 1
+                cond.wait()
+                self._blocked -= 1
+            self._queue.append(item)
+            self._accepted += 1
+            if waiter is not None:
+                self._strict_queued += 1
+                cond.notify_all()
+            elif self._writer_idle or len(self._queue) == self.batch_max_records:
+                cond.notify_all()
+
+    def _count_lost(self, type: str, ts: int) -> None:
+        """Count a record that could not be written (caller holds the lock)."""
+        if not self._lost:
+            self._lost_first_ts = ts
+        self._lost[type] = self._lost.get(type, 0) + 1
+        self._lost_last_ts = max(self._lost_last_ts, ts)
+
+    # --------------------------------------------------------------- writer
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # the writer must never die silently
+            log.exception("audit writer stopped")
+            with self._cond:
+                self._healthy = False
+                self.failure = f"writer stopped: {e}"
+                pending = list(self._queue)
+                self._queue.clear()
+                for item in pending:
+                    self._count_lost(item[0], item[2])
+                self._processed += len(pending)
+                self._cond.notify_all()
+            self._fail_waiters(pending, AuditUnavailable(self.failure))
+
+    def _next_wakeup(self) -> float:
+        now = time.monotonic()
+        due = now + 1.0
+        if self._since_checkpoint > 0:
+            due = min(due, self._last_checkpoint_time + self.checkpoint_every_seconds)
+        if self.segment_max_age_seconds > 0:
+            seg = self.store.segments[-1]
+            age_due = now + (seg.created_ns / 1e9 + self.segment_max_age_seconds - time.time())
+            due = min(due, age_due)
+        if not self._healthy:
+            due = min(due, self._next_retry)
+        return max(0.0, due - now)
+
+    def _take_batch(self) -> tuple[list[_Item], bool]:
+        """Wait for work and take a batch; the flag says the log is closing and drained."""
+        cond = self._cond
+        with cond:
+            while not self._queue and not self._closing:
+                if self._internal or self._checkpoint_due or self._housekeeping_due():
+                    break
+                self._writer_idle = True
+                cond.wait(self._next_wakeup())
+                self._writer_idle = False
+            if (
+                self._queue
+                and self._healthy
+                and not self._closing
+                and not self._strict_queued
+                and len(self._queue) < self.batch_max_records
+            ):
+                cond.wait(self.batch_max_delay)
+            n = min(len(self._queue), self.batch_max_records)
+            q = self._queue
+            batch = [q.popleft() for _ in range(n)]
+            for item in batch:
+                if item[4] is not None:
+                    self._strict_queued -= 1
+            if self._blocked:
+                cond.notify_all()
+            done = self._closing and not self._queue
+        return batch, done
+
+    def _housekeeping_due(self) -> bool:
+        if not self._healthy:
+            return time.monotonic() >= self._next_retry
+        if self._since_checkpoint > 0 and (
+            time.monotonic() - self._last_checkpoint_time >= self.checkpoint_every_seconds
+        ):
+            return True
+        if self.segment_max_age_seconds > 0:
+            seg = self.store.segments[-1]
+            if time.time_ns() - seg.created_ns >= self.segment_max_age_seconds * 1e9:
+                return True
+        return False
+
+    def _loop(self) -> None:
+        while True:
+            batch, done = self._take_batch()
+            if not self._healthy:
+                self._drop(batch, count=True)
+                batch = []
+                if time.monotonic() < self._next_retry and not done:
+                    continue
+                if not self._try_recover():
+                    self._next_retry = time.monotonic() + self.retry_interval
+                    if done:
+                        return
+                    continue
+            if self._internal:
+                batch = self._internal + batch
+                self._internal = []
+            if batch:
+                try:
+                    self._commit(batch)
+                except _Failure as e:
+                    self._enter_failure(str(e), batch)
+                    if done:
+                        return
+                    continue
+            self._after_commit()
+            if done:
+                self._final_checkpoint()
+                return
+
+    def _commit(self, batch: list[_Item]) -> None:
+        """Write a batch in one transaction; on success advance the chain and resolve waiters."""
+        seq = self.next_seq
+        first = seq
+        prev = self.prev_leaf
+        frontier = self.frontier.copy()
+        hashes: list[bytes] = []
+        records: list[tuple[bytes, bytes]] = []
+        sessions: list[tuple[bytes, bytes]] = []
+        checkpoints: list[tuple[bytes, bytes]] = []
+        counters = self._sessions
+        pack = self._packer.pack
+        host = self.host
+        sha256 = hashlib.sha256
+        since = self._since_checkpoint
+        for type, sid, ts, data, waiter in batch:
+            if sid is None:
+                index = None
+            else:
+                index = counters.get(sid, 0)
+                if type == SESSION_END:
+                    counters.pop(sid, None)
+                else:
+                    counters[sid] = index + 1
+                if type == SESSION_START:
+                    sessions.append((sid.encode(), u64(seq)))
+            if type == CHECKPOINT:
+                assert isinstance(waiter, int)
+                checkpoints.append((u64(waiter), u64(seq)))
+                since = 0
+            else:
+                since += 1
+            raw = b"\x99" + pack([ENVELOPE_VERSION, seq, ts, prev, type, host, sid, index])[1:] + data
+            prev = sha256(b"\x00" + raw).digest()
+            frontier.append(prev, hashes)
+            records.append((u64(seq), raw))
+            seq += 1
+        base = stored_hash_count(first)
+        nodes = [(u64(base + i), h) for i, h in enumerate(hashes)]
+        seg = self.store.segments[-1]
+        self._write(seg, records, nodes, sessions, checkpoints, seq)
+        self.next_seq = seq
+        self.prev_leaf = prev
+        self.frontier = frontier
+        self._since_checkpoint = since
+        for i, item in enumerate(batch):
+            waiter = item[4]
+            if isinstance(waiter, _Waiter):
+                waiter.resolve(first + i, None)
+        with self._cond:
+            self._processed += sum(1 for item in batch if not isinstance(item[4], int))
+            self._cond.notify_all()
+
+    def _write(
+        self,
+        seg: Segment,
+        records: list[tuple[bytes, bytes]],
+        nodes: list[tuple[bytes, bytes]],
+        sessions: list[tuple[bytes, bytes]],
+        checkpoints: list[tuple[bytes, bytes]],
+        next_seq: int,
+    ) -> None:
+        env = seg.env
+        for _ in range(64):
+            try:
+                with env.begin(write=True) as txn:
+                    txn.cursor(db=seg.db(DB_RECORDS)).putmulti(records, append=True)
+                    txn.cursor(db=seg.db(DB_NODES)).putmulti(nodes, append=True)
+                    for key, value in sessions:
+                        txn.put(key, value, db=seg.db(DB_SESSIONS))
+                    for key, value in checkpoints:
+                        txn.put(key, value, db=seg.db(DB_CHECKPOINTS))
+                    txn.put(b"next_seq", u64(next_seq), db=seg.db(DB_META))
+                return
+            except lmdb.MapFullError:
+                self._grow(seg)
+            except lmdb.Error as e:
+                raise _Failure(f"commit failed: {e}") from None
+        raise _Failure("commit failed: map full after repeated growth")
+
+    def _grow(self, seg: Segment) -> None:
+        """Double the map size of ``seg`` (LMDB needs no live transaction in this process)."""
+        size = int(seg.env.info()["map_size"]) * 2
+        try:
+            with seg.shared.resize_lock:
+                seg.env.set_mapsize(size)
+        except lmdb.Error as e:
+            raise _Failure(f"map full and cannot grow to {size} bytes: {e}") from None
+        log.info("audit segment %d map grown to %d bytes", seg.number, size)
+
+    def _enter_failure(self, reason: str, batch: list[_Item]) -> None:
+        log.error("audit store failing: %s", reason)
+        with self._cond:
+            self._healthy = False
+            self.failure = reason
+            self._lost_reason = reason
+            self._next_retry = time.monotonic() + self.retry_interval
+            self._cond.notify_all()
+        self._drop(batch, count=True)
+
+    def _drop(self, batch: list[_Item], *, count: bool) -> None:
+        """Count records that cannot be written and fail their strict waiters."""
+        if not batch:
+            return
+        error = AuditUnavailable(f"audit store is failing: {self.failure}")
+        with self._cond:
+            for item in batch:
+                if isinstance(item[4], int):
+                    self._checkpoint_due = True  # a checkpoint record is retried, not counted
+                    continue
+                if count:
+                    self._count_lost(item[0], item[2])
+                self._processed += 1
+            self._cond.notify_all()
+        self._fail_waiters(batch, error)
+
+    @staticmethod
+    def _fail_waiters(batch: list[_Item], error: BaseException) -> None:
+        for item in batch:
+            if isinstance(item[4], _Waiter):
+                item[4].resolve(-1, error)
+
+    def _try_recover(self) -> bool:
+        """Try to write the audit.loss record; on success the store is healthy again."""
+        with self._cond:
+            lost = dict(self._lost)
+            event = {
+                "lost": sum(lost.values()),
+                "by_type": lost,
+                "reason": self._lost_reason or (self.failure or ""),
+                "first_ts": self._lost_first_ts,
+                "last_ts": self._lost_last_ts,
+            }
+        item: _Item = (AUDIT_LOSS, None, time.time_ns(), encode_event(event), None)
+        try:
+            self._commit([item])
+        except _Failure as e:
+            with self._cond:
+                self.failure = str(e)
+            return False
+        with self._cond:
+            self._processed -= 1  # the loss record was never accepted from a producer
+            for type, n in lost.items():
+                left = self._lost.get(type, 0) - n
+                if left > 0:
+                    self._lost[type] = left
+                else:
+                    self._lost.pop(type, None)
+            self._healthy = True
+            self.failure = None
+            self._cond.notify_all()
+        log.warning("audit store writing again; %d record(s) were lost", event["lost"])
+        return True
+
+    def _after_commit(self) -> None:
+        if not self._healthy:
+            return
+        seg = self.store.segments[-1]
+        rotate = self.next_seq > seg.first_seq + 1 and (
+            seg.size_bytes() >= self.segment_max_bytes
+            or (
+                self.segment_max_age_seconds > 0
+                and time.time_ns() - seg.created_ns >= self.segment_max_age_seconds * 1e9
+            )
+        )
+        if rotate:
+            self._rotate()
+            return
+        if self._since_checkpoint <= 0:
+            self._checkpoint_due = False
+            return
+        if (
+            self._checkpoint_due
+            or self._since_checkpoint >= self.checkpoint_every_records
+            or time.monotonic() - self._last_checkpoint_time >= self.checkpoint_every_seconds
+        ):
+            self._queue_checkpoint(self.make_checkpoint(), seg.number, None)
+
+    def make_checkpoint(self) -> Checkpoint:
+        """Sign a checkpoint of everything committed so far (the writer's view)."""
+        return Checkpoint(self.origin, self.next_seq, self.frontier.root()).sign(self.signer)
+
+    def _queue_checkpoint(self, cp: Checkpoint, segment: int, frontier: list[bytes] | None) -> None:
+        self.export(cp)
+        event: dict[str, Any] = {
+            "origin": cp.origin,
+            "size": cp.size,
+            "root": cp.root,
+            "note": cp.note,
+            "segment": segment,
+        }
+        if frontier is not None:
+            event["frontier"] = frontier
+        self._internal.append((CHECKPOINT, None, time.time_ns(), encode_event(event), cp.size))
+        self._checkpoint_due = False
+        self._since_checkpoint = 0
+        self._last_checkpoint_time = time.monotonic()
+
+    def export(self, cp: Checkpoint) -> None:
+        """Write a checkpoint to the export target (one JSON object per line)."""
+        target = self.checkpoint_export
+        if not target:
+            return
+        line = json.dumps(
+            {
+                "origin": cp.origin,
+                "size": cp.size,
+                "root": base64.b64encode(cp.root).decode(),
+                "note": cp.note,
+            }
+        )
+        try:
+            if target == "stdout":
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+            else:
+                with open(target, "a", encoding="utf-8") as f:
+                    f.write(line + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            self.last_export_error = None
+        except OSError as e:
+            self.last_export_error = str(e)
+            log.error("cannot export audit checkpoint to %s: %s", target, e)
+
+    def _rotate(self) -> None:
+        """Start a new segment whose first record carries the old one's final checkpoint."""
+        old = self.store.segments[-1]
+        cp = self.make_checkpoint()
+        try:
+            new = create_segment(
+                self.root,
+                old.number + 1,
+                self.next_seq,
+                time.time_ns(),
+                cp.note,
+                list(self.frontier.hashes),
+            )
+        except (lmdb.Error, OSError) as e:
+            self._enter_failure(f"cannot create segment {old.number + 1}: {e}", [])
+            return
+        self.store.segments.append(new)
+        self._queue_checkpoint(cp, new.number, list(self.frontier.hashes))
+        log.info("audit segment %d started at seq %d", new.number, new.first_seq)
+
+    def _final_checkpoint(self) -> None:
+        if not self._healthy or self._since_checkpoint <= 0:
+            return
+        self._queue_checkpoint(self.make_checkpoint(), self.store.segments[-1].number, None)
+        batch, self._internal = self._internal, []
+        try:
+            self._commit(batch)
+        except _Failure as e:
+            log.error("final audit checkpoint not written: %s", e)

@@ -1,0 +1,82 @@
+"""``ringfence audit tail``: last records, filters, JSON shape, and --follow."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from click.testing import CliRunner
+
+from agent.cli import main
+from tests.unit.audit.conftest import session_events
+
+
+def run(audit_dir: Path, *args: str) -> Any:
+    return CliRunner().invoke(main, ["audit", "--path", str(audit_dir), *args])
+
+
+def test_tail_json_flattens_envelope_and_event(new_log: Any, audit_dir: Path) -> None:
+    """tail --json prints one object per line with envelope fields next to event fields."""
+    log = new_log()
+    log.emit("query", {"text": "select 1", "blob": b"\x01\xff"}, session_id="s9")
+    log.close()
+    result = run(audit_dir, "tail", "--json", "--type", "query")
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1
+    obj = json.loads(lines[0])
+    assert obj["seq"] == 0 and obj["type"] == "query" and obj["session_id"] == "s9"
+    assert obj["index"] == 0 and obj["host"] == "test.host" and obj["text"] == "select 1"
+    assert obj["blob"] == "01ff"
+    assert obj["ts"].endswith("Z") and "T" in obj["ts"]
+
+
+def test_tail_shows_last_n_and_filters_session(new_log: Any, audit_dir: Path) -> None:
+    """tail -n N shows the last N records; --session keeps only that session's records."""
+    log = new_log()
+    session_events(log, "a", statements=5)
+    session_events(log, "b", statements=1)
+    log.close()
+    out = run(audit_dir, "tail", "--json", "-n", "3").output.strip().splitlines()
+    seqs = [json.loads(x)["seq"] for x in out]
+    assert len(seqs) == 3 and seqs == sorted(seqs)
+    out = run(audit_dir, "tail", "--json", "-n", "100", "--session", "a").output.splitlines()
+    recs = [json.loads(x) for x in out]
+    assert {r["session_id"] for r in recs} == {"a"} and len(recs) == 12
+
+
+def test_tail_follow_prints_new_records(new_log: Any, audit_dir: Path) -> None:
+    """tail --follow prints a record committed after it started."""
+    from audit import reader
+    from audit.store import Store
+
+    log = new_log()
+    log.emit("agent.start", {"version": "t"})
+    log.flush(5)
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def follow() -> None:
+        with Store(audit_dir) as store:
+            for rec in reader.follow(store, store.next_seq(), stop=stop.is_set):
+                seen.append(rec.type)
+                if rec.type == "query":
+                    stop.set()
+
+    th = threading.Thread(target=follow)
+    th.start()
+    time.sleep(0.05)
+    log.emit("query", {"text": "select now()"}, session_id="x")
+    th.join(10)
+    stop.set()
+    assert "query" in seen
+
+
+def test_tail_on_missing_store_exits_2(tmp_path: Path) -> None:
+    """tail on a directory without an audit trail says so and exits 2."""
+    result = run(tmp_path / "nothing", "tail")
+    assert result.exit_code == 2
+    assert "no audit trail" in result.output

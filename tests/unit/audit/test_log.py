@@ -1,0 +1,152 @@
+"""AuditLog: ordering, envelope fields, durability classes, restart, backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from audit.errors import AuditUnavailable, UnknownEventType
+from audit.merkle import leaf_hash
+from audit.schema import ZERO_HASH
+from audit.store import Store
+from tests.unit.audit.conftest import session_events
+
+
+def read_all(path: Path) -> list[Any]:
+    with Store(path) as store:
+        return list(store.iter_records())
+
+
+def test_records_get_seq_host_session_index_and_chain(new_log: Any, audit_dir: Path) -> None:
+    """Records are numbered, stamped, indexed per session and linked to the previous leaf hash."""
+    log = new_log()
+    session_events(log, "s1", statements=2)
+    log.emit("agent.stop", {"reason": "test"})
+    log.close()
+    recs = [r for r in read_all(audit_dir) if r.type != "checkpoint"]
+    assert [r.seq for r in recs] == list(range(len(recs)))
+    assert [r.index for r in recs[:6]] == [0, 1, 2, 3, 4, 5]
+    assert recs[-1].session_id is None and recs[-1].index is None
+    assert all(r.host == "test.host" for r in recs)
+    assert recs[0].prev == ZERO_HASH
+    for a, b in zip(recs, recs[1:], strict=False):
+        assert b.prev == leaf_hash(a.raw)
+        assert b.ts_ns >= a.ts_ns - 10**9
+
+
+def test_session_index_restarts_after_session_end(new_log: Any, audit_dir: Path) -> None:
+    """A session id reused after its session.end starts again at index 0."""
+    log = new_log()
+    session_events(log, "s1", statements=1)
+    session_events(log, "s1", statements=1)
+    log.close()
+    idx = [r.index for r in read_all(audit_dir) if r.session_id == "s1"]
+    assert idx == [0, 1, 2, 3, 0, 1, 2, 3]
+
+
+def test_emit_durable_returns_committed_seq(new_log: Any, audit_dir: Path) -> None:
+    """emit_durable returns the record's seq only once the record can be read back."""
+    log = new_log(batch_max_delay_ms=200.0)
+    log.emit("agent.start", {"version": "t"})
+
+    async def decide() -> int:
+        return await log.emit_durable("policy.decision", {"action": "deny"}, session_id="s")
+
+    seq = asyncio.run(decide())
+    with Store(audit_dir) as store:
+        rec = store.get(seq)
+    assert rec is not None and rec.type == "policy.decision" and rec.event["action"] == "deny"
+    assert seq == 1
+
+
+def test_unknown_and_store_only_types_are_refused(new_log: Any) -> None:
+    """Producers cannot emit undefined types nor the store's own checkpoint and loss records."""
+    log = new_log()
+    for bad in ("nope", "checkpoint", "audit.loss"):
+        with pytest.raises(UnknownEventType):
+            log.emit(bad, {})
+
+
+def test_emit_after_close_is_refused(new_log: Any) -> None:
+    """A closed log raises AuditUnavailable instead of dropping the record."""
+    log = new_log()
+    log.close()
+    log.close()
+    assert not log.healthy
+    with pytest.raises(AuditUnavailable):
+        log.emit("agent.stop", {"reason": "late"})
+
+
+def test_restart_continues_chain(new_log: Any, audit_dir: Path) -> None:
+    """A reopened log continues seq numbers and the hash chain where it stopped."""
+    log = new_log()
+    session_events(log, "a")
+    log.close()
+    before = read_all(audit_dir)
+    log2 = new_log()
+    log2.emit("agent.start", {"version": "2"})
+    log2.close()
+    after = read_all(audit_dir)
+    first_new = after[len(before)]
+    assert first_new.seq == before[-1].seq + 1
+    assert first_new.prev == leaf_hash(before[-1].raw)
+
+
+def test_full_queue_blocks_producer_until_writer_drains(new_log: Any, audit_dir: Path) -> None:
+    """With a tiny queue a fast producer waits instead of losing records."""
+    log = new_log(queue_size=16, batch_max_records=4)
+    n = 2000
+    for i in range(n):
+        log.emit("query", {"text": f"q{i}"}, session_id="s")
+    log.close()
+    queries = [r for r in read_all(audit_dir) if r.type == "query"]
+    assert [r.event["text"] for r in queries] == [f"q{i}" for i in range(n)]
+
+
+def test_flush_waits_for_commit(new_log: Any, audit_dir: Path) -> None:
+    """flush returns only after everything emitted before it is readable."""
+    log = new_log(batch_max_delay_ms=50.0)
+    for i in range(10):
+        log.emit("query", {"text": str(i)})
+    assert log.flush(5.0)
+    with Store(audit_dir) as store:
+        assert store.next_seq() >= 10
+
+
+def test_emit_from_many_threads_keeps_every_record(new_log: Any, audit_dir: Path) -> None:
+    """Concurrent producers each see all their records stored, in their own order."""
+    log = new_log(queue_size=64)
+
+    def produce(t: int) -> None:
+        for i in range(300):
+            log.emit("query", {"text": f"{t}:{i}"}, session_id=f"s{t}")
+
+    threads = [threading.Thread(target=produce, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    log.close()
+    recs = read_all(audit_dir)
+    for t in range(4):
+        mine = [r for r in recs if r.session_id == f"s{t}"]
+        assert [r.event["text"] for r in mine] == [f"{t}:{i}" for i in range(300)]
+        assert [r.index for r in mine] == list(range(300))
+
+
+def test_time_based_checkpoint_is_written(new_log: Any, audit_dir: Path) -> None:
+    """A checkpoint record appears after checkpoint_every_seconds even without more records."""
+    log = new_log(checkpoint_every_seconds=0.05)
+    log.emit("agent.start", {"version": "t"})
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if any(r.type == "checkpoint" for r in read_all(audit_dir)):
+            break
+        time.sleep(0.02)
+    cps = [r for r in read_all(audit_dir) if r.type == "checkpoint"]
+    assert cps and cps[0].event["size"] == 1
