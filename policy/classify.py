@@ -1,0 +1,692 @@
+"""SQL classification with PostgreSQL's own parser (pglast / libpg_query).
+
+:func:`classify` turns a query string into a :class:`Classification`: one
+:class:`StatementInfo` per statement (kind, class, risk flags, relations and
+functions touched), or a parse error. Nothing here looks at text with regular
+expressions: comments, case, quoting, dollar quoting and unicode escapes are
+resolved by the parser before any decision is made.
+
+The parse tree is walked as libpg_query's JSON (decoding it is several times
+cheaper than building pglast's Python AST), iteratively, so deeply nested
+input cannot exhaust the Python stack. :class:`Classifier` keeps a bounded LRU
+cache keyed by the statement text, because the same texts repeat (prepared
+statements, pgbench, ORMs).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from threading import Lock
+from typing import Any
+
+from pglast import parser as pg_parser
+
+# Statement classes, from least to most powerful (DO blocks take the highest
+# class of the statements in their body).
+READ = "read"
+WRITE = "write"
+DDL = "ddl"
+DCL = "dcl"
+TRANSACTION = "transaction"
+UTILITY = "utility"
+CLASSES = (READ, WRITE, DDL, DCL, TRANSACTION, UTILITY)
+_CLASS_RANK = {UTILITY: 0, TRANSACTION: 0, READ: 1, WRITE: 2, DDL: 3, DCL: 4}
+
+# Risk flags. The README documents each one.
+FLAGS = (
+    "drop",
+    "truncate",
+    "alter",
+    "delete_without_where",
+    "update_without_where",
+    "grant",
+    "role_change",
+    "set_role",
+    "copy_program",
+    "server_file",
+    "large_object",
+    "remote_connection",
+    "do_block",
+    "unanalysed_body",
+    "dynamic_sql",
+    "untrusted_language",
+    "server_admin",
+    "load_library",
+    "data_modifying_cte",
+)
+
+# Functions that read, write or list files on the database server (lo_import
+# and lo_export move files between the server's disk and large objects).
+SERVER_FILE_FUNCTIONS = frozenset(
+    {
+        "pg_read_file",
+        "pg_read_binary_file",
+        "pg_stat_file",
+        "pg_ls_dir",
+        "pg_ls_logdir",
+        "pg_ls_waldir",
+        "pg_ls_tmpdir",
+        "pg_ls_archive_statusdir",
+        "pg_ls_logicalsnapdir",
+        "pg_ls_logicalmapdir",
+        "pg_ls_replslotdir",
+        "pg_ls_summariesdir",
+        "pg_file_write",
+        "pg_file_rename",
+        "pg_file_unlink",
+        "pg_file_sync",
+        "pg_file_read",
+        "pg_file_length",
+        "pg_logdir_ls",
+        "lo_import",
+        "lo_export",
+    }
+)
+LARGE_OBJECT_FUNCTIONS = frozenset(
+    {
+        "lo_import",
+        "lo_export",
+        "lo_create",
+        "lo_creat",
+        "lo_open",
+        "lo_close",
+        "lo_get",
+        "lo_put",
+        "lo_from_bytea",
+        "lo_unlink",
+        "lo_truncate",
+        "lo_truncate64",
+        "lo_lseek",
+        "lo_lseek64",
+        "lo_tell",
+        "lo_tell64",
+        "loread",
+        "lowrite",
+    }
+)
+REMOTE_FUNCTION_PREFIXES = ("dblink",)
+REMOTE_EXTENSIONS = frozenset({"dblink", "postgres_fdw"})
+REMOTE_WRAPPERS = frozenset({"dblink_fdw", "postgres_fdw"})
+SERVER_ADMIN_FUNCTIONS = frozenset(
+    {
+        "pg_terminate_backend",
+        "pg_cancel_backend",
+        "pg_reload_conf",
+        "pg_rotate_logfile",
+        "pg_promote",
+        "pg_switch_wal",
+        "pg_create_restore_point",
+        "pg_drop_replication_slot",
+        "pg_create_physical_replication_slot",
+        "pg_create_logical_replication_slot",
+        "pg_replication_origin_create",
+        "pg_backup_start",
+        "pg_backup_stop",
+    }
+)
+ROLE_SETTINGS = frozenset({"role", "session_authorization"})
+TRUSTED_LANGUAGES = frozenset({"sql", "plpgsql", "plperl", "pltcl", "plv8", "pljava"})
+
+MAX_CACHED_TEXT = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class StatementInfo:
+    """One statement of a query string, as PostgreSQL's parser sees it."""
+
+    text: str
+    kind: str  # command-tag style: "SELECT", "DROP TABLE", "SET", "DO", ...
+    statement_class: str  # one of CLASSES
+    flags: frozenset[str] = frozenset()
+    objects: tuple[str, ...] = ()  # relations, "schema.name" or "name" when unqualified
+    functions: tuple[str, ...] = ()  # functions called, as written (schema-qualified or not)
+
+    def summary(self) -> dict[str, Any]:
+        """A plain dict for audit records and reports."""
+        return {
+            "kind": self.kind,
+            "class": self.statement_class,
+            "flags": sorted(self.flags),
+            "objects": list(self.objects),
+            "functions": list(self.functions),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    """A whole query string: its statements, or why it could not be parsed."""
+
+    text: str
+    statements: tuple[StatementInfo, ...] = ()
+    parse_error: str | None = None
+
+    @property
+    def flags(self) -> frozenset[str]:
+        out: set[str] = set()
+        for s in self.statements:
+            out |= s.flags
+        return frozenset(out)
+
+    @property
+    def objects(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(o for s in self.statements for o in s.objects))
+
+    def summary(self) -> dict[str, Any]:
+        """A plain dict for audit records and reports."""
+        if self.parse_error is not None:
+            return {"parse_error": self.parse_error}
+        return {"statements": [s.summary() for s in self.statements]}
+
+
+# ---------------------------------------------------------------------------
+# Kinds and classes per parse node type.
+
+_FIXED: dict[str, tuple[str, str]] = {
+    "SelectStmt": ("SELECT", READ),
+    "InsertStmt": ("INSERT", WRITE),
+    "UpdateStmt": ("UPDATE", WRITE),
+    "DeleteStmt": ("DELETE", WRITE),
+    "MergeStmt": ("MERGE", WRITE),
+    "CallStmt": ("CALL", WRITE),
+    "TruncateStmt": ("TRUNCATE", WRITE),
+    "VariableShowStmt": ("SHOW", READ),
+    "DeclareCursorStmt": ("DECLARE CURSOR", READ),
+    "ClosePortalStmt": ("CLOSE", UTILITY),
+    "DeallocateStmt": ("DEALLOCATE", UTILITY),
+    "ExecuteStmt": ("EXECUTE", UTILITY),
+    "DiscardStmt": ("DISCARD", UTILITY),
+    "ListenStmt": ("LISTEN", UTILITY),
+    "UnlistenStmt": ("UNLISTEN", UTILITY),
+    "NotifyStmt": ("NOTIFY", UTILITY),
+    "LockStmt": ("LOCK TABLE", UTILITY),
+    "CheckPointStmt": ("CHECKPOINT", UTILITY),
+    "LoadStmt": ("LOAD", UTILITY),
+    "ClusterStmt": ("CLUSTER", UTILITY),
+    "ReindexStmt": ("REINDEX", UTILITY),
+    "ConstraintsSetStmt": ("SET CONSTRAINTS", UTILITY),
+    "DoStmt": ("DO", UTILITY),
+    "CreateStmt": ("CREATE TABLE", DDL),
+    "IndexStmt": ("CREATE INDEX", DDL),
+    "ViewStmt": ("CREATE VIEW", DDL),
+    "RuleStmt": ("CREATE RULE", DDL),
+    "CreateTrigStmt": ("CREATE TRIGGER", DDL),
+    "CreateSeqStmt": ("CREATE SEQUENCE", DDL),
+    "AlterSeqStmt": ("ALTER SEQUENCE", DDL),
+    "CreatedbStmt": ("CREATE DATABASE", DDL),
+    "DropdbStmt": ("DROP DATABASE", DDL),
+    "CompositeTypeStmt": ("CREATE TYPE", DDL),
+    "CreateEnumStmt": ("CREATE TYPE", DDL),
+    "CreateRangeStmt": ("CREATE TYPE", DDL),
+    "CreatePLangStmt": ("CREATE LANGUAGE", DDL),
+    "CreateFdwStmt": ("CREATE FOREIGN DATA WRAPPER", DDL),
+    "AlterFdwStmt": ("ALTER FOREIGN DATA WRAPPER", DDL),
+    "CreateForeignServerStmt": ("CREATE SERVER", DDL),
+    "AlterForeignServerStmt": ("ALTER SERVER", DDL),
+    "CreateForeignTableStmt": ("CREATE FOREIGN TABLE", DDL),
+    "CreateUserMappingStmt": ("CREATE USER MAPPING", DDL),
+    "AlterUserMappingStmt": ("ALTER USER MAPPING", DDL),
+    "DropUserMappingStmt": ("DROP USER MAPPING", DDL),
+    "ImportForeignSchemaStmt": ("IMPORT FOREIGN SCHEMA", DDL),
+    "RefreshMatViewStmt": ("REFRESH MATERIALIZED VIEW", DDL),
+    "SecLabelStmt": ("SECURITY LABEL", DDL),
+    "CommentStmt": ("COMMENT", DDL),
+    "AlterSystemStmt": ("ALTER SYSTEM", DDL),
+    "DropOwnedStmt": ("DROP OWNED", DDL),
+    "DropTableSpaceStmt": ("DROP TABLESPACE", DDL),
+    "CreateRoleStmt": ("CREATE ROLE", DCL),
+    "AlterRoleStmt": ("ALTER ROLE", DCL),
+    "AlterRoleSetStmt": ("ALTER ROLE", DCL),
+    "DropRoleStmt": ("DROP ROLE", DCL),
+    "ReassignOwnedStmt": ("REASSIGN OWNED", DCL),
+    "AlterDefaultPrivilegesStmt": ("ALTER DEFAULT PRIVILEGES", DCL),
+}
+
+_TRANSACTION_KINDS = {
+    "TRANS_STMT_BEGIN": "BEGIN",
+    "TRANS_STMT_START": "START TRANSACTION",
+    "TRANS_STMT_COMMIT": "COMMIT",
+    "TRANS_STMT_ROLLBACK": "ROLLBACK",
+    "TRANS_STMT_SAVEPOINT": "SAVEPOINT",
+    "TRANS_STMT_RELEASE": "RELEASE",
+    "TRANS_STMT_ROLLBACK_TO": "ROLLBACK TO SAVEPOINT",
+    "TRANS_STMT_PREPARE": "PREPARE TRANSACTION",
+    "TRANS_STMT_COMMIT_PREPARED": "COMMIT PREPARED",
+    "TRANS_STMT_ROLLBACK_PREPARED": "ROLLBACK PREPARED",
+}
+
+_OBJECT_WORDS = {
+    "MATVIEW": "MATERIALIZED VIEW",
+    "FDW": "FOREIGN DATA WRAPPER",
+    "FOREIGN_SERVER": "SERVER",
+    "TSCONFIGURATION": "TEXT SEARCH CONFIGURATION",
+    "TSDICTIONARY": "TEXT SEARCH DICTIONARY",
+    "TSPARSER": "TEXT SEARCH PARSER",
+    "TSTEMPLATE": "TEXT SEARCH TEMPLATE",
+    "OPCLASS": "OPERATOR CLASS",
+    "OPFAMILY": "OPERATOR FAMILY",
+    "PROCEDURE": "PROCEDURE",
+    "ROUTINE": "ROUTINE",
+}
+
+# Object types whose names in DROP/ALTER lists are relations.
+_RELATION_OBJECTS = frozenset(
+    {
+        "OBJECT_TABLE",
+        "OBJECT_VIEW",
+        "OBJECT_MATVIEW",
+        "OBJECT_INDEX",
+        "OBJECT_SEQUENCE",
+        "OBJECT_FOREIGN_TABLE",
+    }
+)
+
+_CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
+_ASSIGN_TARGET = re.compile(r'^\s*(?:[\w$]+|"[^"]*")(?:\s*\.\s*(?:[\w$]+|"[^"]*")|\[[^\]]*\])*\s*:?=')
+
+
+def _object_type(value: Any) -> str:
+    name = str(value or "").removeprefix("OBJECT_")
+    return _OBJECT_WORDS.get(name, name.replace("_", " "))
+
+
+def _generic_kind(node_type: str) -> str:
+    return " ".join(_CAMEL.split(node_type.removesuffix("Stmt"))).upper()
+
+
+def _has_option(options: Any, name: str) -> bool:
+    """Whether a boolean option is on, read as PostgreSQL's defGetBoolean does."""
+    for item in options or ():
+        elem = item.get("DefElem") if isinstance(item, dict) else None
+        if not elem or elem.get("defname") != name:
+            continue
+        arg = elem.get("arg")
+        if arg is None:
+            return True
+        if "Integer" in arg:
+            return bool(arg["Integer"].get("ival", 0))
+        if "Boolean" in arg:
+            return bool(arg["Boolean"].get("boolval", False))
+        value = str((arg.get("String") or {}).get("sval", "")).lower()
+        return value not in ("false", "off")
+    return False
+
+
+def _strings(items: Any) -> list[str]:
+    out: list[str] = []
+    for item in items or ():
+        if isinstance(item, dict) and "String" in item:
+            out.append(item["String"].get("sval", ""))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The walk.
+
+
+@dataclass(slots=True)
+class _Facts:
+    flags: set[str] = field(default_factory=set)
+    objects: dict[str, None] = field(default_factory=dict)
+    functions: dict[str, None] = field(default_factory=dict)
+    ctes: set[str] = field(default_factory=set)
+    modifies: bool = False  # a data-modifying statement inside another one
+    inner_class: str | None = None  # highest class of a DO body's statements
+
+    def add_relation(self, schema: str | None, name: str) -> None:
+        self.objects[f"{schema}.{name}" if schema else name] = None
+
+
+def _nodes(tree: Any) -> Iterator[tuple[str | None, dict[str, Any]]]:
+    """Every dict in the tree, with the node type that wraps it (if any)."""
+    stack: list[tuple[str | None, Any]] = [(None, tree)]
+    while stack:
+        wrapper, value = stack.pop()
+        if isinstance(value, dict):
+            if len(value) == 1:
+                ((key, inner),) = value.items()
+                if key[:1].isupper() and isinstance(inner, dict):
+                    stack.append((key, inner))
+                    continue
+            yield wrapper, value
+            children = [v for v in value.values() if isinstance(v, (dict, list))]
+            stack.extend((None, v) for v in reversed(children))
+        elif isinstance(value, list):
+            stack.extend((None, v) for v in reversed(value) if isinstance(v, (dict, list)))
+
+
+def _where_is_trivial(where: Any) -> bool:
+    """True when a WHERE clause is absent or refers to no column (WHERE true, 1=1)."""
+    if where is None:
+        return True
+    return all(wrapper not in ("ColumnRef", "CurrentOfExpr") for wrapper, _ in _nodes(where))
+
+
+def _collect(tree: Any, facts: _Facts) -> None:
+    for wrapper, node in _nodes(tree):
+        if wrapper == "CommonTableExpr" and "ctename" in node:
+            facts.ctes.add(node["ctename"])
+        if "relname" in node and "relpersistence" in node:
+            facts.add_relation(node.get("schemaname"), node["relname"])
+        elif "funcname" in node and "funcformat" in node:
+            _function(node, facts)
+        elif wrapper in ("DeleteStmt", "UpdateStmt") and _where_is_trivial(node.get("whereClause")):
+            facts.flags.add("delete_without_where" if wrapper == "DeleteStmt" else "update_without_where")
+        if wrapper == "CommonTableExpr":
+            query = node.get("ctequery") or {}
+            if any(k in query for k in ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt")):
+                facts.modifies = True
+                facts.flags.add("data_modifying_cte")
+
+
+def _function(node: dict[str, Any], facts: _Facts) -> None:
+    names = _strings(node.get("funcname"))
+    if not names:
+        return
+    facts.functions[".".join(names)] = None
+    name = names[-1].lower()
+    if name in SERVER_FILE_FUNCTIONS:
+        facts.flags.add("server_file")
+    if name in LARGE_OBJECT_FUNCTIONS:
+        facts.flags.add("large_object")
+    if name.startswith(REMOTE_FUNCTION_PREFIXES):
+        facts.flags.add("remote_connection")
+    if name in SERVER_ADMIN_FUNCTIONS:
+        facts.flags.add("server_admin")
+    if name == "set_config":
+        args = node.get("args") or []
+        first = args[0] if args else None
+        setting = None
+        if isinstance(first, dict) and "A_Const" in first:
+            setting = (first["A_Const"].get("sval") or {}).get("sval")
+        if setting is None or setting.lower() in ROLE_SETTINGS:
+            facts.flags.add("set_role")
+
+
+def _kind_and_class(node_type: str, node: dict[str, Any], facts: _Facts) -> tuple[str, str]:
+    if node_type in _FIXED:
+        kind, klass = _FIXED[node_type]
+    elif node_type == "TransactionStmt":
+        kind, klass = _TRANSACTION_KINDS.get(node.get("kind", ""), "TRANSACTION"), TRANSACTION
+    elif node_type == "VariableSetStmt":
+        reset = node.get("kind") in ("VAR_RESET", "VAR_RESET_ALL")
+        kind = "RESET" if reset else "SET"
+        name = str(node.get("name", "")).lower()
+        if name in ROLE_SETTINGS:
+            klass = DCL
+        elif name in ("transaction", "session characteristics"):
+            klass = TRANSACTION
+        else:
+            klass = UTILITY
+    elif node_type == "DropStmt":
+        kind, klass = "DROP " + _object_type(node.get("removeType")), DDL
+    elif node_type in ("AlterTableStmt", "AlterObjectSchemaStmt", "AlterOwnerStmt", "RenameStmt"):
+        objtype = node.get("objtype") or node.get("objectType") or node.get("renameType")
+        if node_type == "RenameStmt" and objtype in ("OBJECT_COLUMN", "OBJECT_TABCONSTRAINT"):
+            objtype = node.get("relationType")
+        kind, klass = "ALTER " + _object_type(objtype), DDL
+    elif node_type == "CreateTableAsStmt":
+        matview = node.get("objtype") == "OBJECT_MATVIEW"
+        kind = "CREATE MATERIALIZED VIEW" if matview else "CREATE TABLE AS"
+        klass = DDL
+    elif node_type == "DefineStmt":
+        kind, klass = "CREATE " + _object_type(node.get("kind")), DDL
+    elif node_type == "CreateFunctionStmt":
+        kind = "CREATE PROCEDURE" if node.get("is_procedure") else "CREATE FUNCTION"
+        klass = DDL
+    elif node_type in ("GrantStmt", "GrantRoleStmt"):
+        kind, klass = ("GRANT" if node.get("is_grant") else "REVOKE"), DCL
+    elif node_type == "VacuumStmt":
+        kind, klass = ("VACUUM" if node.get("is_vacuumcmd") else "ANALYZE"), UTILITY
+    elif node_type == "FetchStmt":
+        kind, klass = ("MOVE" if node.get("ismove") else "FETCH"), READ
+    elif node_type == "CopyStmt":
+        kind, klass = "COPY", (WRITE if node.get("is_from") else READ)
+    elif node_type == "ExplainStmt":
+        kind = "EXPLAIN"
+        klass = READ
+        if _has_option(node.get("options"), "analyze"):
+            klass = _inner_class(node.get("query"), facts) or READ
+    elif node_type == "PrepareStmt":
+        kind, klass = "PREPARE", _inner_class(node.get("query"), facts) or UTILITY
+    else:
+        kind = _generic_kind(node_type)
+        klass = DDL if kind.startswith(("CREATE", "ALTER", "DROP")) else UTILITY
+    if node_type == "SelectStmt" and node.get("intoClause"):
+        kind, klass = "SELECT INTO", DDL
+    if klass == READ and node_type == "SelectStmt" and facts.modifies:
+        klass = WRITE
+    return kind, klass
+
+
+def _inner_class(query: Any, facts: _Facts) -> str | None:
+    if not isinstance(query, dict) or len(query) != 1:
+        return None
+    ((node_type, node),) = query.items()
+    if not isinstance(node, dict):
+        return None
+    return _kind_and_class(node_type, node, facts)[1]
+
+
+def _flags(node_type: str, node: dict[str, Any], kind: str, facts: _Facts) -> None:
+    flags = facts.flags
+    if kind.startswith("DROP"):
+        flags.add("drop")
+    if node_type == "TruncateStmt":
+        flags.add("truncate")
+    if (kind.startswith("ALTER") or node_type == "RenameStmt") and node_type not in (
+        "AlterRoleStmt",
+        "AlterRoleSetStmt",
+        "AlterDefaultPrivilegesStmt",
+    ):
+        flags.add("alter")
+    if node_type in ("GrantStmt", "GrantRoleStmt", "AlterDefaultPrivilegesStmt"):
+        flags.add("grant")
+    if node_type in (
+        "CreateRoleStmt",
+        "AlterRoleStmt",
+        "AlterRoleSetStmt",
+        "DropRoleStmt",
+        "ReassignOwnedStmt",
+    ):
+        flags.add("role_change")
+    if node_type == "VariableSetStmt" and str(node.get("name", "")).lower() in ROLE_SETTINGS:
+        flags.add("set_role")
+    if node_type == "CopyStmt":
+        if node.get("is_program"):
+            flags.add("copy_program")
+        elif node.get("filename"):
+            flags.add("server_file")
+    if node_type == "AlterSystemStmt":
+        flags.add("server_admin")
+    if node_type == "LoadStmt":
+        flags.add("load_library")
+    if node_type in ("CreateUserMappingStmt", "AlterUserMappingStmt", "ImportForeignSchemaStmt"):
+        flags.add("remote_connection")
+    if node_type in ("CreateSubscriptionStmt", "AlterSubscriptionStmt"):
+        flags.add("remote_connection")
+    if node_type == "CreateForeignServerStmt" and node.get("fdwname") in REMOTE_WRAPPERS:
+        flags.add("remote_connection")
+    if node_type == "CreateExtensionStmt" and node.get("extname") in REMOTE_EXTENSIONS:
+        flags.add("remote_connection")
+    if node_type == "CreatePLangStmt" and (
+        node.get("plname", "").lower() not in TRUSTED_LANGUAGES or not node.get("pltrusted")
+    ):
+        flags.add("untrusted_language")
+    if node_type == "CreateFunctionStmt":
+        for option in node.get("options") or ():
+            elem = option.get("DefElem", {})
+            if elem.get("defname") == "language":
+                language = (elem.get("arg") or {}).get("String", {}).get("sval", "")
+                if language.lower() not in TRUSTED_LANGUAGES:
+                    flags.add("untrusted_language")
+    if node_type in ("DropStmt",) and node.get("removeType") in _RELATION_OBJECTS:
+        for item in node.get("objects") or ():
+            names = _strings((item.get("List") or {}).get("items"))
+            if names:
+                facts.add_relation(".".join(names[:-1]) or None, names[-1])
+
+
+# ---------------------------------------------------------------------------
+# DO blocks.
+
+
+def _do_block(node: dict[str, Any], facts: _Facts, depth: int) -> None:
+    facts.flags.add("do_block")
+    body: str | None = None
+    language = "plpgsql"
+    for item in node.get("args") or ():
+        elem = item.get("DefElem", {})
+        value = (elem.get("arg") or {}).get("String", {}).get("sval")
+        if elem.get("defname") == "as":
+            body = value
+        elif elem.get("defname") == "language" and value:
+            language = value.lower()
+    if body is None or language != "plpgsql" or depth > 4:
+        facts.flags.add("unanalysed_body")
+        return
+    inner = _plpgsql_statements(body)
+    if inner is None:
+        facts.flags.add("unanalysed_body")
+        return
+    queries, dynamic = inner
+    if dynamic:
+        facts.flags.add("dynamic_sql")
+    best: str | None = None
+    for query in queries:
+        try:
+            statements = _classify_text(query, depth + 1)
+        except _ParseFailure:
+            facts.flags.add("unanalysed_body")
+            continue
+        for s in statements:
+            facts.flags |= s.flags
+            facts.objects.update(dict.fromkeys(s.objects))
+            facts.functions.update(dict.fromkeys(s.functions))
+            if best is None or _CLASS_RANK[s.statement_class] > _CLASS_RANK[best]:
+                best = s.statement_class
+    facts.inner_class = best
+
+
+def _plpgsql_statements(body: str) -> tuple[list[str], bool] | None:
+    """The SQL inside a PL/pgSQL body and whether it runs dynamic SQL, or None."""
+    tag = "$rf$"
+    n = 0
+    while tag in body:
+        n += 1
+        tag = f"$rf{n}$"
+    source = f"CREATE FUNCTION rf_do() RETURNS SETOF record LANGUAGE plpgsql AS {tag}{body}{tag}"
+    try:
+        tree = json.loads(pg_parser.parse_plpgsql_json(source))
+    except Exception:
+        return None
+    queries: list[str] = []
+    dynamic = False
+    for wrapper, node in _nodes(tree):
+        if wrapper in ("PLpgSQL_stmt_dynexecute", "PLpgSQL_stmt_dynfors") or "dynquery" in node:
+            dynamic = True
+        if wrapper != "PLpgSQL_expr":
+            continue
+        query = node.get("query", "")
+        mode = node.get("parseMode", 0)
+        if mode == 0:
+            queries.append(query)
+        elif mode == 2:
+            queries.append("SELECT " + query)
+        else:
+            match = _ASSIGN_TARGET.match(query)
+            queries.append("SELECT " + (query[match.end() :] if match else query))
+    return queries, dynamic
+
+
+# ---------------------------------------------------------------------------
+# Entry points.
+
+
+class _ParseFailure(Exception):
+    pass
+
+
+def _classify_text(text: str, depth: int = 0) -> list[StatementInfo]:
+    try:
+        tree = json.loads(pg_parser.parse_sql_json(text))
+    except Exception as e:  # pglast raises ParseError; anything else is as bad
+        raise _ParseFailure(str(e) or type(e).__name__) from None
+    raw = text.encode("utf-8")
+    out: list[StatementInfo] = []
+    for raw_stmt in tree.get("stmts", ()):
+        stmt = raw_stmt.get("stmt") or {}
+        if len(stmt) != 1:
+            continue
+        ((node_type, node),) = stmt.items()
+        start = raw_stmt.get("stmt_location", 0)
+        length = raw_stmt.get("stmt_len", 0)
+        end = start + length if length else len(raw)
+        stmt_text = raw[start:end].decode("utf-8", "replace").strip()
+        out.append(_statement(node_type, node, stmt_text, depth))
+    return out
+
+
+def _statement(node_type: str, node: dict[str, Any], text: str, depth: int) -> StatementInfo:
+    facts = _Facts()
+    _collect({node_type: node}, facts)
+    kind, klass = _kind_and_class(node_type, node, facts)
+    _flags(node_type, node, kind, facts)
+    if node_type == "DoStmt":
+        _do_block(node, facts, depth)
+        if facts.inner_class is not None:
+            klass = facts.inner_class
+    objects = tuple(o for o in facts.objects if o not in facts.ctes)
+    return StatementInfo(
+        text=text,
+        kind=kind,
+        statement_class=klass,
+        flags=frozenset(facts.flags),
+        objects=objects,
+        functions=tuple(facts.functions),
+    )
+
+
+def classify(text: str) -> Classification:
+    """Classify a query string (uncached); unparseable text gives ``parse_error``."""
+    try:
+        return Classification(text, tuple(_classify_text(text)))
+    except _ParseFailure as e:
+        return Classification(text, (), parse_error=str(e))
+
+
+class Classifier:
+    """:func:`classify` behind a bounded LRU cache keyed by the statement text."""
+
+    def __init__(self, max_entries: int = 4096, max_text: int = MAX_CACHED_TEXT) -> None:
+        self.max_entries = max_entries
+        self.max_text = max_text
+        self._cache: OrderedDict[str, Classification] = OrderedDict()
+        self._lock = Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def __call__(self, text: str) -> Classification:
+        with self._lock:
+            found = self._cache.get(text)
+            if found is not None:
+                self._cache.move_to_end(text)
+                self.hits += 1
+                return found
+            self.misses += 1
+        result = classify(text)
+        if len(text) <= self.max_text:
+            with self._lock:
+                self._cache[text] = result
+                if len(self._cache) > self.max_entries:
+                    self._cache.popitem(last=False)
+        return result
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+
+default_classifier = Classifier()
