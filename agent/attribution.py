@@ -86,14 +86,14 @@ class AttributionRecord:
 
     def to_record(self) -> tuple[dict[str, Any] | None, dict[str, Any]]:
         """The ``process`` and ``attribution`` fields of the session.start event."""
-        attribution: dict[str, Any] = {
-            "source": self.source,
-            "verified": self.verified,
+        attribution: dict[str, Any] = {"source": self.source, "verified": self.verified}
+        optional = {
             "reason": self.reason,
             "netns_cookie": self.netns_cookie,
             "socket_cookie": self.socket_cookie,
             "cgroup_id": self.cgroup_id,
         }
+        attribution.update((k, v) for k, v in optional.items() if v is not None)
         return self.process, attribution
 
 
@@ -370,6 +370,7 @@ class _KernelAttribution:
             except OSError as e:
                 self._detach_all(cg)
                 self.close()
+                (self.state_dir / STATE_FILE).unlink(missing_ok=True)
                 raise AttributionError(
                     f"cannot attach to cgroup {self.cgroup_root}: {e.strerror or e}"
                 ) from None
@@ -663,7 +664,6 @@ class Attributor:
             process = process_dict(info, entry.tid)
             # The kernel's facts were taken inside connect(); they win over /proc's.
             process["uid"], process["gid"] = entry.uid, entry.gid
-            process["connect_comm"] = entry.comm
         return AttributionRecord(
             "bpf",
             verified,

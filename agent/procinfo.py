@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,11 @@ PROC = Path("/proc")
 # loginuid and sessionid hold this when never set (the audit subsystem's -1).
 AUDIT_UNSET = 4294967295
 MAX_ANCESTRY = 64
+# Ancestors (shells, sshd, systemd) are shared by many connections; their
+# entries are reused for a few seconds, keyed by (pid, start time) so that a
+# reused pid is never mistaken for the old process.
+ANCESTOR_CACHE_SIZE = 1024
+ANCESTOR_CACHE_SECONDS = 5.0
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _HEX64 = re.compile(r"(?:^|[-_:])([0-9a-f]{64})(?:\.scope)?$")
@@ -153,12 +161,23 @@ def cgroup_container_id(path: str | None) -> str | None:
 
 
 def _read(path: Path) -> str | None:
+    """A small /proc file's text, or None when it (or its process) is gone."""
     try:
-        return path.read_text(errors="replace")
-    except (FileNotFoundError, ProcessLookupError, PermissionError, NotADirectoryError):
-        return None
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8", "replace")
 
 
 def _readlink(path: Path) -> str | None:
@@ -190,10 +209,18 @@ def _boot_time(proc: Path) -> float | None:
 class ProcReader:
     """Reads processes from one proc root (``/proc``, or a fake tree in tests)."""
 
-    def __init__(self, proc: Path = PROC, max_ancestry: int = MAX_ANCESTRY) -> None:
+    def __init__(
+        self,
+        proc: Path = PROC,
+        max_ancestry: int = MAX_ANCESTRY,
+        cache_seconds: float = ANCESTOR_CACHE_SECONDS,
+    ) -> None:
         self.proc = proc
         self.max_ancestry = max_ancestry
         self.boot_time = _boot_time(proc)
+        self.cache_seconds = cache_seconds
+        self._cache: OrderedDict[tuple[int, int], tuple[float, Ancestor]] = OrderedDict()
+        self._cache_lock = threading.Lock()
 
     def stat(self, pid: int) -> Stat | None:
         text = _read(self.proc / str(pid) / "stat")
@@ -210,9 +237,23 @@ class ProcReader:
         stat = self.stat(pid)
         if stat is None:
             return None
+        key, now = (pid, stat.start_ticks), time.monotonic()
+        with self._cache_lock:
+            cached = self._cache.get(key)
+            if cached is not None and now - cached[0] < self.cache_seconds:
+                self._cache.move_to_end(key)
+                exe, uid = cached[1].exe, cached[1].uid
+                return Ancestor(pid, stat.comm, exe, uid), stat.ppid
         status = parse_status(_read(base / "status") or "")
         uid, _ = _ids(status, "Uid")
-        return Ancestor(pid, stat.comm, _readlink(base / "exe"), uid), stat.ppid
+        entry = Ancestor(pid, stat.comm, _readlink(base / "exe"), uid)
+        if self.cache_seconds > 0:
+            with self._cache_lock:
+                self._cache[key] = (now, entry)
+                self._cache.move_to_end(key)
+                while len(self._cache) > ANCESTOR_CACHE_SIZE:
+                    self._cache.popitem(last=False)
+        return entry, stat.ppid
 
     def ancestry(self, ppid: int | None) -> tuple[Ancestor, ...]:
         """The parent chain from ``ppid`` up to pid 1, bounded and cycle-safe."""

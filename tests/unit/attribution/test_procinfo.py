@@ -180,6 +180,24 @@ def test_ancestry_is_bounded_and_cycle_safe(proc: Path) -> None:
     assert deep is not None and len(deep.ancestry) == 8
 
 
+def test_ancestor_cache_is_keyed_by_start_time(proc: Path) -> None:
+    """Ancestors are reused within the cache window, but never across pid reuse."""
+    make_process(proc, 60, comm="sshd", ppid=0, uid=(0, 0), exe="/usr/sbin/sshd")
+    make_process(proc, 61, ppid=60)
+    reader = ProcReader(proc, cache_seconds=60)
+    first = reader.process(61)
+    assert first is not None and first.ancestry[0].exe == "/usr/sbin/sshd"
+    (proc / "60" / "exe").unlink()
+    (proc / "60" / "exe").symlink_to("/usr/bin/other")
+    cached = reader.process(61)
+    assert cached is not None and cached.ancestry[0].exe == "/usr/sbin/sshd"
+    # pid 60 exits and the pid is reused by a process started later.
+    (proc / "60" / "stat").write_text(stat_line(60, "other", 0, start=9999))
+    reused = reader.process(61)
+    assert reused is not None
+    assert (reused.ancestry[0].comm, reused.ancestry[0].exe) == ("other", "/usr/bin/other")
+
+
 def test_gone_process_is_none(proc: Path) -> None:
     """A pid without /proc entry (or with a truncated stat) gives None, not an exception."""
     assert ProcReader(proc).process(999) is None

@@ -80,15 +80,16 @@ def test_cgroup2_mount_from_proc_mounts() -> None:
 
 
 def test_record_fields() -> None:
-    """to_record() returns the process field and the attribution field of session.start."""
+    """to_record() gives session.start's process and attribution fields; None values are left out."""
     record = AttributionRecord("bpf", True, {"pid": 1}, None, netns_cookie=3, socket_cookie=9,
                                cgroup_id=1)
     process, attribution = record.to_record()
     assert process == {"pid": 1}
     assert attribution == {
-        "source": "bpf", "verified": True, "reason": None,
-        "netns_cookie": 3, "socket_cookie": 9, "cgroup_id": 1,
+        "source": "bpf", "verified": True, "netns_cookie": 3, "socket_cookie": 9, "cgroup_id": 1,
     }
+    _, unknown = AttributionRecord("unknown", False, None, "client gone").to_record()
+    assert unknown == {"source": "unknown", "verified": False, "reason": "client gone"}
 
 
 def test_unreadable_state_file_is_dropped(tmp_path: Path) -> None:
