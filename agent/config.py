@@ -183,12 +183,22 @@ class ProtectedService:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicySettings:
+    # The policy file (policy/README.md); reloaded on SIGHUP and when it changes.
+    path: Path = Path("/etc/ringfence/policy.toml")
+    # How often the file's inode, size and mtime are checked; 0 turns the
+    # periodic check off (SIGHUP still reloads).
+    reload_interval_seconds: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     agent: AgentSettings = field(default_factory=AgentSettings)
     bpf: BpfSettings = field(default_factory=BpfSettings)
     redirect: RedirectSettings = field(default_factory=RedirectSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     identity: IdentitySettings = field(default_factory=IdentitySettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
     protect: tuple[ProtectedService, ...] = ()
     source: Path | None = None
 
@@ -561,12 +571,23 @@ def _check_unique(services: list[ProtectedService]) -> None:
             raise ConfigError(f"protect[{i}].listen_port: {s.listen_port} is a protected port")
 
 
+def _policy(t: _Table) -> PolicySettings:
+    d = PolicySettings()
+    interval = t.get("reload_interval_seconds", float, d.reload_interval_seconds)
+    if not 0 <= interval <= 3600:
+        raise ConfigError(f"{t.key('reload_interval_seconds')}: must be between 0 and 3600")
+    settings = PolicySettings(path=t.path("path", d.path), reload_interval_seconds=interval)
+    t.finish()
+    return settings
+
+
 _SECTIONS: dict[str, Callable[[_Table], Any]] = {
     "agent": _agent,
     "bpf": _bpf,
     "redirect": _redirect,
     "audit": _audit,
     "identity": _identity,
+    "policy": _policy,
 }
 
 
