@@ -8,6 +8,7 @@ import click
 
 from agent import __version__
 from agent.cli_audit import audit
+from agent.cli_identity import login, logout, whoami
 from agent.config import Config, ConfigError, load_config
 
 
@@ -81,6 +82,9 @@ def redirect_clean() -> None:
 
 
 main.add_command(audit)
+main.add_command(login)
+main.add_command(logout)
+main.add_command(whoami)
 
 if __name__ == "__main__":
     main()
