@@ -9,6 +9,7 @@ import click
 from agent import __version__
 from agent.cli_audit import audit
 from agent.cli_identity import login, logout, whoami
+from agent.cli_policy import policy
 from agent.config import Config, ConfigError, load_config
 
 
@@ -82,6 +83,7 @@ def redirect_clean() -> None:
 
 
 main.add_command(audit)
+main.add_command(policy)
 main.add_command(login)
 main.add_command(logout)
 main.add_command(whoami)
