@@ -657,10 +657,13 @@ class AuditLog:
         log.info("audit segment %d started at seq %d", new.number, new.first_seq)
 
     def _final_checkpoint(self) -> None:
-        if not self._healthy or self._since_checkpoint <= 0:
+        if not self._healthy:
             return
-        self._queue_checkpoint(self.make_checkpoint(), self.store.segments[-1].number, None)
+        if self._since_checkpoint > 0 and not self._internal:
+            self._queue_checkpoint(self.make_checkpoint(), self.store.segments[-1].number, None)
         batch, self._internal = self._internal, []
+        if not batch:
+            return
         try:
             self._commit(batch)
         except _Failure as e:

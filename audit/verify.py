@@ -165,6 +165,7 @@ def _verify(
             cp = open_checkpoint(first.prev_checkpoint, verifier, origin)
         except CheckpointError as e:
             raise _Bad(expected, f"segment {first.number} carried checkpoint: {e}") from None
+        origin = origin or cp.origin
         try:
             frontier = Frontier(cp.size, first.frontier)
         except ProofError as e:
@@ -200,6 +201,8 @@ def _verify(
                     raise _Bad(key, "link to the previous record's leaf hash is broken")
                 if rec.type == CHECKPOINT:
                     latest = _check_checkpoint(store, rec.event, key, frontier, latest, verifier, origin)
+                    # Without an expected origin, the log's first checkpoint sets it.
+                    origin = origin or latest.origin
                     state["latest"] = latest
                     state["checkpoints"] += 1
                 leaf = leaf_hash(raw)

@@ -111,7 +111,7 @@ def test_roots_match_reference_for_every_size() -> None:
     tree = reference_tree()
     for n in range(9):
         assert tree_root(n, tree.read) == root(n)
-    assert EMPTY_ROOT == root(0)
+    assert root(0) == EMPTY_ROOT
     assert tree.frontier.root() == root(8)
 
 
