@@ -225,8 +225,12 @@ def ringfence_programs(cgroup_root: Path) -> list[tuple[int, int, str]]:
     return found
 
 
-def _detach(cg: int, prog_id: int, attach_type: int) -> bool:
-    """Detach one ``ringfence_*`` program; False when it is gone or not ours."""
+def _detach(cg: int, prog_id: int, attach_type: int, load_time: int | None = None) -> bool:
+    """Detach one ``ringfence_*`` program; False when it is gone or not the one meant.
+
+    ``load_time`` (from the attachment record) tells a program apart from a
+    later one that was given the same id.
+    """
     try:
         fd = bpfsys.prog_get_fd_by_id(prog_id)
     except OSError as e:
@@ -234,7 +238,10 @@ def _detach(cg: int, prog_id: int, attach_type: int) -> bool:
             return False
         raise
     try:
-        if not bpfsys.prog_info(fd).name.startswith(PROGRAM_PREFIX):
+        info = bpfsys.prog_info(fd)
+        if not info.name.startswith(PROGRAM_PREFIX):
+            return False
+        if load_time is not None and info.load_time != load_time:
             return False
         bpfsys.prog_detach(fd, cg, attach_type)
         return True
@@ -260,6 +267,14 @@ def detach_all_ringfence_programs(cgroup_root: Path | str) -> int:
     return count
 
 
+def boot_id() -> str:
+    """This boot's random id: attachments never outlive a reboot."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
 def _pid_start_ticks(pid: int) -> int | None:
     stat = ProcReader().stat(pid)
     return stat.start_ticks if stat else None
@@ -278,12 +293,18 @@ def detach_stale(state_dir: Path) -> int:
         state = json.loads(path.read_text())
         pid, start = int(state["pid"]), state.get("pid_start")
         cgroup_root = Path(state["cgroup_root"])
-        programs = [(int(p["id"]), int(p["attach_type"])) for p in state["programs"]]
+        programs = [
+            (int(p["id"]), int(p["attach_type"]), p.get("load_time")) for p in state["programs"]
+        ]
+        recorded_boot = str(state.get("boot_id", ""))
     except FileNotFoundError:
         return 0
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("ignoring unreadable %s: %s", path, e)
         path.unlink(missing_ok=True)
+        return 0
+    if recorded_boot != boot_id():
+        path.unlink(missing_ok=True)  # written before a reboot: nothing of it is attached
         return 0
     alive = _pid_start_ticks(pid) == start and start is not None
     if pid == os.getpid():
@@ -299,8 +320,8 @@ def detach_stale(state_dir: Path) -> int:
     count = 0
     try:
         with bpfsys.open_cgroup(cgroup_root) as cg:
-            for prog_id, attach_type in programs:
-                count += _detach(cg, prog_id, attach_type)
+            for prog_id, attach_type, load_time in programs:
+                count += _detach(cg, prog_id, attach_type, load_time)
     except OSError as e:
         log.warning("cannot detach stale programs from %s: %s", cgroup_root, e)
         return 0
@@ -387,8 +408,16 @@ class _KernelAttribution:
         programs = []
         for fn, attach_type in functions:
             info = bpfsys.prog_info(fn.fd)
-            programs.append({"id": info.id, "name": info.name, "attach_type": attach_type})
+            programs.append(
+                {
+                    "id": info.id,
+                    "name": info.name,
+                    "attach_type": attach_type,
+                    "load_time": info.load_time,
+                }
+            )
         state = {
+            "boot_id": boot_id(),
             "pid": os.getpid(),
             "pid_start": _pid_start_ticks(os.getpid()),
             "cgroup_root": str(self.cgroup_root),
@@ -774,8 +803,11 @@ def _check_headers(settings: BpfSettings) -> Check:
         return Check("kernel headers", False, str(e), kheaders.install_hint())
     where = str(headers.build) if not headers.split else f"{headers.build} + {headers.source}"
     detail = f"{headers.release or 'unknown release'} at {where}"
-    if headers.warning:
-        detail += f" ({headers.warning})"
+    if not headers.exact:
+        detail += (
+            f"; not the running kernel {headers.running}, which is safe: "
+            "only UAPI contexts are read"
+        )
     return Check("kernel headers", True, detail)
 
 
@@ -849,12 +881,7 @@ def _check_attached(root: Path) -> Check:
     if not found:
         return Check("ringfence programs", True, f"none attached to {root}")
     shown = ", ".join(f"{name} (id {pid})" for _, pid, name in found)
-    return Check(
-        "ringfence programs",
-        True,
-        f"{len(found)} attached to {root}: {shown}",
-        "programs of a stopped agent are removed by `ringfence cleanup`",
-    )
+    return Check("ringfence programs", True, f"{len(found)} attached to {root}: {shown}")
 
 
 def _check_compile(settings: BpfSettings, state_dir: Path) -> Check:

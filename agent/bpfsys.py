@@ -89,6 +89,7 @@ class ProgInfo:
     id: int
     type: int
     name: str
+    load_time: int  # ns after boot; with the id, names one program across id reuse
 
 
 def prog_query(target_fd: int, attach_type: int) -> list[int]:
@@ -125,8 +126,9 @@ def prog_info(prog_fd: int) -> ProgInfo:
     struct.pack_into("=IIQ", attr, 0, prog_fd, _PROG_INFO_SIZE, _addr(info))
     _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
     prog_type, prog_id = struct.unpack_from("=II", info, 0)
-    raw_name = bytes(info.raw[64:80])
-    return ProgInfo(prog_id, prog_type, raw_name.split(b"\0", 1)[0].decode("ascii", "replace"))
+    (load_time,) = struct.unpack_from("=Q", info, 40)
+    name = bytes(info.raw[64:80]).split(b"\0", 1)[0].decode("ascii", "replace")
+    return ProgInfo(prog_id, prog_type, name, load_time)
 
 
 def prog_info_by_id(prog_id: int) -> ProgInfo:

@@ -128,6 +128,35 @@ def test_abandoned_attributor_in_this_process_is_stale(cgroup_root: Path, tmp_pa
         successor.stop()
 
 
+def test_recorded_program_replaced_under_the_same_id_is_kept(
+    cgroup_root: Path, tmp_path: Path
+) -> None:
+    """A recorded id whose load time differs names another program: it is not detached."""
+    from agent import attribution, bpfsys
+
+    abandoned = Attributor(BpfSettings(mode="required"), [PORT], tmp_path)
+    abandoned.start()
+    kept = set(abandoned.program_ids)
+    abandoned._kernel = None
+    attribution._ACTIVE.discard(tmp_path.resolve())
+    path = tmp_path / STATE_FILE
+    state = json.loads(path.read_text())
+    for program in state["programs"]:
+        program["load_time"] += 1
+    path.write_text(json.dumps(state))
+    successor = Attributor(BpfSettings(mode="required"), [PORT], tmp_path)
+    successor.start()
+    try:
+        assert kept <= attached_ids(cgroup_root)
+    finally:
+        successor.stop()
+        with bpfsys.open_cgroup(cgroup_root) as cg:
+            for attach_type, prog_id, _ in ringfence_programs(cgroup_root):
+                if prog_id in kept:
+                    bpfsys.prog_detach_by_id(prog_id, cg, attach_type)
+    assert not kept & attached_ids(cgroup_root)
+
+
 def test_missing_headers_fall_back_or_refuse(cgroup_root: Path, tmp_path: Path) -> None:
     """No kernel headers: mode auto degrades to procfs and says why; required refuses to start."""
     bad = str(tmp_path / "no-headers-here")

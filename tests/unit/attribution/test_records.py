@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -98,6 +99,20 @@ def test_unreadable_state_file_is_dropped(tmp_path: Path) -> None:
     assert detach_stale(tmp_path) == 0
     assert not (tmp_path / "bpf-attachments.json").exists()
     assert detach_stale(tmp_path) == 0
+
+
+def test_state_file_from_before_a_reboot_is_dropped(tmp_path: Path) -> None:
+    """Attachments never survive a reboot, so a record with another boot id is just removed."""
+    state = {
+        "boot_id": "00000000-0000-0000-0000-000000000000",
+        "pid": 1,
+        "pid_start": 0,
+        "cgroup_root": "/nonexistent",
+        "programs": [{"id": 1, "attach_type": 3, "load_time": 5}],
+    }
+    (tmp_path / "bpf-attachments.json").write_text(json.dumps(state))
+    assert detach_stale(tmp_path) == 0
+    assert not (tmp_path / "bpf-attachments.json").exists()
 
 
 def test_mode_off_needs_no_privileges(tmp_path: Path) -> None:
