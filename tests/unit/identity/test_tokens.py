@@ -7,7 +7,6 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,12 +22,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture(scope="module")
-def idp() -> Iterator[TestIssuer]:
-    with TestIssuer() as issuer:
-        yield issuer
 
 
 def discovery(idp: TestIssuer, **kw: object) -> IssuerConfig:
