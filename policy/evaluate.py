@@ -461,7 +461,9 @@ class Policy:
         """Lines saying which rules match, which do not and why, and the decision."""
         now = now or _utcnow()
         lines = [f"policy {self.source or '<memory>'} version {self.version[:16]}"]
-        who = " ".join(f"{k}={v}" for k, v in subject.summary().items())
+        who = " ".join(
+            f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in subject.summary().items()
+        )
         lines.append(f"subject {who}")
         lines.append(f"resource {resource} ({resource.protocol})")
         lines.append(f"time {now.isoformat()}")
