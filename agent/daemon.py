@@ -136,7 +136,10 @@ async def _serve(config: Config) -> int:
                 extra={"event": "redirect.remove_failed", "error": str(e)},
             )
         await proxy.stop("agent stopping")
-        audit_log.emit("agent.stop", {"reason": stop_reason[0]})
+        try:
+            audit_log.emit("agent.stop", {"reason": stop_reason[0]})
+        except Exception as e:
+            log.error("could not record agent.stop: %s", e, extra={"event": "audit.unavailable"})
     return 0
 
 

@@ -51,7 +51,6 @@ def configure_logging(level: str, fmt: str) -> None:
     """Send the agent's logs to stderr (journald picks them up under systemd)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    root = logging.getLogger("ringfence")
+    root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    root.propagate = False

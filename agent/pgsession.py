@@ -93,7 +93,7 @@ class PostgresSession:
         self._pending: deque[_Pending] = deque()
         self._statements: dict[str, str] = {}
         self._portals: dict[str, _Portal] = {}
-        self._skipping_to_sync = False
+        self._refusal: tuple[str, str, str] | None = None
 
     # ------------------------------------------------------------------ client
 
@@ -164,11 +164,21 @@ class PostgresSession:
             self._protocol_violation(actions, "client protocol error: unsupported protocol")
             return
         self.startup = event
+        if self._refusal is not None:
+            sqlstate, message, reason = self._refusal
+            actions.to_client.append(pg.error_response("FATAL", sqlstate, message))
+            self._end(actions, reason, "failure", error={"sqlstate": sqlstate, "message": message})
+            actions.close = reason
+            return
         self.phase = "auth"
         self._record_start(actions)
         actions.to_server.append(event.raw)
 
     def _cancel_request(self, event: pg.CancelRequest, actions: Actions) -> None:
+        if self._refusal is not None:
+            self._end(actions, self._refusal[2], "failure")
+            actions.close = self._refusal[2]
+            return
         target = self.cancel_target(event.backend_pid, event.secret) if self.cancel_target else None
         self.phase = "cancel"
         self._record_start(
@@ -298,6 +308,10 @@ class PostgresSession:
         actions.records.append(("result", record))
 
     # ------------------------------------------------------------- lifecycle
+
+    def defer_refusal(self, sqlstate: str, message: str, reason: str) -> None:
+        """Answer the coming StartupMessage with this FATAL error instead of forwarding it."""
+        self._refusal = (sqlstate, message, reason)
 
     def refuse(self, sqlstate: str, message: str, reason: str) -> Actions:
         """End the connection with a protocol-native FATAL error to the client."""

@@ -25,7 +25,7 @@ import secrets
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from agent.config import Config, ProtectedService
 from agent.pgsession import Actions, PostgresSession
@@ -37,6 +37,7 @@ IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h
 SOL_IPV6 = 41
 UPSTREAM_CONNECT_TIMEOUT = 10.0
 ATTRIBUTION_TIMEOUT = 2.0
+STARTUP_TIMEOUT = 10.0
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 
@@ -165,12 +166,34 @@ class ClientSide(asyncio.Protocol):
     # asyncio callbacks --------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         transport.pause_reading()
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
         self.proxy.connections.add(self)
-        asyncio.get_running_loop().create_task(self._setup())
+        task = asyncio.get_running_loop().create_task(self._setup())
+        task.add_done_callback(self._setup_done)
+
+    def _setup_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            self._close_all()
+            return
+        error = task.exception()
+        if error is not None:
+            log.error(
+                "session setup failed",
+                exc_info=error,
+                extra={"event": "proxy.setup_failed", "session_id": self.session_id},
+            )
+            if self.session is not None and not self.session.ended:
+                self.apply(
+                    self.session.refuse(
+                        "XX000", "ringfence: internal error while setting up the session",
+                        f"agent error: {error!r}",
+                    )
+                )
+            self._close_all()
 
     def data_received(self, data: bytes) -> None:
         session = self.session
@@ -227,13 +250,11 @@ class ClientSide(asyncio.Protocol):
             destination[1] == self.service.listen_port and _endpoint(local)["ip"] == destination[0]
         ):
             context["attribution"] = {"source": "unknown", "verified": False}
-            self.apply(
-                self.session.refuse(
-                    "08004",
-                    "ringfence: connect to the service's own port; the agent's listener "
-                    "only accepts redirected connections",
-                    "not a redirected connection",
-                )
+            self._refuse_at_startup(
+                "08004",
+                "ringfence: connect to the service's own port; the agent's listener "
+                "only accepts redirected connections",
+                "not a redirected connection",
             )
             return
         if destination[1] != self.service.port:
@@ -243,13 +264,11 @@ class ClientSide(asyncio.Protocol):
             )
         if not self.proxy.audit.healthy:
             context["attribution"] = {"source": "unknown", "verified": False}
-            self.apply(
-                self.session.refuse(
-                    "58000",
-                    "ringfence: the audit trail cannot be written, so this protected service "
-                    "refuses connections until it recovers",
-                    "audit unavailable",
-                )
+            self._refuse_at_startup(
+                "58000",
+                "ringfence: the audit trail cannot be written, so this protected service "
+                "refuses connections until it recovers",
+                "audit unavailable",
             )
             return
         attribution_task = asyncio.ensure_future(self._attribute(sock, destination))
@@ -257,18 +276,34 @@ class ClientSide(asyncio.Protocol):
             await self._connect_upstream(destination)
         except OSError as e:
             context["process"], context["attribution"] = await attribution_task
-            self.apply(
-                self.session.refuse(
-                    "08006",
-                    f"ringfence: cannot reach {destination[0]}:{destination[1]}: {e.strerror or e}",
-                    f"upstream connect failed: {e.strerror or e}",
-                )
+            self._refuse_at_startup(
+                "08006",
+                f"ringfence: cannot reach {destination[0]}:{destination[1]}: {e.strerror or e}",
+                f"upstream connect failed: {e.strerror or e}",
             )
             return
         context["process"], context["attribution"] = await attribution_task
         if self.closed:
             return
         transport.resume_reading()
+
+    def _refuse_at_startup(self, sqlstate: str, message: str, reason: str) -> None:
+        """Read the client's startup packet, then answer it with a FATAL error.
+
+        Closing at once would reset the connection with the startup packet
+        unread, and the client would never see why.
+        """
+        assert self.session is not None and self.transport is not None
+        self.session.defer_refusal(sqlstate, message, reason)
+        self.transport.resume_reading()
+        asyncio.get_running_loop().call_later(STARTUP_TIMEOUT, self._startup_timeout)
+
+    def _startup_timeout(self) -> None:
+        if self.closed or self.session is None:
+            return
+        if self.session.phase == "startup":
+            self.apply(self.session.connection_lost("no startup packet in time", "failure"))
+            self._close_all()
 
     async def _attribute(
         self, sock: Any, destination: tuple[str, int]
@@ -393,7 +428,7 @@ class UpstreamSide(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
 

@@ -26,12 +26,17 @@ def run(argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
 
 @dataclass
 class NetNS:
-    """A network namespace with loopback up; commands run inside it."""
+    """A network namespace with loopback up; commands run inside it.
+
+    Commands enter only the network namespace (nsenter), not the mount
+    namespace that ``ip netns exec`` would make, so /sys/fs/cgroup and /proc
+    look as they do on the host, as they do for an agent on a real host.
+    """
 
     name: str
 
     def argv(self, argv: Sequence[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.name, *argv]
+        return ["nsenter", f"--net=/run/netns/{self.name}", "--", *argv]
 
     def run(self, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
         return run(self.argv(argv), **kwargs)

@@ -159,3 +159,17 @@ def test_authentication_failure_is_the_end_reason() -> None:
     (end,) = records(s.connection_lost("server closed"), "session.end")
     assert end["reason"].startswith("authentication failed: password authentication failed")
     assert end["auth_method"] == "scram-sha-256"
+
+
+def test_deferred_refusal_answers_the_startup_packet() -> None:
+    """A refusal decided before the startup packet is sent as FATAL after it, never forwarded."""
+    s, _ = session()
+    s.defer_refusal("58000", "ringfence: audit trail unavailable", "audit unavailable")
+    ssl = s.client_data(struct.pack("!ii", 8, pg.SSL_REQUEST_CODE))
+    assert ssl.to_client == [b"N"]
+    actions = s.client_data(STARTUP)
+    assert actions.to_server == [] and actions.close == "audit unavailable"
+    (error,) = pg.BackendScanner().feed(actions.to_client[0])
+    assert isinstance(error, pg.ErrorResponse) and error.sqlstate == "58000"
+    (end,) = records(actions, "session.end")
+    assert end["reason"] == "audit unavailable" and end["outcome"] == "failure"

@@ -1,0 +1,167 @@
+"""``ringfence doctor``: can this host run the agent, and if not, how to fix it.
+
+One line per check: ``OK``, ``WARN`` (the agent runs, degraded) or ``FAIL``
+(the agent cannot run), with the fix under it. The exit code is non-zero when
+any check fails.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import socket
+import subprocess
+from collections.abc import Callable
+
+import click
+
+from agent.attribution import Check, doctor_checks
+from agent.config import Config, ConfigError, load_config, resolve_config_path
+from agent.redirect import IPV4, IPV6, Family, RedirectError, family_available, _restore
+
+
+def _config_check(path: str | None) -> tuple[Check, Config | None]:
+    resolved = resolve_config_path(path)
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        return Check("config", False, str(e), f"fix {resolved} (see packaging/ringfence.toml)"), None
+    return Check("config", True, f"{resolved} is valid"), config
+
+
+def _root_check() -> Check:
+    if os.geteuid() == 0:
+        return Check("privileges", True, "running as root")
+    return Check("privileges", False, f"running as uid {os.geteuid()}", "run the agent as root")
+
+
+def _kernel_check() -> Check:
+    release = platform.release()
+    try:
+        major, minor = (int(x) for x in release.split(".")[:2])
+    except ValueError:
+        return Check("kernel", True, f"Linux {release} (version not parsed)")
+    if (major, minor) < (5, 15):
+        return Check("kernel", False, f"Linux {release}",
+                     "ringfence needs Linux 5.15 or newer (netns cookies in sock_ops)")
+    return Check("kernel", True, f"Linux {release}")
+
+
+def _iptables_backend() -> Check:
+    if shutil.which("iptables") is None:
+        return Check("iptables", False, "iptables not found", "apt-get install iptables")
+    done = subprocess.run(["iptables", "--version"], capture_output=True, text=True, check=False)
+    version = done.stdout.strip()
+    backend = "nf_tables" if "nf_tables" in version else "legacy" if "legacy" in version else "?"
+    return Check("iptables", True, f"{version} (backend {backend})")
+
+
+def _redirect_check(family: Family, port: int) -> Check:
+    """Add and remove a real REDIRECT rule in a scratch chain of the nat table."""
+    name = f"{family.name} nat REDIRECT"
+    if not family_available(family):
+        fix = "apt-get install iptables; modprobe ip6table_nat" if family is IPV6 else (
+            "apt-get install iptables; modprobe iptable_nat")
+        return Check(name, False, f"cannot read the nat table with {family.save}", fix)
+    chain = "RINGFENCE_DOCTOR"
+    try:
+        _restore(family, [f":{chain} - [0:0]",
+                          f"-A {chain} -p tcp --dport 9 -j REDIRECT --to-ports {port}"])
+        _restore(family, [f":{chain} - [0:0]", f"-X {chain}"])
+    except RedirectError as e:
+        return Check(name, False, str(e), "enable netfilter NAT (nf_nat, xt_REDIRECT) in the kernel")
+    return Check(name, True, "REDIRECT rule added and removed in a scratch chain")
+
+
+def _state_dir_check(config: Config) -> Check:
+    state = config.agent.state_dir
+    if not state.exists():
+        return Check("state directory", True, f"{state} will be created (mode 0700)")
+    st = state.stat()
+    problems = []
+    if st.st_uid != 0:
+        problems.append(f"owned by uid {st.st_uid}")
+    if st.st_mode & 0o077:
+        problems.append(f"mode {oct(st.st_mode & 0o777)}")
+    for key in sorted(state.rglob("*.key")):
+        if key.stat().st_mode & 0o077:
+            problems.append(f"{key} readable by others")
+    if problems:
+        return Check("state directory", False, f"{state}: {', '.join(problems)}",
+                     f"chown -R root:root {state} && chmod 0700 {state} && chmod 0600 {state}/*.key")
+    return Check("state directory", True, f"{state} (root, 0700)")
+
+
+def _ports_check(config: Config) -> Check:
+    busy = []
+    for service in config.protect:
+        for address in config.agent.listen_addresses:
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    sock.bind((address, service.listen_port))
+                except OSError as e:
+                    if e.errno not in (97, 99):  # address family unavailable: not a conflict
+                        busy.append(f"[{address}]:{service.listen_port} ({e.strerror})")
+    if busy:
+        return Check("listener ports", False, "in use: " + ", ".join(busy),
+                     "stop what listens there (another agent?) or set listen_port in [[protect]]")
+    ports = ", ".join(str(s.listen_port) for s in config.protect)
+    return Check("listener ports", True, f"free: {ports}")
+
+
+def _policy_check(config: Config) -> Check | None:
+    settings = getattr(config, "policy", None)
+    if settings is None:
+        return None
+    try:
+        from policy import load_policy
+    except ImportError:
+        return None
+    try:
+        loaded = load_policy(settings.path)
+    except Exception as e:
+        return Check("policy", False, str(e), f"fix {settings.path}; check it with `ringfence policy check`")
+    return Check("policy", True, f"{settings.path} is valid (version {str(loaded.version)[:12]})")
+
+
+def collect_checks(config_path: str | None) -> list[tuple[Check, bool]]:
+    """Every check, with whether its failure stops the agent (False: degraded only)."""
+    config_check, config = _config_check(config_path)
+    checks: list[tuple[Check, bool]] = [(config_check, True), (_root_check(), True),
+                                        (_kernel_check(), True), (_iptables_backend(), True)]
+    if config is None:
+        return checks
+    port = config.protect[0].listen_port if config.protect else 15432
+    checks.append((_redirect_check(IPV4, port), True))
+    if config.redirect.ipv6:
+        checks.append((_redirect_check(IPV6, port), False))
+    bpf_fatal = config.bpf.mode == "required"
+    if config.bpf.mode != "off":
+        checks += [(c, bpf_fatal) for c in doctor_checks(config.bpf, config.agent.state_dir)]
+    extra: list[Callable[[Config], Check | None]] = [_state_dir_check, _ports_check, _policy_check]
+    for make in extra:
+        check = make(config)
+        if check is not None:
+            checks.append((check, True))
+    return checks
+
+
+def run_doctor(config_path: str | None) -> int:
+    """Print one line per check; return 1 when the agent cannot run."""
+    failed = False
+    for check, fatal in collect_checks(config_path):
+        status = "OK" if check.ok else ("FAIL" if fatal else "WARN")
+        failed |= not check.ok and fatal
+        click.echo(f"{status:4}  {check.name}: {check.detail}")
+        if not check.ok and check.fix:
+            click.echo(f"      fix: {check.fix}")
+    click.echo("the agent cannot run here" if failed else "the agent can run here")
+    return 1 if failed else 0
+
+
+__all__ = ["collect_checks", "run_doctor"]
