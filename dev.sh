@@ -70,6 +70,8 @@ case "${1:-}" in
     up)
         setup
         start_local_postgres
+        # The default config reads the policy from /etc/ringfence, as an installed agent does.
+        [ -e /etc/ringfence/policy.toml ] || install -D -m 0644 packaging/policy.toml /etc/ringfence/policy.toml
         exec .venv/bin/ringfence run --config packaging/ringfence.toml
         ;;
     test)

@@ -276,7 +276,9 @@ def _agent(t: _Table) -> AgentSettings:
         try:
             ipaddress.ip_address(address)
         except (TypeError, ValueError):
-            raise ConfigError(f"{t.key('listen_addresses')}[{i}]: not an IP address: {address!r}")
+            raise ConfigError(
+                f"{t.key('listen_addresses')}[{i}]: not an IP address: {address!r}"
+            ) from None
     mark = t.get("upstream_mark", int, d.upstream_mark)
     mask = t.get("mark_mask", int, d.mark_mask)
     if not 0 < mark < 2**32 or not 0 < mask < 2**32 or mark & ~mask:

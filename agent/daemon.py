@@ -65,6 +65,13 @@ async def _serve(config: Config) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, request_stop, signum)
 
+    from policy import PolicyError, PolicyHolder
+
+    try:
+        policy = PolicyHolder(config.policy.path)
+    except PolicyError as e:
+        raise StartupError(f"policy: {e}") from None
+
     state_dir = config.agent.state_dir
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     host = socket.gethostname()
@@ -80,7 +87,12 @@ async def _serve(config: Config) -> int:
         if attributor is not None:
             cleanup.callback(attributor.stop)
 
-        proxy = Proxy(config, audit_log, attributor)
+        proxy = Proxy(config, audit_log, attributor, policy=lambda: policy.current)
+        reloader = PolicyReloader(policy, audit_log)
+        loop.add_signal_handler(signal.SIGHUP, reloader.reload)
+        if config.policy.reload_interval_seconds > 0:
+            watch = loop.create_task(reloader.watch(config.policy.reload_interval_seconds))
+            cleanup.callback(watch.cancel)
         try:
             await proxy.start()
         except OSError as e:
@@ -109,6 +121,8 @@ async def _serve(config: Config) -> int:
                     for s in config.protect
                 ],
                 "attribution_mode": attribution_mode,
+                "policy_path": str(config.policy.path),
+                "policy_version": policy.version,
                 "attribution_reason": attribution_reason,
                 "redirect_families": [f.name for f in redirector.families],
             },
@@ -141,6 +155,45 @@ async def _serve(config: Config) -> int:
         except Exception as e:
             log.error("could not record agent.stop: %s", e, extra={"event": "audit.unavailable"})
     return 0
+
+
+class PolicyReloader:
+    """Reloads the policy on SIGHUP and when its file changes; a broken file keeps the old one."""
+
+    def __init__(self, holder: Any, audit_log: Any) -> None:
+        self.holder = holder
+        self.audit_log = audit_log
+
+    def reload(self) -> None:
+        self._report(self.holder.version, self.holder.reload(), "signal")
+
+    async def watch(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            previous = self.holder.version
+            result = self.holder.maybe_reload()
+            if result is not None:
+                self._report(previous, result, "file change")
+
+    def _report(self, previous: str, result: tuple[bool, str], trigger: str) -> None:
+        ok, message = result
+        level = logging.INFO if ok else logging.ERROR
+        log.log(level, "policy reload: %s", message,
+                extra={"event": "policy.reload", "ok": ok, "trigger": trigger})
+        try:
+            self.audit_log.emit(
+                "policy.decision",
+                {
+                    "scope": "policy",
+                    "effect": "reload" if ok else "reload_rejected",
+                    "reason": message,
+                    "trigger": trigger,
+                    "previous_version": previous,
+                    "policy_version": self.holder.version,
+                },
+            )
+        except Exception as e:
+            log.error("could not record the policy reload: %s", e, extra={"event": "audit.unavailable"})
 
 
 async def _start_attribution(config: Config) -> tuple[Any, str, str | None]:

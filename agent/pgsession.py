@@ -14,9 +14,21 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.protocols import postgres as pg
+
+if TYPE_CHECKING:
+    from policy import Policy, Subject
+
+# Sent to the server in place of a blocked statement. It fails in the server's
+# parser (nothing runs), so the server itself moves the session into the state
+# an error leaves it in: a failed transaction block, or discarding extended
+# protocol messages until Sync. The server's error is then replaced by the
+# agent's own ErrorResponse.
+SUBSTITUTE_SQL = "ringfence blocked this statement"
+# Bound on server bytes held back while a blocked statement's error is awaited.
+MAX_HELD = 1 << 20
 
 AUTH_METHODS = {
     0: "ok",
@@ -38,6 +50,8 @@ class Actions:
     to_server: list[bytes] = field(default_factory=list)
     to_client: list[bytes] = field(default_factory=list)
     records: list[Record] = field(default_factory=list)
+    # Records that must be committed to disk before anything else here is done.
+    durable: list[Record] = field(default_factory=list)
     close: str | None = None  # end the connection, for this reason, after sending
 
 
@@ -45,11 +59,13 @@ class Actions:
 class _Pending:
     """A request whose response the session is waiting for."""
 
-    kind: str  # "query" (simple Query or FunctionCall), "execute" or "sync"
+    kind: str  # "query" (simple Query or FunctionCall), "execute", "sync" or "blocked"
     started: float = 0.0
     rows: int = 0
     commands: list[str] = field(default_factory=list)
     error: dict[str, str] | None = None
+    reply: bytes = b""  # for "blocked": the ErrorResponse the client gets
+    extended: bool = False  # for "blocked": a Parse (the server then skips to Sync)
 
 
 @dataclass(slots=True)
@@ -69,6 +85,7 @@ class PostgresSession:
         max_message: int = pg.DEFAULT_MAX_MESSAGE,
         max_statement: int = 64 * 1024,
         cancel_target: Callable[[int, int], str | None] | None = None,
+        policy: Callable[[], Policy] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.session_id = session_id
@@ -94,6 +111,11 @@ class PostgresSession:
         self._statements: dict[str, str] = {}
         self._portals: dict[str, _Portal] = {}
         self._refusal: tuple[str, str, str] | None = None
+        self.policy = policy
+        self.subject: Subject | None = None  # set by the proxy once attribution is known
+        self.record_level = "statements"
+        self._held: bytearray | None = None  # server bytes held for a blocked statement
+        self._blocked_pending = 0  # "blocked" items in _pending
 
     # ------------------------------------------------------------------ client
 
@@ -113,9 +135,22 @@ class PostgresSession:
 
     def _client_event(self, event: pg.FrontendEvent, actions: Actions) -> None:
         if isinstance(event, pg.Query):
-            self._begin_statement("query", event.sql, "simple", None, actions)
-            actions.to_server.append(event.raw)
+            decision = self._judge(event.sql)
+            self._begin_statement("query", event.sql, "simple", None, actions, decision)
+            if decision is not None and not decision.allowed:
+                self._block(decision, pg.query_message(SUBSTITUTE_SQL), False, actions)
+            else:
+                actions.to_server.append(event.raw)
         elif isinstance(event, pg.Parse):
+            decision = self._judge(event.sql)
+            if decision is not None and not decision.allowed:
+                self.statements += 1
+                actions.records.append(("query", self._query_record(event.sql, "extended", decision)))
+                substitute = pg.frontend_message(
+                    b"P", event.statement.encode() + b"\x00" + SUBSTITUTE_SQL.encode() + b"\x00\x00\x00"
+                )
+                self._block(decision, substitute, True, actions)
+                return
             self._statements[event.statement] = event.sql
             actions.to_server.append(event.raw)
         elif isinstance(event, pg.Bind):
@@ -159,6 +194,37 @@ class PostgresSession:
         else:
             actions.to_server.append(event.raw)
 
+    def _judge(self, sql: str) -> Any:
+        """The policy's decision on a statement text, or None without a policy."""
+        if self.policy is None:
+            return None
+        from policy import Resource, Subject
+
+        database = self.startup.database if self.startup else None
+        resource = Resource(self.context.get("service", ""), "postgres", database)
+        policy = self.policy()
+        return policy.statement(self.subject or Subject(), resource, policy.prepared(sql))
+
+    def _block(self, decision: Any, substitute: bytes, extended: bool, actions: Actions) -> None:
+        """Keep a statement from the server; the client gets the policy's error in its place."""
+        actions.durable.append(("policy.decision", decision.to_record()))
+        reply = pg.error_response("ERROR", decision.sqlstate, decision.message)
+        self._blocked_pending += 1
+        self._pending.append(
+            _Pending("blocked", started=self.clock(), reply=reply, extended=extended,
+                     error={"sqlstate": decision.sqlstate, "message": decision.message})
+        )
+        actions.to_server.append(substitute)
+
+    def connection_decision(self) -> Any:
+        """The policy's decision on this connection (after the StartupMessage), or None."""
+        if self.policy is None or self.startup is None:
+            return None
+        from policy import Resource, Subject
+
+        resource = Resource(self.context.get("service", ""), "postgres", self.startup.database)
+        return self.policy().connection(self.subject or Subject(), resource)
+
     def _startup_message(self, event: pg.StartupMessage, actions: Actions) -> None:
         if event.protocol >> 16 != 3:
             self._protocol_violation(actions, "client protocol error: unsupported protocol")
@@ -172,6 +238,19 @@ class PostgresSession:
             return
         self.phase = "auth"
         self._record_start(actions)
+        decision = self.connection_decision()
+        if decision is not None:
+            actions.durable.append(("policy.decision", decision.to_record()))
+            self.record_level = decision.record
+            if not decision.allowed:
+                actions.to_client.append(
+                    pg.error_response("FATAL", decision.sqlstate, decision.message)
+                )
+                reason = f"denied by policy rule {decision.rule_id}"
+                self._end(actions, reason, "failure",
+                          error={"sqlstate": decision.sqlstate, "message": decision.message})
+                actions.close = reason
+                return
         actions.to_server.append(event.raw)
 
     def _cancel_request(self, event: pg.CancelRequest, actions: Actions) -> None:
@@ -194,45 +273,96 @@ class PostgresSession:
         protocol: str,
         parameters: list[Any] | None,
         actions: Actions,
+        decision: Any = None,
     ) -> None:
         self.statements += 1
+        record = self._query_record(sql, protocol, decision)
+        if parameters is not None and self.record_level != "metadata":
+            record["parameters"] = parameters
+        actions.records.append(("query", record))
+        if decision is None or decision.allowed:
+            self._pending.append(_Pending(kind, started=self.clock()))
+
+    def _query_record(self, sql: str, protocol: str, decision: Any) -> dict[str, Any]:
         encoded = sql.encode("utf-8", "surrogatepass")
         truncated = len(encoded) > self.max_statement
         text = encoded[: self.max_statement].decode("utf-8", "ignore") if truncated else sql
         record: dict[str, Any] = {
-            "text": text,
             "length": len(encoded),
             "sha256": hashlib.sha256(encoded).hexdigest(),
-            "truncated": truncated,
             "protocol": protocol,
         }
-        if parameters is not None:
-            record["parameters"] = parameters
-        actions.records.append(("query", record))
-        self._pending.append(_Pending(kind, started=self.clock()))
+        if self.record_level != "metadata":
+            record["text"] = text
+            record["truncated"] = truncated
+        if decision is not None:
+            record["policy"] = {
+                "effect": decision.effect,
+                "rule_id": decision.rule_id,
+                "version": decision.policy_version,
+                "classes": sorted({st.statement_class for st in decision.classification.statements}),
+            }
+        return record
 
     # ------------------------------------------------------------------ server
 
     def server_data(self, data: bytes) -> Actions:
-        """Bytes from the server: scan, record, forward them unchanged."""
+        """Bytes from the server: scan, record, forward them unchanged.
+
+        The one exception: the server's error for a blocked statement's
+        substitute is cut out and the agent's own error put in its place.
+        """
         actions = Actions()
         self.bytes_from_server += len(data)
         try:
             events = self.backend.feed(data)
         except pg.ServerProtocolError as e:
-            reason = f"server protocol error: {e}"
-            self._end(actions, reason, "failure")
-            actions.to_client.append(
-                pg.error_response("FATAL", "08P01", f"ringfence: {reason}")
-            )
-            actions.close = reason
+            return self._server_violation(actions, f"server protocol error: {e}")
+        if self._held is None and not self._blocked_pending:
+            actions.to_client.append(data)
+            for event in events:
+                self._server_event(event, actions)
             return actions
-        actions.to_client.append(data)
-        for event in events:
-            self._server_event(event, actions)
+        # Slow path: cut the chunk at message boundaries.
+        ends = self.backend.ends
+        start = 0
+        if self._held is None and self._head_blocked():
+            self._held = bytearray()
+        for event, end in zip(events, ends, strict=True):
+            replaced = self._server_event(event, actions)
+            if self._held is not None:
+                self._held += data[start:end]
+                if replaced is not None:
+                    actions.to_client.append(_without_last_message(bytes(self._held)) + replaced)
+                    self._held = None
+                start = end
+            elif self._head_blocked():
+                # Everything after this message answers the blocked statement.
+                if end > start:
+                    actions.to_client.append(data[start:end])
+                self._held = bytearray()
+                start = end
+        if self._held is not None:
+            self._held += data[start:]
+            if len(self._held) > MAX_HELD:
+                return self._server_violation(
+                    actions, "server protocol error: unexpected reply to a blocked statement"
+                )
+        elif start < len(data):
+            actions.to_client.append(data[start:])
         return actions
 
-    def _server_event(self, event: pg.BackendEvent, actions: Actions) -> None:
+    def _head_blocked(self) -> bool:
+        return bool(self._pending) and self._pending[0].kind == "blocked"
+
+    def _server_violation(self, actions: Actions, reason: str) -> Actions:
+        self._end(actions, reason, "failure")
+        actions.to_client.append(pg.error_response("FATAL", "08P01", f"ringfence: {reason}"))
+        actions.close = reason
+        return actions
+
+    def _server_event(self, event: pg.BackendEvent, actions: Actions) -> bytes | None:
+        """Update state for one server message; returns the replacement for a blocked error."""
         pending = self._pending
         head = pending[0] if pending else None
         if isinstance(event, pg.DataRows):
@@ -254,6 +384,8 @@ class PostgresSession:
                     head.commands.append("(portal suspended)")
                 self._finish(pending.popleft(), actions)
         elif isinstance(event, pg.ErrorResponse):
+            if head is not None and head.kind == "blocked":
+                return self._blocked_error(actions)
             self._server_error(event, actions)
         elif isinstance(event, pg.ReadyForQuery):
             self.transaction = event.status
@@ -262,6 +394,8 @@ class PostgresSession:
             while pending:
                 item = pending.popleft()
                 if item.kind == "sync":
+                    break
+                if item.kind == "query-blocked":
                     break
                 if item.kind == "execute" and item.error is None:
                     item.error = {"sqlstate": "", "message": "not executed: pipeline aborted"}
@@ -275,6 +409,22 @@ class PostgresSession:
                     self.auth_method = _sasl_mechanism(event.body)
         elif isinstance(event, pg.BackendKeyData):
             self.backend_key = (event.backend_pid, event.secret)
+        return None
+
+    def _blocked_error(self, actions: Actions) -> bytes:
+        """The server rejected a blocked statement's substitute: record, and say what to send."""
+        item = self._pending.popleft()
+        self._blocked_pending -= 1
+        self._finish(item, actions, outcome="blocked")
+        if not item.extended:
+            # A simple Query still waits for its ReadyForQuery.
+            self._pending.appendleft(_Pending("query-blocked", started=item.started))
+        else:
+            while self._pending and self._pending[0].kind == "execute":
+                skipped = self._pending.popleft()
+                skipped.error = {"sqlstate": "", "message": "not executed: statement blocked by policy"}
+                self._finish(skipped, actions)
+        return item.reply
 
     def _server_error(self, event: pg.ErrorResponse, actions: Actions) -> None:
         error = {"sqlstate": event.sqlstate, "message": event.message}
@@ -295,13 +445,13 @@ class PostgresSession:
                 item.error = {"sqlstate": "", "message": "not executed: earlier error in pipeline"}
                 self._finish(item, actions)
 
-    def _finish(self, item: _Pending, actions: Actions) -> None:
+    def _finish(self, item: _Pending, actions: Actions, outcome: str | None = None) -> None:
         record: dict[str, Any] = {
             "duration_ms": round((self.clock() - item.started) * 1000.0, 3),
             "rows": item.rows,
             "command_tag": item.commands[-1] if item.commands else None,
             "commands": item.commands,
-            "outcome": "failure" if item.error else "success",
+            "outcome": outcome or ("failure" if item.error else "success"),
         }
         if item.error:
             record["error"] = item.error
@@ -363,10 +513,11 @@ class PostgresSession:
         self._record_start(actions)
         # Statements still waiting for a response when the connection ends.
         for item in self._pending:
-            if item.kind != "sync":
+            if item.kind not in ("sync", "query-blocked"):
                 item.error = item.error or {"sqlstate": "", "message": f"interrupted: {reason}"}
                 self._finish(item, actions)
         self._pending.clear()
+        self._blocked_pending = 0
         self.phase = "closed"
         record: dict[str, Any] = {
             "reason": reason,
@@ -382,6 +533,16 @@ class PostgresSession:
         if error is not None:
             record["error"] = error
         actions.records.append(("session.end", record))
+
+
+def _without_last_message(held: bytes) -> bytes:
+    """Held server bytes (whole messages) minus the last message, the error being replaced."""
+    pos = 0
+    last = 0
+    while pos < len(held):
+        last = pos
+        pos += 1 + int.from_bytes(held[pos + 1 : pos + 5], "big")
+    return held[:last]
 
 
 def _sasl_mechanism(body: bytes) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import pwd
 import secrets
 import socket
 import struct
@@ -76,6 +77,29 @@ def original_destination(sock: Any) -> tuple[str, int] | None:
     return host, port
 
 
+def _user_name(uid: Any) -> str | None:
+    if not isinstance(uid, int):
+        return None
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def local_subject(process: dict[str, Any] | None) -> Any:
+    """What kernel evidence alone says about the client (never an identity by itself)."""
+    from policy import Subject
+
+    if not process:
+        return Subject()
+    return Subject(
+        uid=process.get("uid"),
+        loginuid=process.get("loginuid"),
+        unix_user=_user_name(process.get("uid")),
+        loginuid_user=_user_name(process.get("loginuid")),
+    )
+
+
 def _endpoint(address: Any) -> dict[str, Any]:
     host = str(address[0])
     if host.startswith("::ffff:"):
@@ -91,10 +115,12 @@ class Proxy:
         config: Config,
         audit: AuditSink,
         attributor: Attributor | None,
+        policy: Callable[[], Any] | None = None,
     ) -> None:
         self.config = config
         self.audit = audit
         self.attributor = attributor
+        self.policy = policy
         self.servers: list[asyncio.base_events.Server] = []
         self.connections: set[ClientSide] = set()
         self.backend_keys: dict[tuple[str, int, int, int], str] = {}
@@ -162,6 +188,9 @@ class ClientSide(asyncio.Protocol):
         self.destination: tuple[str, int] | None = None
         self.closed = False
         self.key_registered: tuple[str, int, int, int] | None = None
+        self._deferred: list[Actions] | None = None  # actions waiting for a durable commit
+        self.client_write_paused = False  # the client's transport is above its high-water mark
+        self.upstream_write_paused = False
 
     # asyncio callbacks --------------------------------------------------
 
@@ -182,7 +211,7 @@ class ClientSide(asyncio.Protocol):
         error = task.exception()
         if error is not None:
             log.error(
-                "session setup failed",
+                "session task failed",
                 exc_info=error,
                 extra={"event": "proxy.setup_failed", "session_id": self.session_id},
             )
@@ -211,11 +240,13 @@ class ClientSide(asyncio.Protocol):
         self._close_all()
 
     def pause_writing(self) -> None:
+        self.client_write_paused = True
         if self.upstream and self.upstream.transport:
             self.upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.upstream and self.upstream.transport and not self.closed:
+        self.client_write_paused = False
+        if self.upstream and self.upstream.transport and not self.closed and self._deferred is None:
             self.upstream.transport.resume_reading()
 
     # setup --------------------------------------------------------------
@@ -245,6 +276,7 @@ class ClientSide(asyncio.Protocol):
             max_message=cfg.max_message_bytes,
             max_statement=cfg.max_statement_bytes,
             cancel_target=self.proxy.cancel_target(destination) if destination else None,
+            policy=self.proxy.policy,
         )
         if destination is None or (
             destination[1] == self.service.listen_port and _endpoint(local)["ip"] == destination[0]
@@ -283,6 +315,7 @@ class ClientSide(asyncio.Protocol):
             )
             return
         context["process"], context["attribution"] = await attribution_task
+        self.session.subject = local_subject(context["process"])
         if self.closed:
             return
         transport.resume_reading()
@@ -348,19 +381,81 @@ class ClientSide(asyncio.Protocol):
     # actions ------------------------------------------------------------
 
     def apply(self, actions: Actions) -> None:
-        """Record, then forward, then close, as the session asked."""
-        if actions.records:
-            emit = self.proxy.audit.emit
-            try:
-                for kind, record in actions.records:
-                    emit(kind, record, session_id=self.session_id)
-            except Exception as e:
-                log.error(
-                    "audit write failed; ending session",
-                    extra={"event": "audit.unavailable", "error": repr(e)},
-                )
-                self._fail_closed()
+        """Carry out what the session asked, in order.
+
+        Records are queued first. When the actions include durable records
+        (policy decisions), both directions pause until those are on disk;
+        anything arriving meanwhile waits behind them, so order is kept and
+        no decision takes effect before it is recorded.
+        """
+        if self._deferred is not None:
+            self._deferred.append(actions)
+            return
+        if not self._emit(actions):
+            return
+        if actions.durable:
+            self._deferred = [actions]
+            self._pause_both()
+            task = asyncio.get_running_loop().create_task(self._commit_durable())
+            task.add_done_callback(self._setup_done)
+            return
+        self._carry_out(actions)
+
+    def _emit(self, actions: Actions) -> bool:
+        if not actions.records:
+            return True
+        emit = self.proxy.audit.emit
+        try:
+            for kind, record in actions.records:
+                emit(kind, record, session_id=self.session_id)
+        except Exception as e:
+            log.error(
+                "audit write failed; ending session",
+                extra={"event": "audit.unavailable", "error": repr(e)},
+            )
+            self._fail_closed()
+            return False
+        return True
+
+    async def _commit_durable(self) -> None:
+        deferred = self._deferred
+        assert deferred is not None
+        while deferred and not self.closed:
+            actions = deferred.pop(0)
+            if actions.durable:
+                try:
+                    for kind, record in actions.durable:
+                        await self.proxy.audit.emit_durable(kind, record, session_id=self.session_id)
+                except Exception as e:
+                    log.error(
+                        "durable audit write failed; ending session",
+                        extra={"event": "audit.unavailable", "error": repr(e)},
+                    )
+                    self._fail_closed()
+                    return
+            self._carry_out(actions)
+            # Records of actions that arrived while waiting, in their order.
+            if deferred and not self.closed and not self._emit(deferred[0]):
                 return
+        self._deferred = None
+        self._resume_both()
+
+    def _pause_both(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.pause_reading()
+
+    def _resume_both(self) -> None:
+        if self.closed:
+            return
+        if self.transport is not None and not self.upstream_write_paused:
+            self.transport.resume_reading()
+        if (self.upstream is not None and self.upstream.transport is not None
+                and not self.client_write_paused):
+            self.upstream.transport.resume_reading()
+
+    def _carry_out(self, actions: Actions) -> None:
         if actions.to_server and self.upstream and self.upstream.transport:
             if len(actions.to_server) == 1:
                 self.upstream.transport.write(actions.to_server[0])
@@ -449,9 +544,11 @@ class UpstreamSide(asyncio.Protocol):
         client._close_all()
 
     def pause_writing(self) -> None:
+        self.client.upstream_write_paused = True
         if self.client.transport:
             self.client.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.client.transport and not self.client.closed:
+        self.client.upstream_write_paused = False
+        if self.client.transport and not self.client.closed and self.client._deferred is None:
             self.client.transport.resume_reading()

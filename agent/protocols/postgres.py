@@ -571,6 +571,10 @@ class BackendScanner:
 
     def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
         self.max_message = max_message
+        # After each feed: for every returned event, the offset in that chunk
+        # just past the last byte of its message, so a caller can cut the
+        # chunk at message boundaries.
+        self.ends: list[int] = []
         self._header = bytearray()  # a message header split across chunks
         self._kind = -1  # type of the message whose body is in progress
         self._remaining = 0  # body bytes of that message still to come
@@ -580,6 +584,8 @@ class BackendScanner:
 
     def feed(self, chunk: bytes) -> list[BackendEvent]:
         events: list[BackendEvent] = []
+        ends: list[int] = []
+        self.ends = ends
         pos = 0
         size = len(chunk)
         unpack_header = _HEADER.unpack_from
@@ -591,7 +597,7 @@ class BackendScanner:
                 pos += take
                 self._remaining -= take
                 if not self._remaining:
-                    self._finish(events)
+                    self._finish(events, ends, pos)
                 continue
             if self._header or size - pos < 5:
                 need = 5 - len(self._header)
@@ -618,25 +624,28 @@ class BackendScanner:
                 self._remaining = body_len - (size - pos)
                 pos = size
                 continue
-            self._start(kind, length, events)
+            self._start(kind, length, events, ends, pos - 5)
             if self._remaining == 0:
-                self._finish(events)
+                self._finish(events, ends, pos)
         if self._rows and not self._remaining:
-            self._flush_rows(events)
+            self._flush_rows(events, ends, pos)
         return events
 
-    def _flush_rows(self, events: list[BackendEvent]) -> None:
+    def _flush_rows(self, events: list[BackendEvent], ends: list[int], end: int) -> None:
         events.append(DataRows(self._rows, self._row_bytes))
+        ends.append(max(end, 0))
         self._rows = 0
         self._row_bytes = 0
 
-    def _start(self, kind: int, length: int, events: list[BackendEvent]) -> None:
+    def _start(
+        self, kind: int, length: int, events: list[BackendEvent], ends: list[int], start: int
+    ) -> None:
         if kind not in BACKEND_TYPES:
             raise ServerProtocolError(f"unknown backend message type {bytes([kind])!r}")
         if length < 4:
             raise ServerProtocolError(f"invalid message length {length}")
         if self._rows:
-            self._flush_rows(events)
+            self._flush_rows(events, ends, start)
         self._kind = kind
         self._remaining = length - 4
         if kind in _DECODED:
@@ -648,23 +657,23 @@ class BackendScanner:
         else:
             self._body = None
 
-    def _finish(self, events: list[BackendEvent]) -> None:
+    def _finish(self, events: list[BackendEvent], ends: list[int], end: int) -> None:
         kind = self._kind
         body = self._body
         self._kind = -1
         self._body = None
         if kind == 0x44:
             return
-        marker = _MARKERS.get(kind)
-        if marker is not None:
-            events.append(marker)
-            return
-        copy = _COPY.get(kind)
-        if copy is not None:
-            events.append(CopyResponse(copy))
-            return
-        if body is not None:
-            events.append(_decode_backend(kind, bytes(body)))
+        event: BackendEvent | None = _MARKERS.get(kind)
+        if event is None:
+            copy = _COPY.get(kind)
+            if copy is not None:
+                event = CopyResponse(copy)
+            elif body is not None:
+                event = _decode_backend(kind, bytes(body))
+        if event is not None:
+            events.append(event)
+            ends.append(end)
 
 
 # --------------------------------------------------------------------------

@@ -34,7 +34,7 @@ class AgentProcess:
     """Writes a config, starts ``ringfence run`` in ``ns``, waits for READY=1."""
 
     def __init__(self, ns: NetNS, workdir: Path, *, bpf_mode: str = "required",
-                 extra: str = "", services: str | None = None) -> None:
+                 extra: str = "", services: str | None = None, policy: Path | None = None) -> None:
         self.ns = ns
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -55,6 +55,9 @@ mode = "{bpf_mode}"
 
 [audit]
 path = "{workdir / 'audit'}"
+
+[policy]
+path = "{policy or REPO / 'packaging' / 'policy.toml'}"
 
 {extra}
 
@@ -114,7 +117,7 @@ path = "{workdir / 'audit'}"
 
     def records(self) -> list[dict[str, Any]]:
         """Every audit record so far, via ``ringfence audit tail --json``."""
-        done = ringfence("audit", "tail", "--json", config=self.config)
+        done = ringfence("audit", "tail", "--json", "--lines", "1000000000", config=self.config)
         if done.returncode != 0:
             raise RuntimeError(f"audit tail failed: {done.stderr}")
         return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]

@@ -271,3 +271,16 @@ def test_error_response_writer_round_trips() -> None:
     assert (event.severity, event.sqlstate, event.message) == ("ERROR", "42501", "blocked")
     assert event.fields["H"] == "ask"
     assert pg.ready_for_query("T") == b"Z\x00\x00\x00\x05T"
+
+
+def test_backend_scanner_reports_message_end_offsets() -> None:
+    """Each event comes with the offset just past its message, so a chunk can be cut there."""
+    stream = server_stream(2)
+    scanner = pg.BackendScanner()
+    events = scanner.feed(stream)
+    assert len(scanner.ends) == len(events)
+    assert scanner.ends[-1] == len(stream)
+    error_index = next(i for i, e in enumerate(events) if isinstance(e, pg.ErrorResponse))
+    start = scanner.ends[error_index - 1]
+    (only,) = pg.BackendScanner().feed(stream[start : scanner.ends[error_index]])
+    assert isinstance(only, pg.ErrorResponse) and only.sqlstate == "42P01"

@@ -1,0 +1,120 @@
+"""Policy enforcement inside the PostgreSQL session: blocked statements never reach the server."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.pgsession import SUBSTITUTE_SQL, PostgresSession
+from agent.protocols import postgres as pg
+from policy import load_policy, parse_policy
+
+REPO = Path(__file__).resolve().parents[2]
+POLICY = load_policy(REPO / "packaging" / "policy.toml")
+
+
+def msg(kind: bytes, body: bytes) -> bytes:
+    return kind + struct.pack("!i", len(body) + 4) + body
+
+
+SYNTAX_ERROR = msg(b"E", b"SERROR\x00C42601\x00Msyntax error at or near \"ringfence\"\x00\x00")
+STARTUP = pg.startup_message({"user": "alice", "database": "shop"})
+
+
+def ready(policy: Any = POLICY) -> PostgresSession:
+    s = PostgresSession("s1", {"service": "postgres"}, policy=lambda: policy)
+    s.client_data(STARTUP)
+    s.server_data(msg(b"R", struct.pack("!i", 0)) + msg(b"Z", b"I"))
+    return s
+
+
+def decoded(data: bytes) -> list[pg.BackendEvent]:
+    return pg.BackendScanner().feed(data)
+
+
+def test_connection_decision_is_durable_before_startup_is_forwarded() -> None:
+    """The connection's policy.decision is a durable record in the same step as the forward."""
+    s = PostgresSession("s1", {"service": "postgres"}, policy=lambda: POLICY)
+    actions = s.client_data(STARTUP)
+    assert actions.to_server == [STARTUP]
+    (decision,) = [r for t, r in actions.durable if t == "policy.decision"]
+    assert decision["effect"] == "allow" and decision["scope"] == "connection"
+
+
+def test_denied_connection_gets_28000_and_nothing_is_forwarded() -> None:
+    """A policy that denies the connection answers the startup with FATAL 28000."""
+    deny = parse_policy('[defaults]\nunidentified = "deny"\n')
+    s = PostgresSession("s1", {"service": "postgres"}, policy=lambda: deny)
+    actions = s.client_data(STARTUP)
+    assert actions.to_server == [] and actions.close
+    (error,) = decoded(actions.to_client[0])
+    assert isinstance(error, pg.ErrorResponse) and error.sqlstate == "28000"
+
+
+def test_blocked_simple_query_is_replaced_and_answered_with_42501() -> None:
+    """DROP TABLE never reaches the server; the client gets 42501 naming the rule, then Z."""
+    s = ready()
+    actions = s.client_data(pg.query_message("DROP TABLE accounts"))
+    assert actions.to_server == [pg.query_message(SUBSTITUTE_SQL)]
+    assert b"accounts" not in b"".join(actions.to_server)
+    (decision,) = [r for t, r in actions.durable if t == "policy.decision"]
+    assert decision["effect"] == "block" and decision["rule_id"] == "block-drop"
+    (query,) = [r for t, r in actions.records if t == "query"]
+    assert query["text"] == "DROP TABLE accounts" and query["policy"]["effect"] == "block"
+
+    reply = s.server_data(SYNTAX_ERROR + msg(b"Z", b"T"))
+    error, z = decoded(b"".join(reply.to_client))
+    assert isinstance(error, pg.ErrorResponse) and error.sqlstate == "42501"
+    assert "block-drop" in error.message
+    assert z == pg.ReadyForQuery("T")
+    (result,) = [r for t, r in reply.records if t == "result"]
+    assert result["outcome"] == "blocked"
+
+
+@pytest.mark.parametrize("cut", [1, 3, 5, 8, len(SYNTAX_ERROR) - 1, len(SYNTAX_ERROR) + 2])
+def test_replacement_works_across_any_chunk_split(cut: int) -> None:
+    """However the server's reply is split, the client sees exactly our error and the Z."""
+    s = ready()
+    s.client_data(pg.query_message("TRUNCATE accounts"))
+    stream = SYNTAX_ERROR + msg(b"Z", b"I")
+    out = b"".join(s.server_data(stream[:cut]).to_client + s.server_data(stream[cut:]).to_client)
+    error, z = decoded(out)
+    assert isinstance(error, pg.ErrorResponse) and "block-truncate" in error.message
+    assert z == pg.ReadyForQuery("I")
+
+
+def test_pipeline_keeps_earlier_results_and_replaces_only_the_blocked_error() -> None:
+    """In one extended pipeline, the allowed statement's replies pass byte for byte; the
+    blocked Parse's error is ours and the server skips to Sync as it would after an error."""
+    s = ready()
+    ok = (msg(b"P", b"\x00select 1\x00\x00\x00") + msg(b"B", b"\x00\x00\x00\x00\x00\x00\x00\x00")
+          + msg(b"E", b"\x00\x00\x00\x00\x00") + msg(b"S", b""))
+    bad = (msg(b"P", b"\x00DELETE FROM accounts\x00\x00\x00")
+           + msg(b"B", b"\x00\x00\x00\x00\x00\x00\x00\x00") + msg(b"E", b"\x00\x00\x00\x00\x00")
+           + msg(b"S", b""))
+    actions = s.client_data(ok + bad)
+    sent = b"".join(actions.to_server)
+    assert b"DELETE FROM accounts" not in sent and SUBSTITUTE_SQL.encode() in sent
+    first = (msg(b"1", b"") + msg(b"2", b"") + msg(b"D", struct.pack("!hi", 1, 1) + b"1")
+             + msg(b"C", b"SELECT 1\x00") + msg(b"Z", b"I"))
+    reply = s.server_data(first + SYNTAX_ERROR + msg(b"Z", b"I"))
+    out = b"".join(reply.to_client)
+    assert out.startswith(first)
+    error, z = decoded(out[len(first):])
+    assert isinstance(error, pg.ErrorResponse) and "block-delete-without-where" in error.message
+    assert z == pg.ReadyForQuery("I")
+    outcomes = [r["outcome"] for t, r in reply.records if t == "result"]
+    assert outcomes == ["success", "blocked", "failure"]
+
+
+def test_allowed_query_carries_the_rule_in_its_record() -> None:
+    """An allowed statement is forwarded as it came and its query record names the decision."""
+    s = ready()
+    q = pg.query_message("select * from accounts where id = 1")
+    actions = s.client_data(q)
+    assert actions.to_server == [q] and actions.durable == []
+    (query,) = [r for t, r in actions.records if t == "query"]
+    assert query["policy"]["effect"] == "allow" and query["policy"]["classes"] == ["read"]
