@@ -8,6 +8,7 @@ import click
 
 from agent import __version__
 from agent.cli_audit import audit
+from agent.cli_bpf import bpf, cleanup
 from agent.cli_identity import login, logout, whoami
 from agent.cli_policy import policy
 from agent.config import Config, ConfigError, load_config
@@ -83,6 +84,8 @@ def redirect_clean() -> None:
 
 
 main.add_command(audit)
+main.add_command(bpf)
+main.add_command(cleanup)
 main.add_command(policy)
 main.add_command(login)
 main.add_command(logout)

@@ -45,6 +45,10 @@ class AgentSettings:
     max_message_bytes: int = 64 * 1024 * 1024
     # How much of a statement's text is kept in its audit record.
     max_statement_bytes: int = 64 * 1024
+    # After a crash or kill, `ringfence cleanup` (the service's ExecStopPost)
+    # keeps the redirect rules: protected ports refuse connections until the
+    # agent is back, instead of being reachable without an audit trail.
+    fail_closed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +305,7 @@ def _agent(t: _Table) -> AgentSettings:
         listen_addresses=tuple(addresses),
         max_message_bytes=max_message,
         max_statement_bytes=max_statement,
+        fail_closed=t.get("fail_closed", bool, d.fail_closed),
     )
     t.finish()
     return settings
