@@ -11,14 +11,17 @@ import os
 import platform
 import shutil
 import socket
+import stat
 import subprocess
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 
 from agent.attribution import Check, doctor_checks
 from agent.config import Config, ConfigError, load_config, resolve_config_path
-from agent.redirect import IPV4, IPV6, Family, RedirectError, family_available, _restore
+from agent.redirect import IPV4, IPV6, Family, RedirectError, _restore, family_available
 
 
 def _config_check(path: str | None) -> tuple[Check, Config | None]:
@@ -74,23 +77,47 @@ def _redirect_check(family: Family, port: int) -> Check:
     return Check(name, True, "REDIRECT rule added and removed in a scratch chain")
 
 
-def _state_dir_check(config: Config) -> Check:
-    state = config.agent.state_dir
-    if not state.exists():
-        return Check("state directory", True, f"{state} will be created (mode 0700)")
-    st = state.stat()
+def _loose_mode(path: Path, allowed: int) -> list[str]:
+    """What is wrong with ``path``'s owner and mode, for a root-only file or directory."""
+    st = path.lstat()
     problems = []
     if st.st_uid != 0:
         problems.append(f"owned by uid {st.st_uid}")
-    if st.st_mode & 0o077:
-        problems.append(f"mode {oct(st.st_mode & 0o777)}")
-    for key in sorted(state.rglob("*.key")):
-        if key.stat().st_mode & 0o077:
-            problems.append(f"{key} readable by others")
+    if stat.S_ISLNK(st.st_mode):
+        problems.append("a symbolic link")
+    elif st.st_mode & 0o777 & ~allowed:
+        problems.append(f"mode {st.st_mode & 0o777:04o}")
+    return problems
+
+
+def _state_dir_check(config: Config) -> Check:
+    """The state directory (audit trail, key, BPF attachment records): root's alone."""
+    state = config.agent.state_dir
+    if not state.exists():
+        return Check("state directory", True, f"{state} does not exist yet; the agent creates it (mode 0700)")
+    if not state.is_dir():
+        return Check("state directory", False, f"{state} is not a directory",
+                     f"move {state} away, or set [agent] state_dir")
+    problems = _loose_mode(state, 0o700)
     if problems:
         return Check("state directory", False, f"{state}: {', '.join(problems)}",
-                     f"chown -R root:root {state} && chmod 0700 {state} && chmod 0600 {state}/*.key")
+                     f"chown root:root {state} && chmod 0700 {state}")
     return Check("state directory", True, f"{state} (root, 0700)")
+
+
+def _audit_key_check(config: Config) -> Check:
+    """The checkpoint signing key: whoever reads it can sign checkpoints."""
+    key = config.audit.key_path or config.agent.state_dir / "audit.key"
+    if not key.exists() and not key.is_symlink():
+        return Check("audit key", True, f"{key} does not exist yet; the agent creates it (mode 0600)")
+    if not key.is_file():
+        return Check("audit key", False, f"{key} is not a regular file", f"move {key} away")
+    problems = _loose_mode(key, 0o600)
+    if problems:
+        return Check("audit key", False, f"{key}: {', '.join(problems)}",
+                     f"chown root:root {key} && chmod 0600 {key}; if others could read it, "
+                     "treat it as leaked: archive the trail, move the key away and restart")
+    return Check("audit key", True, f"{key} (root, 0600)")
 
 
 def _ports_check(config: Config) -> Check:
@@ -129,6 +156,17 @@ def _policy_check(config: Config) -> Check | None:
     return Check("policy", True, f"{settings.path} is valid (version {str(loaded.version)[:12]})")
 
 
+def _bpf_checks(config: Config) -> list[Check]:
+    """BPF checks; the compile check merges split kernel headers in a scratch
+    directory while the state directory does not exist, so that the doctor
+    never creates it (with the wrong mode) itself."""
+    state = config.agent.state_dir
+    if state.is_dir():
+        return doctor_checks(config.bpf, state)
+    with tempfile.TemporaryDirectory(prefix="ringfence-doctor-") as scratch:
+        return doctor_checks(config.bpf, Path(scratch))
+
+
 def collect_checks(config_path: str | None) -> list[tuple[Check, bool]]:
     """Every check, with whether its failure stops the agent (False: degraded only)."""
     config_check, config = _config_check(config_path)
@@ -142,8 +180,10 @@ def collect_checks(config_path: str | None) -> list[tuple[Check, bool]]:
         checks.append((_redirect_check(IPV6, port), False))
     bpf_fatal = config.bpf.mode == "required"
     if config.bpf.mode != "off":
-        checks += [(c, bpf_fatal) for c in doctor_checks(config.bpf, config.agent.state_dir)]
-    extra: list[Callable[[Config], Check | None]] = [_state_dir_check, _ports_check, _policy_check]
+        checks += [(c, bpf_fatal) for c in _bpf_checks(config)]
+    extra: list[Callable[[Config], Check | None]] = [
+        _state_dir_check, _audit_key_check, _ports_check, _policy_check,
+    ]
     for make in extra:
         check = make(config)
         if check is not None:
