@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import struct
 import sys
 import threading
 import time
@@ -30,7 +31,7 @@ import msgpack
 
 from audit.checkpoint import Checkpoint, Signer, load_or_create_key
 from audit.errors import AuditUnavailable, StoreCorrupt, UnknownEventType
-from audit.merkle import leaf_hash, stored_hash_count
+from audit.merkle import Frontier, leaf_hash, stored_hash_count
 from audit.schema import (
     AUDIT_LOSS,
     CHECKPOINT,
@@ -58,6 +59,9 @@ if TYPE_CHECKING:
     from agent.config import AuditSettings
 
 log = logging.getLogger("ringfence.audit")
+_KEY = struct.Struct(">Q").pack
+_HEAD = struct.Struct(">BBBQBQBB").pack
+_UINT = struct.Struct(">BQ").pack
 
 # (type, session_id, ts_ns, event bytes, waiter); the waiter is None (batched),
 # a _Waiter (strict) or, for checkpoint records, the tree size they cover.
@@ -154,8 +158,12 @@ class AuditLog:
         self._lost_last_ts = 0
         self._lost_reason = ""
         self._internal: list[_Item] = []
+        self._inflight: list[_Item] = []  # taken from the queue, not yet committed or dropped
         self._next_retry = 0.0
         self._packer = msgpack.Packer(use_bin_type=True)
+        # type -> msgpack(type); session id -> msgpack(host) + msgpack(session id).
+        self._enc_type: dict[str, bytes] = {}
+        self._enc_sid: dict[str | None, bytes] = {}
         self.last_export_error: str | None = None
 
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -319,11 +327,13 @@ class AuditLog:
             with self._cond:
                 self._healthy = False
                 self.failure = f"writer stopped: {e}"
-                pending = list(self._queue)
+                pending = self._inflight + list(self._queue)
+                self._inflight = []
                 self._queue.clear()
                 for item in pending:
-                    self._count_lost(item[0], item[2])
-                self._processed += len(pending)
+                    if not isinstance(item[4], int):
+                        self._count_lost(item[0], item[2])
+                        self._processed += 1
                 self._cond.notify_all()
             self._fail_waiters(pending, AuditUnavailable(self.failure))
 
@@ -367,6 +377,7 @@ class AuditLog:
             if self._blocked:
                 cond.notify_all()
             done = self._closing and not self._queue
+            self._inflight = batch
         return batch, done
 
     def _housekeeping_due(self) -> bool:
@@ -413,19 +424,24 @@ class AuditLog:
 
     def _commit(self, batch: list[_Item]) -> None:
         """Write a batch in one transaction; on success advance the chain and resolve waiters."""
-        seq = self.next_seq
-        first = seq
+        seq = first = self.next_seq
         prev = self.prev_leaf
-        frontier = self.frontier.copy()
-        hashes: list[bytes] = []
+        stack = list(self.frontier.hashes)
+        size = self.frontier.size
+        si = stored_hash_count(first)
         records: list[tuple[bytes, bytes]] = []
+        nodes: list[tuple[bytes, bytes]] = []
         sessions: list[tuple[bytes, bytes]] = []
         checkpoints: list[tuple[bytes, bytes]] = []
+        strict: list[tuple[_Waiter, int]] = []
         counters = self._sessions
-        pack = self._packer.pack
-        host = self.host
+        head = _HEAD
+        enc_type = self._enc_type
+        enc_sid = self._enc_sid
+        key = _KEY
         sha256 = hashlib.sha256
         since = self._since_checkpoint
+        internal = 0
         for type, sid, ts, data, waiter in batch:
             if sid is None:
                 index = None
@@ -436,33 +452,69 @@ class AuditLog:
                 else:
                     counters[sid] = index + 1
                 if type == SESSION_START:
-                    sessions.append((sid.encode(), u64(seq)))
-            if type == CHECKPOINT:
-                assert isinstance(waiter, int)
-                checkpoints.append((u64(waiter), u64(seq)))
-                since = 0
-            else:
+                    sessions.append((sid.encode(), key(seq)))
+            if waiter is None:
                 since += 1
-            raw = b"\x99" + pack([ENVELOPE_VERSION, seq, ts, prev, type, host, sid, index])[1:] + data
-            prev = sha256(b"\x00" + raw).digest()
-            frontier.append(prev, hashes)
-            records.append((u64(seq), raw))
+            elif isinstance(waiter, _Waiter):
+                strict.append((waiter, seq))
+                since += 1
+            else:
+                assert isinstance(waiter, int)
+                checkpoints.append((key(waiter), key(seq)))
+                since = 0
+                internal += 1
+            # The envelope, assembled by hand: ints are written as msgpack uint64 so the
+            # layout is fixed; strings are encoded once and cached.
+            try:
+                names = enc_type[type] + enc_sid[sid]
+            except KeyError:
+                names = self._encode_names(type, sid)
+            raw = b"".join(
+                (
+                    head(0x99, ENVELOPE_VERSION, 0xCF, seq, 0xCF, ts, 0xC4, 32),
+                    prev,
+                    names,
+                    b"\xc0" if index is None else _UINT(0xCF, index),
+                    data,
+                )
+            )
+            h = prev = sha256(b"\x00" + raw).digest()
+            records.append((key(seq), raw))
+            nodes.append((key(si), h))
+            si += 1
+            # Complete the subtrees this leaf closes (one per trailing 1 bit of size).
+            m = size
+            while m & 1:
+                h = sha256(b"\x01" + stack.pop() + h).digest()
+                nodes.append((key(si), h))
+                si += 1
+                m >>= 1
+            stack.append(h)
+            size += 1
             seq += 1
-        base = stored_hash_count(first)
-        nodes = [(u64(base + i), h) for i, h in enumerate(hashes)]
         seg = self.store.segments[-1]
         self._write(seg, records, nodes, sessions, checkpoints, seq)
         self.next_seq = seq
         self.prev_leaf = prev
-        self.frontier = frontier
+        self.frontier = Frontier(size, stack)
         self._since_checkpoint = since
-        for i, item in enumerate(batch):
-            waiter = item[4]
-            if isinstance(waiter, _Waiter):
-                waiter.resolve(first + i, None)
         with self._cond:
-            self._processed += sum(1 for item in batch if not isinstance(item[4], int))
+            self._inflight = []
+        for waiter, wseq in strict:
+            waiter.resolve(wseq, None)
+        with self._cond:
+            self._processed += len(batch) - internal
             self._cond.notify_all()
+
+    def _encode_names(self, type: str, sid: str | None) -> bytes:
+        """msgpack of the type, host and session id fields (cached, bounded)."""
+        if len(self._enc_sid) > 100_000:
+            self._enc_sid.clear()
+        if type not in self._enc_type:
+            self._enc_type[type] = self._packer.pack(type)
+        if sid not in self._enc_sid:
+            self._enc_sid[sid] = self._packer.pack(self.host) + self._packer.pack(sid)
+        return self._enc_type[type] + self._enc_sid[sid]
 
     def _write(
         self,
@@ -517,6 +569,7 @@ class AuditLog:
             return
         error = AuditUnavailable(f"audit store is failing: {self.failure}")
         with self._cond:
+            self._inflight = []
             for item in batch:
                 if isinstance(item[4], int):
                     self._checkpoint_due = True  # a checkpoint record is retried, not counted

@@ -60,3 +60,6 @@ def session_events(log: AuditLog, sid: str, statements: int = 3) -> None:
         log.emit("query", {"text": f"select {i}", "protocol": "simple"}, session_id=sid)
         log.emit("result", {"rows": i, "outcome": "success", "duration_ms": 0.5}, session_id=sid)
     log.emit("session.end", {"reason": "client closed", "outcome": "success"}, session_id=sid)
+
+
+ROOT_DIR = Path(__file__).resolve().parents[3]
