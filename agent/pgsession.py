@@ -474,6 +474,10 @@ class PostgresSession:
     def connection_lost(self, reason: str, outcome: str = "success") -> Actions:
         """The connection ended (either side closed, or the agent stopped)."""
         actions = Actions()
+        if self.frontend.buffered:
+            reason = (f"{reason}; truncated message: {self.frontend.buffered} bytes of an "
+                      "incomplete client message discarded")
+            outcome = "failure"
         if self.phase == "auth" and self.last_error is not None:
             reason = f"authentication failed: {self.last_error.get('message', '')}"
             outcome = "failure"

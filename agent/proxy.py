@@ -189,6 +189,7 @@ class ClientSide(asyncio.Protocol):
         self.closed = False
         self.key_registered: tuple[str, int, int, int] | None = None
         self._deferred: list[Actions] | None = None  # actions waiting for a durable commit
+        self._early: list[bytes] | None = []  # client bytes that arrived during setup
         self.client_write_paused = False  # the client's transport is above its high-water mark
         self.upstream_write_paused = False
 
@@ -225,10 +226,27 @@ class ClientSide(asyncio.Protocol):
             self._close_all()
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if self._early is not None:
+            # Setup is still running (uvloop starts reading right after
+            # connection_made, whatever it asked): hold the bytes.
+            self._early.append(data)
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
         session = self.session
-        if session is None or self.closed:
+        if session is None:
             return
         self.apply(session.client_data(data))
+
+    def _start_session(self) -> None:
+        """Setup is done: replay what arrived meanwhile, then read normally."""
+        early, self._early = self._early or [], None
+        if early and self.session is not None and not self.closed:
+            self.apply(self.session.client_data(b"".join(early)))
+        if self.transport is not None and not self.closed and self._deferred is None:
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool:
         return False
@@ -318,7 +336,7 @@ class ClientSide(asyncio.Protocol):
         self.session.subject = local_subject(context["process"])
         if self.closed:
             return
-        transport.resume_reading()
+        self._start_session()
 
     def _refuse_at_startup(self, sqlstate: str, message: str, reason: str) -> None:
         """Read the client's startup packet, then answer it with a FATAL error.
@@ -328,7 +346,7 @@ class ClientSide(asyncio.Protocol):
         """
         assert self.session is not None and self.transport is not None
         self.session.defer_refusal(sqlstate, message, reason)
-        self.transport.resume_reading()
+        self._start_session()
         asyncio.get_running_loop().call_later(STARTUP_TIMEOUT, self._startup_timeout)
 
     def _startup_timeout(self) -> None:

@@ -173,3 +173,12 @@ def test_deferred_refusal_answers_the_startup_packet() -> None:
     assert isinstance(error, pg.ErrorResponse) and error.sqlstate == "58000"
     (end,) = records(actions, "session.end")
     assert end["reason"] == "audit unavailable" and end["outcome"] == "failure"
+
+
+def test_close_with_a_partial_message_names_the_truncation() -> None:
+    """A client that closes mid-message gets a session.end saying the message was truncated."""
+    s, _ = session()
+    ready(s)
+    s.client_data(pg.query_message("select 1")[:7])
+    (end,) = records(s.connection_lost("client closed"), "session.end")
+    assert "truncated message: 7 bytes" in end["reason"] and end["outcome"] == "failure"

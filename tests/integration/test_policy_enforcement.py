@@ -1,0 +1,165 @@
+"""Policy enforcement through the agent, with real psql and psycopg sessions."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import require
+from tests.support.agent import REPO, AgentProcess
+from tests.support.netns import NetNS, netns
+from tests.support.pgserver import PgServer, pgserver
+
+DEFAULT_POLICY = (REPO / "packaging" / "policy.toml").read_text()
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[tuple[NetNS, PgServer, AgentProcess, Path]]:
+    require(os.geteuid() == 0, "root")
+    require(Path("/usr/lib/postgresql").is_dir(), "a PostgreSQL server (postgresql package)")
+    workdir = Path(tempfile.mkdtemp(prefix="ringfence-policy-"))
+    policy = workdir / "policy.toml"
+    policy.write_text(DEFAULT_POLICY)
+    with netns("rfpol") as ns, pgserver(ns) as server:
+        ns.run(["runuser", "-u", "postgres", "--", server.tool("psql"), "-h", str(server.sockdir),
+                "-c", "CREATE TABLE accounts (id int, owner text); INSERT INTO accounts VALUES (1, 'a');"
+                      "GRANT ALL ON accounts TO nobody"])
+        agent = AgentProcess(ns, workdir / "agent", policy=policy)
+        agent.start()
+        try:
+            yield ns, server, agent, policy
+        finally:
+            if agent.running:
+                agent.stop()
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def psql(ns: NetNS, server: PgServer, *commands: str) -> subprocess.CompletedProcess[str]:
+    argv = [server.tool("psql"), "-X", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"]
+    for c in commands:
+        argv += ["-c", c]
+    return subprocess.run(ns.argv(argv), capture_output=True, text=True, timeout=60)
+
+
+def table_exists(ns: NetNS, server: PgServer) -> bool:
+    done = ns.run(["runuser", "-u", "postgres", "--", server.tool("psql"), "-h", str(server.sockdir),
+                   "-tAc", "select to_regclass('public.accounts') is not null"])
+    return done.stdout.strip() == "t"
+
+
+class Driver:
+    """A psycopg session inside the namespace, one statement at a time."""
+
+    def __init__(self, ns: NetNS) -> None:
+        self.proc = ns.popen(
+            [sys.executable, "-m", "tests.support.pgdriver",
+             "host=127.0.0.1 port=5432 user=postgres dbname=postgres"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=str(REPO), env=dict(os.environ, PYTHONPATH=str(REPO)),
+        )
+
+    def __call__(self, sql: str) -> dict[str, Any]:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(sql.replace("\n", " ") + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"driver died: {self.proc.stderr.read() if self.proc.stderr else ''}")
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+def test_psql_blocked_drop_then_safe_query_in_same_session(stack: Any) -> None:
+    """psql gets 42501 naming the rule for DROP TABLE, the next query in the session works,
+    and the table still exists."""
+    ns, server, agent, _ = stack
+    done = psql(ns, server, "DROP TABLE accounts", "select count(*) as n from accounts")
+    assert "ERROR:  ringfence: statement blocked by policy rule block-drop" in done.stderr
+    assert " n \n---\n 1\n(1 row)" in done.stdout
+    assert table_exists(ns, server)
+    decisions = agent.wait_for(lambda rs: [r for r in rs if r["type"] == "policy.decision"
+                                           and r.get("effect") == "block"])
+    assert decisions[-1]["rule_id"] == "block-drop"
+    assert decisions[-1]["policy_version"]
+
+
+def test_block_inside_transaction_fails_it_like_a_server_error(stack: Any) -> None:
+    """Inside BEGIN, a blocked statement leaves the transaction failed, exactly as an error would."""
+    ns, server, _, _ = stack
+    done = psql(ns, server, "BEGIN", "TRUNCATE accounts", "select 1", "ROLLBACK")
+    assert "ringfence: statement blocked by policy rule block-truncate" in done.stderr
+    assert "current transaction is aborted, commands ignored until end of transaction block" in done.stderr
+    assert "ROLLBACK" in done.stdout
+    assert table_exists(ns, server)
+
+
+def test_psycopg_session_survives_blocks(stack: Any) -> None:
+    """psycopg: blocked DROP gets 42501 with the rule's message; then a safe query succeeds;
+    in a transaction the block leaves it in the failed state."""
+    ns, server, _, _ = stack
+    drive = Driver(ns)
+    try:
+        blocked = drive("DROP TABLE accounts")
+        assert blocked["ok"] is False and blocked["sqlstate"] == "42501"
+        assert "block-drop" in blocked["message"]
+        assert drive("select owner from accounts") == {"ok": True, "rows": [["a"]], "status": "SELECT 1",
+                                                       "transaction": "IDLE"}
+        assert drive("BEGIN")["transaction"] == "INTRANS"
+        failed = drive("DELETE FROM accounts")
+        assert failed["sqlstate"] == "42501" and failed["transaction"] == "INERROR"
+        assert drive("select 1")["sqlstate"] == "25P02"
+        assert drive("ROLLBACK")["transaction"] == "IDLE"
+    finally:
+        drive.close()
+    assert table_exists(ns, server)
+
+
+def test_hot_reload_applies_to_open_session_and_keeps_old_policy_on_error(stack: Any) -> None:
+    """A policy change reaches an open session's next statement; a broken file keeps the old
+    policy in force and the rejection is recorded."""
+    ns, server, agent, policy = stack
+    drive = Driver(ns)
+    try:
+        assert drive("select id from accounts")["ok"] is True
+        policy.write_text(DEFAULT_POLICY + """
+[[rule]]
+id = "no-reads-of-accounts"
+effect = "block"
+objects = ["accounts"]
+classes = ["read"]
+reason = "accounts are off limits"
+""")
+        agent.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        agent.wait_for(lambda rs: any(r["type"] == "policy.decision" and r.get("effect") == "reload"
+                                      for r in rs))
+        blocked = drive("select id from accounts")
+        assert blocked["sqlstate"] == "42501" and "no-reads-of-accounts" in blocked["message"]
+
+        policy.write_text("[[rule]\nid = broken")
+        agent.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        rejected = agent.wait_for(lambda rs: [r for r in rs if r["type"] == "policy.decision"
+                                              and r.get("effect") == "reload_rejected"])
+        assert "policy.toml:1" in rejected[-1]["reason"]
+        still = drive("select id from accounts")
+        assert still["sqlstate"] == "42501", "the previous policy stays in force"
+    finally:
+        drive.close()
+        policy.write_text(DEFAULT_POLICY)
+        agent.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        time.sleep(0.5)
