@@ -15,6 +15,10 @@ class UnknownEventType(AuditError):
     """An event type that the schema does not define."""
 
 
+class InvalidEvent(AuditError):
+    """An event with values msgpack cannot encode."""
+
+
 class RecordDecodeError(AuditError):
     """Stored bytes that do not decode into an audit record."""
 

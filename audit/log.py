@@ -30,7 +30,7 @@ import lmdb
 import msgpack
 
 from audit.checkpoint import Checkpoint, Signer, load_or_create_key
-from audit.errors import AuditUnavailable, StoreCorrupt, UnknownEventType
+from audit.errors import AuditUnavailable, InvalidEvent, StoreCorrupt, UnknownEventType
 from audit.merkle import Frontier, leaf_hash, stored_hash_count
 from audit.schema import (
     AUDIT_LOSS,
@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ringfence.audit")
 _KEY = struct.Struct(">Q").pack
+_PRODUCER_TYPES = EVENT_TYPES - STORE_EVENT_TYPES
 _HEAD = struct.Struct(">BBBQBQBB").pack
 _UINT = struct.Struct(">BQ").pack
 
@@ -161,6 +162,7 @@ class AuditLog:
         self._inflight: list[_Item] = []  # taken from the queue, not yet committed or dropped
         self._next_retry = 0.0
         self._packer = msgpack.Packer(use_bin_type=True)
+        self._tls = threading.local()  # one msgpack Packer per producer thread
         # type -> msgpack(type); session id -> msgpack(host) + msgpack(session id).
         self._enc_type: dict[str, bytes] = {}
         self._enc_sid: dict[str | None, bytes] = {}
@@ -284,9 +286,17 @@ class AuditLog:
     def _put(
         self, type: str, event: Mapping[str, Any], session_id: str | None, waiter: _Waiter | None
     ) -> None:
-        if type not in EVENT_TYPES or type in STORE_EVENT_TYPES:
+        if type not in _PRODUCER_TYPES:
             raise UnknownEventType(f"{type!r} is not an event type producers may emit")
-        data = encode_event(event)
+        try:
+            packer = self._tls.packer
+        except AttributeError:
+            packer = self._tls.packer = msgpack.Packer(use_bin_type=True)
+        try:
+            data: bytes = packer.pack(event)
+        except (TypeError, ValueError, OverflowError) as e:
+            packer.reset()
+            raise InvalidEvent(f"event cannot be encoded: {e}") from None
         ts = time.time_ns()
         item: _Item = (type, session_id, ts, data, waiter)
         cond = self._cond
@@ -430,7 +440,7 @@ class AuditLog:
         size = self.frontier.size
         si = stored_hash_count(first)
         records: list[tuple[bytes, bytes]] = []
-        nodes: list[tuple[bytes, bytes]] = []
+        nodes: list[bytes] = []
         sessions: list[tuple[bytes, bytes]] = []
         checkpoints: list[tuple[bytes, bytes]] = []
         strict: list[tuple[_Waiter, int]] = []
@@ -480,20 +490,18 @@ class AuditLog:
             )
             h = prev = sha256(b"\x00" + raw).digest()
             records.append((key(seq), raw))
-            nodes.append((key(si), h))
-            si += 1
+            nodes.append(h)
             # Complete the subtrees this leaf closes (one per trailing 1 bit of size).
             m = size
             while m & 1:
                 h = sha256(b"\x01" + stack.pop() + h).digest()
-                nodes.append((key(si), h))
-                si += 1
+                nodes.append(h)
                 m >>= 1
             stack.append(h)
             size += 1
             seq += 1
         seg = self.store.segments[-1]
-        self._write(seg, records, nodes, sessions, checkpoints, seq)
+        self._write(seg, records, (key(si), b"".join(nodes)), sessions, checkpoints, seq)
         self.next_seq = seq
         self.prev_leaf = prev
         self.frontier = Frontier(size, stack)
@@ -520,7 +528,7 @@ class AuditLog:
         self,
         seg: Segment,
         records: list[tuple[bytes, bytes]],
-        nodes: list[tuple[bytes, bytes]],
+        nodes: tuple[bytes, bytes],
         sessions: list[tuple[bytes, bytes]],
         checkpoints: list[tuple[bytes, bytes]],
         next_seq: int,
@@ -530,7 +538,7 @@ class AuditLog:
             try:
                 with env.begin(write=True) as txn:
                     txn.cursor(db=seg.db(DB_RECORDS)).putmulti(records, append=True)
-                    txn.cursor(db=seg.db(DB_NODES)).putmulti(nodes, append=True)
+                    txn.put(nodes[0], nodes[1], db=seg.db(DB_NODES), append=True)
                     for key, value in sessions:
                         txn.put(key, value, db=seg.db(DB_SESSIONS))
                     for key, value in checkpoints:

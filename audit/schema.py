@@ -21,7 +21,7 @@ from typing import Any, Literal, NotRequired, TypedDict
 
 import msgpack
 
-from audit.errors import RecordDecodeError, UnknownEventType
+from audit.errors import InvalidEvent, RecordDecodeError, UnknownEventType
 
 ENVELOPE_VERSION = 1
 ZERO_HASH = bytes(32)
@@ -272,7 +272,7 @@ def encode_event(event: Mapping[str, Any]) -> bytes:
     try:
         data: bytes = msgpack.packb(event, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as e:
-        raise RecordDecodeError(f"event cannot be encoded: {e}") from None
+        raise InvalidEvent(f"event cannot be encoded: {e}") from None
     return data
 
 

@@ -3,7 +3,8 @@
 ``<path>/seg-NNNNNN/`` is one LMDB environment holding, in named databases:
 
 ``records``      seq (8 bytes big-endian) -> the stored envelope bytes
-``nodes``        stored-hash index (8 bytes big-endian) -> 32-byte Merkle hash
+``nodes``        index of the first stored hash a commit appended (8 bytes big-endian)
+                 -> those 32-byte Merkle hashes, concatenated (one entry per commit)
 ``sessions``     session_id (utf-8) -> seq of its ``session.start``
 ``checkpoints``  tree size (8 bytes big-endian) -> seq of the checkpoint record
 ``meta``         format, segment number, first_seq, created_ns, next_seq,
@@ -170,6 +171,20 @@ class Segment:
         return int((info["last_pgno"] + 1) * stat["psize"])
 
 
+def node_chunk(txn: lmdb.Transaction, db: Any, si: int) -> tuple[int, bytes] | None:
+    """The nodes entry (first index, concatenated hashes) holding stored hash ``si``."""
+    cur = txn.cursor(db=db)
+    if cur.set_range(u64(si)) and from_u64(cur.key()) == si:
+        return si, bytes(cur.value())
+    if not (cur.prev() if cur.key() else cur.last()):
+        return None
+    start = from_u64(cur.key())
+    value = bytes(cur.value())
+    if start <= si < start + len(value) // 32:
+        return start, value
+    return None
+
+
 class ReadTxn:
     """A read transaction that adopts a map grown by another process and excludes resizes."""
 
@@ -324,10 +339,11 @@ class Store:
         if seg is None:
             raise StoreCorrupt(f"no segment holds tree hash ({level}, {index})")
         with seg.read() as txn:
-            value = txn.get(u64(si), db=seg.db(DB_NODES))
-        if value is None or len(value) != 32:
+            found = node_chunk(txn, seg.db(DB_NODES), si)
+        if found is None:
             raise StoreCorrupt(f"tree hash ({level}, {index}) is missing")
-        return bytes(value)
+        start, value = found
+        return value[(si - start) * 32 : (si - start + 1) * 32]
 
     def frontier(self, size: int) -> Frontier:
         """The tree frontier at ``size`` from stored hashes (or a segment's saved frontier)."""

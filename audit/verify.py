@@ -28,7 +28,17 @@ from audit.merkle import (
     verify_inclusion,
 )
 from audit.schema import CHECKPOINT, ZERO_HASH, decode_record
-from audit.store import DB_META, DB_NODES, DB_RECORDS, READ_BATCH, Segment, Store, from_u64, u64
+from audit.store import (
+    DB_META,
+    DB_NODES,
+    DB_RECORDS,
+    READ_BATCH,
+    Segment,
+    Store,
+    from_u64,
+    node_chunk,
+    u64,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,20 +112,27 @@ def _segment_chunks(seg: Segment, start: int) -> Iterator[list[tuple[int, bytes]
 def _read_nodes(seg: Segment, lo: int, hi: int) -> dict[int, bytes]:
     out: dict[int, bytes] = {}
     with seg.read() as txn:
-        cur = txn.cursor(db=seg.db(DB_NODES))
-        if cur.set_range(u64(lo)):
-            for key, value in cur:
-                si = from_u64(key)
-                if si >= hi:
-                    break
-                out[si] = bytes(value)
+        db = seg.db(DB_NODES)
+        first = node_chunk(txn, db, lo)
+        cur = txn.cursor(db=db)
+        if not cur.set_range(u64(first[0] if first else lo)):
+            return out
+        for key, value in cur:
+            start = from_u64(key)
+            if start >= hi:
+                break
+            for j in range(len(value) // 32):
+                if lo <= start + j < hi:
+                    out[start + j] = bytes(value[j * 32 : j * 32 + 32])
     return out
 
 
 def _last_node_index(seg: Segment) -> int | None:
     with seg.read() as txn:
         cur = txn.cursor(db=seg.db(DB_NODES))
-        return from_u64(cur.key()) if cur.last() else None
+        if not cur.last():
+            return None
+        return from_u64(cur.key()) + len(cur.value()) // 32 - 1
 
 
 def _meta_next_seq(seg: Segment) -> int | None:

@@ -150,3 +150,16 @@ def test_time_based_checkpoint_is_written(new_log: Any, audit_dir: Path) -> None
         time.sleep(0.02)
     cps = [r for r in read_all(audit_dir) if r.type == "checkpoint"]
     assert cps and cps[0].event["size"] == 1
+
+
+def test_unencodable_event_is_refused_and_next_one_is_clean(new_log: Any, audit_dir: Path) -> None:
+    """An event msgpack cannot encode raises at emit and leaves no trace in the next record."""
+    from audit.errors import AuditError
+
+    log = new_log()
+    with pytest.raises(AuditError):
+        log.emit("query", {"text": "bad", "obj": object()})
+    log.emit("query", {"text": "good"})
+    log.close()
+    recs = [r for r in read_all(audit_dir) if r.type == "query"]
+    assert [dict(r.event) for r in recs] == [{"text": "good"}]

@@ -13,9 +13,9 @@ import pytest
 
 from audit.checkpoint import Checkpoint, Signer, open_checkpoint
 from audit.log import AuditLog
-from audit.merkle import leaf_hash, stored_hash_index
+from audit.merkle import leaf_hash, stored_hash_count, stored_hash_index
 from audit.schema import decode_record, encode_envelope, encode_event
-from audit.store import DB_META, DB_NODES, DB_RECORDS, Store, list_segments, u64
+from audit.store import DB_META, DB_NODES, DB_RECORDS, Store, list_segments, node_chunk, u64
 from audit.verify import VerifyReport, verify
 from tests.unit.audit.conftest import ORIGIN, make_log, session_events
 
@@ -47,6 +47,17 @@ def raw_env(audit_dir: Path) -> Iterator[tuple[lmdb.Environment, dict[bytes, Any
         yield env, dbs
     finally:
         env.close()
+
+
+def flip_stored_hash(audit_dir: Path, si: int, byte: int) -> None:
+    """Flip one byte of stored hash ``si`` in place."""
+    with raw_env(audit_dir) as (env, dbs), env.begin(write=True) as txn:
+        found = node_chunk(txn, dbs[DB_NODES], si)
+        assert found is not None
+        start, value = found
+        chunk = bytearray(value)
+        chunk[(si - start) * 32 + byte] ^= 0x80
+        txn.put(u64(start), bytes(chunk), db=dbs[DB_NODES])
 
 
 def get_raw(audit_dir: Path, seq: int) -> bytes:
@@ -96,22 +107,14 @@ def test_flipped_byte_in_record_body(audit_dir: Path, signer: Signer) -> None:
 def test_flipped_byte_in_stored_hash(audit_dir: Path, signer: Signer) -> None:
     """A changed byte in a stored Merkle node is found at the record that completes that node."""
     build(audit_dir, signer)
-    si = stored_hash_index(1, 6)  # the node over leaves 12 and 13
-    with raw_env(audit_dir) as (env, dbs), env.begin(write=True) as txn:
-        h = bytearray(txn.get(u64(si), db=dbs[DB_NODES]))
-        h[0] ^= 0x80
-        txn.put(u64(si), bytes(h), db=dbs[DB_NODES])
+    flip_stored_hash(audit_dir, stored_hash_index(1, 6), 0)  # the node over leaves 12 and 13
     assert_bad(check(audit_dir, signer), 13, "tree node (level 1)")
 
 
 def test_flipped_byte_in_stored_leaf_hash(audit_dir: Path, signer: Signer) -> None:
     """A changed stored leaf hash is found at its record."""
     build(audit_dir, signer)
-    si = stored_hash_index(0, 5)
-    with raw_env(audit_dir) as (env, dbs), env.begin(write=True) as txn:
-        h = bytearray(txn.get(u64(si), db=dbs[DB_NODES]))
-        h[31] ^= 0x01
-        txn.put(u64(si), bytes(h), db=dbs[DB_NODES])
+    flip_stored_hash(audit_dir, stored_hash_index(0, 5), 31)
     assert_bad(check(audit_dir, signer), 5, "leaf hash")
 
 
@@ -155,8 +158,13 @@ def test_truncated_tail_with_counters_rewritten_is_caught_by_witness(audit_dir: 
         cut = n - 6
         for seq in range(cut, n):
             txn.delete(u64(seq), db=dbs[DB_RECORDS])
+        keep = stored_hash_count(cut)
+        found = node_chunk(txn, dbs[DB_NODES], keep)
+        assert found is not None
+        start, value = found
+        txn.put(u64(start), value[: (keep - start) * 32], db=dbs[DB_NODES])
         cur = txn.cursor(db=dbs[DB_NODES])
-        if cur.set_range(u64(2 * cut - cut.bit_count())):
+        if cur.set_range(u64(start + 1)):
             while cur.delete():
                 pass
         txn.put(b"next_seq", u64(cut), db=dbs[DB_META])
