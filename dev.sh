@@ -4,7 +4,11 @@
 #   ./dev.sh setup   install Debian packages, create .venv, install ringfence into it
 #   ./dev.sh up      setup, start the local PostgreSQL cluster, run the agent in the
 #                    foreground with packaging/ringfence.toml (Ctrl-C stops and cleans up)
-#   ./dev.sh test    setup, then run the whole test suite (unit and integration)
+#   ./dev.sh test    setup, then run the whole test suite (unit and integration),
+#                    then build the packages and test them (package-test); with
+#                    arguments, only pytest with those arguments
+#   ./dev.sh package-test  setup, `make package`, then packaging/ci/package-test.sh:
+#                    install the .deb, smoke session, vagrant provisioning, purge
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -15,6 +19,7 @@ debian_packages=(
     iptables iproute2 procps util-linux sudo kmod
     python3 python3-venv python3-dev python3-bpfcc bpftool linux-headers-amd64
     gcc make git haproxy
+    rpm
 )
 
 need_root() {
@@ -63,6 +68,11 @@ start_local_postgres() {
     done
 }
 
+package_test() {
+    make package
+    packaging/ci/package-test.sh
+}
+
 case "${1:-}" in
     setup)
         setup
@@ -77,10 +87,18 @@ case "${1:-}" in
     test)
         setup
         shift
-        exec .venv/bin/python -m pytest tests "$@"
+        if [ "$#" -gt 0 ]; then
+            exec .venv/bin/python -m pytest tests "$@"
+        fi
+        .venv/bin/python -m pytest tests
+        package_test
+        ;;
+    package-test)
+        setup
+        package_test
         ;;
     *)
-        sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
         exit 2
         ;;
 esac
