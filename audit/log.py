@@ -352,7 +352,7 @@ class AuditLog:
         due = now + 1.0
         if self._since_checkpoint > 0:
             due = min(due, self._last_checkpoint_time + self.checkpoint_every_seconds)
-        if self.segment_max_age_seconds > 0:
+        if self.segment_max_age_seconds > 0 and self._rotatable():
             seg = self.store.segments[-1]
             age_due = now + (seg.created_ns / 1e9 + self.segment_max_age_seconds - time.time())
             due = min(due, age_due)
@@ -397,11 +397,18 @@ class AuditLog:
             time.monotonic() - self._last_checkpoint_time >= self.checkpoint_every_seconds
         ):
             return True
-        if self.segment_max_age_seconds > 0:
-            seg = self.store.segments[-1]
-            if time.time_ns() - seg.created_ns >= self.segment_max_age_seconds * 1e9:
-                return True
-        return False
+        return self._rotatable() and self._too_old()
+
+    def _rotatable(self) -> bool:
+        """Whether the current segment holds more than the checkpoint it started with."""
+        return self.next_seq > self.store.segments[-1].first_seq + 1
+
+    def _too_old(self) -> bool:
+        seg = self.store.segments[-1]
+        return (
+            self.segment_max_age_seconds > 0
+            and time.time_ns() - seg.created_ns >= self.segment_max_age_seconds * 1e9
+        )
 
     def _loop(self) -> None:
         while True:
@@ -630,13 +637,7 @@ class AuditLog:
         if not self._healthy:
             return
         seg = self.store.segments[-1]
-        rotate = self.next_seq > seg.first_seq + 1 and (
-            seg.size_bytes() >= self.segment_max_bytes
-            or (
-                self.segment_max_age_seconds > 0
-                and time.time_ns() - seg.created_ns >= self.segment_max_age_seconds * 1e9
-            )
-        )
+        rotate = self._rotatable() and (seg.size_bytes() >= self.segment_max_bytes or self._too_old())
         if rotate:
             self._rotate()
             return

@@ -80,3 +80,56 @@ def test_tail_on_missing_store_exits_2(tmp_path: Path) -> None:
     result = run(tmp_path / "nothing", "tail")
     assert result.exit_code == 2
     assert "no audit trail" in result.output
+
+
+def test_cli_tail_follow_sees_a_statement_live(new_log: Any, audit_dir: Path) -> None:
+    """`ringfence audit tail --follow --json` in its own process prints a record emitted later."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.unit.audit.conftest import ROOT_DIR
+
+    log = new_log()
+    log.emit("agent.start", {"version": "t"})
+    log.flush(5)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "audit",
+            "--path",
+            str(audit_dir),
+            "tail",
+            "--follow",
+            "--json",
+            "-n",
+            "0",
+            "--type",
+            "query",
+        ],
+        cwd=ROOT_DIR,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT_DIR)},
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 20
+        line = ""
+        # Emit until the follower (which needs a moment to start) prints one.
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while not line and time.monotonic() < deadline:
+            log.emit("query", {"text": "select 42"}, session_id="live")
+            if sel.select(timeout=0.2):
+                line = proc.stdout.readline()
+        obj = json.loads(line)
+        assert obj["type"] == "query" and obj["text"] == "select 42"
+        assert obj["session_id"] == "live"
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -15,7 +15,7 @@ from audit.checkpoint import Checkpoint, Signer, open_checkpoint
 from audit.log import AuditLog
 from audit.merkle import leaf_hash, stored_hash_count, stored_hash_index
 from audit.schema import decode_record, encode_envelope, encode_event
-from audit.store import DB_META, DB_NODES, DB_RECORDS, Store, list_segments, node_chunk, u64
+from audit.store import DB_CHECKPOINTS, DB_META, DB_NODES, DB_RECORDS, Store, list_segments, node_chunk, u64
 from audit.verify import VerifyReport, verify
 from tests.unit.audit.conftest import ORIGIN, make_log, session_events
 
@@ -168,6 +168,10 @@ def test_truncated_tail_with_counters_rewritten_is_caught_by_witness(audit_dir: 
             while cur.delete():
                 pass
         txn.put(b"next_seq", u64(cut), db=dbs[DB_META])
+        cps = env.open_db(DB_CHECKPOINTS, txn=txn)
+        for size, seq in list(txn.cursor(db=cps)):
+            if int.from_bytes(seq, "big") >= cut:
+                txn.delete(size, db=cps)
     assert check(audit_dir, signer).ok
     assert_bad(check(audit_dir, signer, witness), n - 6, "rolled back")
 
@@ -365,3 +369,31 @@ def test_archived_old_segment_still_verifies_from_carried_checkpoint(
     report = check(audit_dir, signer)
     assert report.ok, str(report.problem)
     assert report.first_seq > 0
+
+
+def test_segments_rotate_by_age_without_spinning(audit_dir: Path, signer: Signer) -> None:
+    """An old segment is closed after segment_max_age_seconds; an idle log does not keep rotating."""
+    import time
+
+    log = make_log(audit_dir, signer, segment_max_age_seconds=0.2)
+    log.emit("agent.start", {"version": "t"})
+    log.flush(5)
+    cpu0 = time.process_time()
+    time.sleep(1.0)
+    busy = time.process_time() - cpu0
+    log.emit("agent.stop", {"reason": "t"})
+    log.close()
+    segs = list_segments(audit_dir)
+    assert 2 <= len(segs) <= 3, segs
+    assert busy < 0.5, f"writer was busy for {busy:.2f}s of CPU while idle"
+    assert check(audit_dir, signer).ok
+
+
+def test_checkpoint_index_pointing_elsewhere(audit_dir: Path, signer: Signer) -> None:
+    """A checkpoint index entry redirected to a record that is not that checkpoint is reported."""
+    records = build(audit_dir, signer)
+    cp = next(r for r in records if r.type == "checkpoint")
+    with raw_env(audit_dir) as (env, _), env.begin(write=True) as txn:
+        db = env.open_db(DB_CHECKPOINTS, txn=txn)
+        txn.put(u64(cp.event["size"]), u64(cp.seq - 1), db=db)
+    assert_bad(check(audit_dir, signer), cp.seq - 1, "checkpoint index")
