@@ -247,9 +247,9 @@ def _verify(
             raise _Bad(expected, "tree hashes exist for records that are missing (truncated)")
     state["latest"] = latest
     for size, seq in store.checkpoint_seqs():
-        rec_raw = store.get_raw(seq)
-        rec = decode_record(rec_raw) if rec_raw is not None else None
-        if rec is None or rec.type != CHECKPOINT or rec.event.get("size") != size:
+        cp_raw = store.get_raw(seq)
+        cp_rec = decode_record(cp_raw) if cp_raw is not None else None
+        if cp_rec is None or cp_rec.type != CHECKPOINT or cp_rec.event.get("size") != size:
             raise _Bad(seq, f"checkpoint index entry for size {size} does not match the record")
     if witness is not None:
         _check_witness(store, witness, expected, latest, verifier, origin, state)
