@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import sys
 from collections.abc import Iterator
@@ -129,7 +130,9 @@ def tail(
     with actx.store() as store:
         if session is not None or types:
             # Filters apply to the last matching records, not the last records overall.
-            matched = list(_filtered(reader.records(store), session, types))[-count:] if count else []
+            kept: collections.deque[Record] = collections.deque(maxlen=max(count, 0))
+            kept.extend(_filtered(reader.records(store), session, types))
+            matched = list(kept)
             end = store.next_seq() if not matched else matched[-1].seq + 1
         else:
             matched = reader.last(store, count) if count > 0 else []

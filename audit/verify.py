@@ -248,7 +248,10 @@ def _verify(
     state["latest"] = latest
     for size, seq in store.checkpoint_seqs():
         cp_raw = store.get_raw(seq)
-        cp_rec = decode_record(cp_raw) if cp_raw is not None else None
+        try:
+            cp_rec = decode_record(cp_raw) if cp_raw is not None else None
+        except RecordDecodeError:
+            cp_rec = None
         if cp_rec is None or cp_rec.type != CHECKPOINT or cp_rec.event.get("size") != size:
             raise _Bad(seq, f"checkpoint index entry for size {size} does not match the record")
     if witness is not None:
