@@ -163,3 +163,19 @@ def test_unencodable_event_is_refused_and_next_one_is_clean(new_log: Any, audit_
     log.close()
     recs = [r for r in read_all(audit_dir) if r.type == "query"]
     assert [dict(r.event) for r in recs] == [{"text": "good"}]
+
+
+def test_map_grows_instead_of_failing(new_log: Any, audit_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A segment whose LMDB map fills up is grown and every record is still written."""
+    import audit.store
+
+    monkeypatch.setattr(audit.store, "INITIAL_MAP_BYTES", 1 << 20)
+    log = new_log(batch_max_records=64)
+    for i in range(3000):
+        log.emit("query", {"text": "z" * 1000, "i": i})
+    log.close()
+    assert log.failure is None
+    with Store(audit_dir) as store:
+        seg = store.segments[-1]
+        assert seg.env.info()["map_size"] > 1 << 20
+        assert [r.event["i"] for r in store.iter_records() if r.type == "query"] == list(range(3000))
