@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import socket
-from contextlib import ExitStack
+from contextlib import AsyncExitStack
 from typing import Any
 
 from agent import __version__
@@ -76,7 +76,7 @@ async def _serve(config: Config) -> int:
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     host = socket.gethostname()
 
-    with ExitStack() as cleanup:
+    async with AsyncExitStack() as cleanup:
         try:
             audit_log = AuditLog.open(config.audit, host=host, state_dir=state_dir)
         except Exception as e:
@@ -87,7 +87,8 @@ async def _serve(config: Config) -> int:
         if attributor is not None:
             cleanup.callback(attributor.stop)
 
-        proxy = Proxy(config, audit_log, attributor, policy=lambda: policy.current)
+        resolver = await _start_identity(config, audit_log, cleanup)
+        proxy = Proxy(config, audit_log, attributor, policy=lambda: policy.current, identity=resolver)
         reloader = PolicyReloader(policy, audit_log)
         loop.add_signal_handler(signal.SIGHUP, reloader.reload)
         if config.policy.reload_interval_seconds > 0:
@@ -155,6 +156,33 @@ async def _serve(config: Config) -> int:
         except Exception as e:
             log.error("could not record agent.stop: %s", e, extra={"event": "audit.unavailable"})
     return 0
+
+
+async def _start_identity(config: Config, audit_log: Any, cleanup: AsyncExitStack) -> Any:
+    """The identity resolver, its issuers' keys loaded, and the control socket for `ringfence login`."""
+    from agent.identity.control import ControlServer
+    from agent.identity.resolver import IdentityResolver
+
+    resolver = IdentityResolver.from_config(config)
+    try:
+        await asyncio.to_thread(resolver.verifier.prefetch)
+    except Exception as e:  # an unreachable issuer must not stop the agent: refresh retries
+        log.warning("could not load identity keys yet: %s", e, extra={"event": "identity.keys"})
+
+    def on_event(name: str, fields: dict[str, Any]) -> None:
+        log.info("%s", name, extra={"event": name, **{k: v for k, v in fields.items() if k != "event"}})
+        try:
+            audit_log.emit(name, fields)
+        except Exception as e:
+            log.error("could not record %s: %s", name, e, extra={"event": "audit.unavailable"})
+
+    run_dir = config.agent.run_dir
+    run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    server = ControlServer(run_dir / "control.sock", resolver.registry, resolver.verifier,
+                           on_event=on_event)
+    await server.start()
+    cleanup.push_async_callback(server.close)
+    return resolver
 
 
 class PolicyReloader:

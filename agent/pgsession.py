@@ -52,6 +52,9 @@ class Actions:
     records: list[Record] = field(default_factory=list)
     # Records that must be committed to disk before anything else here is done.
     durable: list[Record] = field(default_factory=list)
+    # A token the client sent as its password: the proxy verifies it (it may
+    # fetch keys) and hands the result to ``identity_resolved``.
+    verify_token: str | None = None
     close: str | None = None  # end the connection, for this reason, after sending
 
 
@@ -114,6 +117,11 @@ class PostgresSession:
         self.policy = policy
         self.subject: Subject | None = None  # set by the proxy once attribution is known
         self.record_level = "statements"
+        # Identity (set by the proxy before the startup packet is read).
+        self.identity: Any = None  # agent.identity.IdentityResult
+        self.subject_for: Callable[[Any], Subject] | None = None
+        self.upstream_auth: Any = None  # agent.protocols.pgauth.UpstreamAuth
+        self.upstream_user: str | None = None
         self._held: bytearray | None = None  # server bytes held for a blocked statement
         self._blocked_pending = 0  # "blocked" items in _pending
 
@@ -187,6 +195,15 @@ class PostgresSession:
             actions.to_client.append(pg.SSL_REFUSED)
         elif isinstance(event, pg.CancelRequest):
             self._cancel_request(event, actions)
+        elif isinstance(event, pg.PasswordMessage) and self.phase == "token":
+            from agent.protocols.pgauth import PgAuthError, parse_password_message
+
+            try:
+                actions.verify_token = parse_password_message(event.raw)
+            except PgAuthError as e:
+                self._protocol_violation(actions, f"client protocol error: {e}")
+                return
+            self.phase = "verifying"
         elif isinstance(event, pg.Terminate):
             actions.to_server.append(event.raw)
             self._end(actions, "client terminated", "success")
@@ -223,6 +240,8 @@ class PostgresSession:
         from policy import Resource, Subject
 
         resource = Resource(self.context.get("service", ""), "postgres", self.startup.database)
+        if self.subject_for is not None:
+            self.subject = self.subject_for(self.identity)
         return self.policy().connection(self.subject or Subject(), resource)
 
     def _startup_message(self, event: pg.StartupMessage, actions: Actions) -> None:
@@ -236,7 +255,33 @@ class PostgresSession:
             self._end(actions, reason, "failure", error={"sqlstate": sqlstate, "message": message})
             actions.close = reason
             return
-        self.phase = "auth"
+        if self.identity is not None and self.identity.ask_for_token:
+            from agent.protocols.pgauth import authentication_cleartext_password
+
+            self.phase = "token"
+            actions.to_client.append(authentication_cleartext_password())
+            return
+        self._admit(actions)
+
+    def identity_resolved(self, identity: Any) -> Actions:
+        """The token the client sent as its password was verified (or refused)."""
+        actions = Actions()
+        if self.phase != "verifying":
+            return actions
+        self.identity = identity
+        self._admit(actions)
+        return actions
+
+    def _admit(self, actions: Actions) -> None:
+        """Identity is settled: refuse, or decide by policy and start the upstream login."""
+        identity = self.identity
+        if identity is not None and identity.refusal is not None:
+            sqlstate, message = identity.refusal
+            actions.to_client.append(pg.error_response("FATAL", sqlstate, message))
+            self._end(actions, "identity refused: " + message, "failure",
+                      error={"sqlstate": sqlstate, "message": message})
+            actions.close = "identity refused"
+            return
         self._record_start(actions)
         decision = self.connection_decision()
         if decision is not None:
@@ -251,7 +296,18 @@ class PostgresSession:
                           error={"sqlstate": decision.sqlstate, "message": decision.message})
                 actions.close = reason
                 return
-        actions.to_server.append(event.raw)
+        assert self.startup is not None
+        if self.upstream_auth is not None and self.upstream_user is not None:
+            # The agent logs in upstream with the service credential; the
+            # client's own user name and password never reach the server.
+            parameters = dict(self.startup.parameters)
+            parameters["user"] = self.upstream_user
+            parameters.setdefault("database", self.startup.database or self.upstream_user)
+            self.phase = "upstream-auth"
+            actions.to_server.append(pg.startup_message(parameters, self.startup.protocol))
+        else:
+            self.phase = "auth"
+            actions.to_server.append(self.startup.raw)
 
     def _cancel_request(self, event: pg.CancelRequest, actions: Actions) -> None:
         if self._refusal is not None:
@@ -318,6 +374,8 @@ class PostgresSession:
             events = self.backend.feed(data)
         except pg.ServerProtocolError as e:
             return self._server_violation(actions, f"server protocol error: {e}")
+        if self.phase == "upstream-auth":
+            return self._upstream_auth_data(data, events, actions)
         if self._held is None and not self._blocked_pending:
             actions.to_client.append(data)
             for event in events:
@@ -349,6 +407,50 @@ class PostgresSession:
                     actions, "server protocol error: unexpected reply to a blocked statement"
                 )
         elif start < len(data):
+            actions.to_client.append(data[start:])
+        return actions
+
+    def _upstream_auth_data(
+        self, data: bytes, events: list[pg.BackendEvent], actions: Actions
+    ) -> Actions:
+        """The server's login exchange is answered by the agent; the client sees only its end."""
+        from agent.protocols.pgauth import PgAuthError, authentication_ok
+
+        start = 0
+        for i, (event, end) in enumerate(zip(events, self.backend.ends, strict=True)):
+            if self.phase != "upstream-auth":
+                # Login done: the rest of the chunk is ordinary server traffic.
+                rest = data[start:]
+                actions.to_client.append(rest)
+                for later in events[i:]:
+                    self._server_event(later, actions)
+                return actions
+            if isinstance(event, pg.AuthenticationRequest):
+                try:
+                    step = self.upstream_auth.step(event.code, event.body)
+                except PgAuthError as e:
+                    message = "ringfence: the agent could not log in to the database with the " \
+                              "service credential"
+                    actions.to_client.append(pg.error_response("FATAL", "28000", message))
+                    self._end(actions, f"upstream authentication failed: {e}", "failure",
+                              error={"sqlstate": "28000", "message": message})
+                    actions.close = "upstream authentication failed"
+                    return actions
+                if step.send:
+                    actions.to_server.append(step.send)
+                self.auth_method = AUTH_METHODS.get(event.code, self.auth_method)
+                if event.code == 10:
+                    self.auth_method = _sasl_mechanism(event.body)
+                if step.done:
+                    self.phase = "auth"
+                    actions.to_client.append(authentication_ok())
+                start = end
+            else:
+                # An error (or notice) during the login goes to the client as it came.
+                actions.to_client.append(data[start:end])
+                self._server_event(event, actions)
+                start = end
+        if start < len(data) and self.phase != "upstream-auth":
             actions.to_client.append(data[start:])
         return actions
 
@@ -505,6 +607,11 @@ class PostgresSession:
             if startup
             else None
         )
+        if self.identity is not None:
+            record["identity"] = self.identity.to_record()
+        if self.upstream_user is not None and startup is not None:
+            record["target"]["user"] = self.upstream_user
+            record["target"]["client_user"] = startup.user
         record.update(extra)
         actions.records.append(("session.start", record))
 

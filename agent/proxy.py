@@ -100,6 +100,26 @@ def local_subject(process: dict[str, Any] | None) -> Any:
     )
 
 
+def identity_subject(identity: Any, process: dict[str, Any] | None) -> Any:
+    """The policy's view of a connection: the verified identity plus kernel evidence."""
+    from dataclasses import replace
+
+    subject = local_subject(process)
+    if identity is None:
+        return subject
+    actor = identity.actor.kind if identity.actor.kind in ("human", "automation") else None
+    return replace(
+        subject,
+        subject=identity.subject,
+        groups=tuple(identity.groups),
+        issuer=identity.token.issuer if identity.token is not None else None,
+        service_account=identity.service_account,
+        actor=actor,
+        findings=tuple(f.kind for f in identity.findings),
+        identified=identity.identified,
+    )
+
+
 def _endpoint(address: Any) -> dict[str, Any]:
     host = str(address[0])
     if host.startswith("::ffff:"):
@@ -116,11 +136,13 @@ class Proxy:
         audit: AuditSink,
         attributor: Attributor | None,
         policy: Callable[[], Any] | None = None,
+        identity: Any = None,
     ) -> None:
         self.config = config
         self.audit = audit
         self.attributor = attributor
         self.policy = policy
+        self.identity = identity  # agent.identity.IdentityResolver
         self.servers: list[asyncio.base_events.Server] = []
         self.connections: set[ClientSide] = set()
         self.backend_keys: dict[tuple[str, int, int, int], str] = {}
@@ -190,6 +212,7 @@ class ClientSide(asyncio.Protocol):
         self.key_registered: tuple[str, int, int, int] | None = None
         self._deferred: list[Actions] | None = None  # actions waiting for a durable commit
         self._early: list[bytes] | None = []  # client bytes that arrived during setup
+        self.process: dict[str, Any] | None = None
         self.client_write_paused = False  # the client's transport is above its high-water mark
         self.upstream_write_paused = False
 
@@ -334,9 +357,49 @@ class ClientSide(asyncio.Protocol):
             return
         context["process"], context["attribution"] = await attribution_task
         self.session.subject = local_subject(context["process"])
+        if self.proxy.identity is not None:
+            refusal = await self._resolve_identity(context["process"])
+            if refusal is not None:
+                if not self.closed:
+                    self._refuse_at_startup(*refusal)
+                return
         if self.closed:
             return
         self._start_session()
+
+    async def _resolve_identity(self, process: dict[str, Any] | None) -> tuple[str, str, str] | None:
+        """Who speaks for this connection before its startup packet; a refusal if it cannot start."""
+        from agent.identity.credentials import CredentialError
+        from agent.protocols.pgauth import UpstreamAuth
+
+        resolver = self.proxy.identity
+        session = self.session
+        assert session is not None
+        session.identity = await resolver.resolve_async(process, None, service=self.service)
+        session.subject_for = lambda identity: identity_subject(identity, process)
+        self.process = process
+        if self.service.credentials is None:
+            return None
+        try:
+            credential = await asyncio.to_thread(resolver.upstream_credential, self.service)
+        except (CredentialError, OSError, ValueError) as e:
+            log.error(
+                "service credential unavailable",
+                extra={"event": "identity.credential_error", "service": self.service.name,
+                       "error": str(e)},
+            )
+            return ("28000", "ringfence: the service credential for this database cannot be read; "
+                    "ask the operator to check [protect.credentials]", f"credential unavailable: {e}")
+        session.upstream_auth = UpstreamAuth(credential.user, credential.password, credential.method)
+        session.upstream_user = credential.user
+        return None
+
+    async def _verify_token(self, token: str) -> None:
+        session = self.session
+        assert session is not None
+        result = await self.proxy.identity.resolve_async(self.process, token, service=self.service)
+        if not self.closed:
+            self.apply(session.identity_resolved(result))
 
     def _refuse_at_startup(self, sqlstate: str, message: str, reason: str) -> None:
         """Read the client's startup packet, then answer it with a FATAL error.
@@ -489,6 +552,9 @@ class ClientSide(asyncio.Protocol):
             self._register_key(session.backend_key)
         if actions.close:
             self._close_all()
+        elif actions.verify_token is not None:
+            task = asyncio.get_running_loop().create_task(self._verify_token(actions.verify_token))
+            task.add_done_callback(self._setup_done)
 
     def _fail_closed(self) -> None:
         if self.transport:
