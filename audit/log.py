@@ -365,7 +365,9 @@ class AuditLog:
         cond = self._cond
         with cond:
             while not self._queue and not self._closing:
-                if self._internal or self._checkpoint_due or self._housekeeping_due():
+                if self._healthy and (self._internal or self._checkpoint_due):
+                    break
+                if self._housekeeping_due():
                     break
                 self._writer_idle = True
                 cond.wait(self._next_wakeup())

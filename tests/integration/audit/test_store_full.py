@@ -45,6 +45,13 @@ def fill(path: Path) -> None:
             pass
 
 
+def thread_cpu_seconds(log: AuditLog) -> float:
+    """CPU time used so far by the log's writer thread (Linux /proc)."""
+    tid = log._thread.native_id
+    fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_for(cond: object, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -104,6 +111,11 @@ def test_full_disk_is_reported_counted_and_recovered(small_tmpfs: Path) -> None:
         with Store(small_tmpfs / "audit") as store:
             kept = list(store.iter_records(0, committed_before))
         assert [r.event["text"] for r in kept if r.type == "query"] == [f"before {i}" for i in range(200)]
+
+        # While failing, the writer waits between retries instead of spinning.
+        cpu0 = thread_cpu_seconds(log)
+        time.sleep(0.5)
+        assert thread_cpu_seconds(log) - cpu0 < 0.25, "the writer spins while the store fails"
 
         filler.unlink()
         assert wait_for(lambda: log.healthy), "writing did not resume after space returned"
