@@ -140,8 +140,7 @@ if ! grep -q '^# ringfence demo' "$policy"; then
     cat >"$policy" <<'EOF'
 # ringfence demo policy (vagrant/provision.sh); the file as packaged is policy.toml.packaged.
 # Every client needs a token from the demo issuer; DROP and TRUNCATE are for
-# the dba group only; every statement is recorded; e-mail addresses are masked
-# for everyone outside the dba group.
+# the dba group only; every statement is recorded with who sent it.
 
 [defaults]
 unidentified = "deny"
@@ -177,14 +176,6 @@ id = "no-delete-without-where"
 effect = "block"
 flags = ["delete_without_where", "update_without_where"]
 reason = "DELETE or UPDATE without a WHERE clause is blocked"
-
-[[rule]]
-id = "mask-email"
-effect = "mask"
-detectors = ["email"]
-reason = "e-mail addresses are personal data"
-[rule.unless]
-subjects = ["dbas"]
 
 [[rule]]
 id = "allow-identified"
@@ -225,7 +216,7 @@ cat <<EOF
       refused: no token speaks for this client
   export RINGFENCE_TOKEN=\$(sudo $demo/token bob)
   psql -h 127.0.0.1 -U bob demo -c 'SELECT * FROM accounts'
-      allowed, recorded, e-mail addresses masked
+      allowed, and recorded as bob's (token) from this psql process (kernel facts)
   psql -h 127.0.0.1 -U bob demo -c 'DROP TABLE accounts'
       blocked: DROP and TRUNCATE are for the dba group
   export RINGFENCE_TOKEN=\$(sudo $demo/token alice)
