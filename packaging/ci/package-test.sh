@@ -212,6 +212,14 @@ fail_closed = $1
 [bpf]
 mode = "required"
 
+[[identity.issuers]]
+issuer = "https://idp.smoke.ringfence.test"
+audience = "ringfence"
+jwks_file = "$work/jwks.json"
+algorithms = ["EdDSA"]
+# psql below runs without a terminal: a workload token, not a person's.
+subject_kind = "automation"
+
 [[protect]]
 name = "postgres"
 protocol = "postgres"
@@ -219,6 +227,23 @@ port = 5432
 EOF
 }
 write_config false
+
+# A token issuer for the smoke session: an Ed25519 key and its JWKS.
+/opt/ringfence/bin/python - "$work" <<'EOF'
+import json, sys, time
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from jwt.algorithms import OKPAlgorithm
+work = sys.argv[1]
+key = ed25519.Ed25519PrivateKey.generate()
+jwk = OKPAlgorithm.to_jwk(key.public_key(), as_dict=True)
+jwk.update(kid="smoke", alg="EdDSA", use="sig")
+open(f"{work}/jwks.json", "w").write(json.dumps({"keys": [jwk]}))
+now = int(time.time())
+claims = {"iss": "https://idp.smoke.ringfence.test", "aud": "ringfence", "sub": "smoke-user",
+          "iat": now, "exp": now + 3600}
+open(f"{work}/token", "w").write(jwt.encode(claims, key, algorithm="EdDSA", headers={"kid": "smoke"}))
+EOF
 
 "${nsenter_argv[@]}" ringfence doctor --config "$work/smoke.toml" || fail "ringfence doctor in $ns"
 
@@ -307,6 +332,11 @@ if psql_ns 127.0.0.1 "DROP TABLE smoke" >"$work/drop.out" 2>&1; then
 fi
 grep -q "DROP is blocked" "$work/drop.out" || fail "DROP refused without the policy's reason: $(cat "$work/drop.out")"
 ok "psql over IPv4 and IPv6 answered through the agent; DROP TABLE blocked: $(grep -o 'DROP is blocked[^"]*' "$work/drop.out" | head -n 1)"
+# A client of another user with a token in its environment: reading it takes
+# the unit's CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH.
+out=$("${nsenter_argv[@]}" runuser -u nobody -- env RINGFENCE_TOKEN="$(cat "$work/token")" \
+    psql -X -h 127.0.0.1 -p 5432 -U postgres -d postgres -At -c "SELECT 'ringfence-smoke-token'")
+[ "$out" = ringfence-smoke-token ] || fail "psql as nobody with a token said: $out"
 
 ringfence audit --config "$work/smoke.toml" tail --json -n 100 >"$work/tail.json"
 python3 - "$work/tail.json" <<'EOF' || fail "the audit trail does not show the session"
@@ -318,8 +348,13 @@ assert any("ringfence-smoke-" in json.dumps(r) for r in queries), "no query reco
 assert any("DROP TABLE smoke" in json.dumps(r) for r in records), "no record of the blocked DROP"
 starts = [r for r in records if r["type"] == "session.start"]
 assert starts, "no session.start record"
-assert '"bpf"' in json.dumps(starts[-1]), "session not attributed by BPF: " + json.dumps(starts[-1])[:400]
-print(f"ok    audit tail: {len(records)} records, {len(starts)} sessions, {len(queries)} queries, attributed by BPF")
+assert all('"source": "bpf"' in json.dumps(s) for s in starts), "a session not attributed by BPF"
+token_sessions = [r["session_id"] for r in records if "smoke-user" in json.dumps(r)]
+assert token_sessions, "no record names the token's subject smoke-user"
+assert any('"uid": 65534' in json.dumps(s) for s in starts if s["session_id"] in token_sessions), \
+    "the token session is not from uid nobody"
+print(f"ok    audit tail: {len(records)} records, {len(starts)} sessions, {len(queries)} queries, "
+      "attributed by BPF; the token session is smoke-user's, from uid nobody")
 EOF
 passed=$((passed + 1))
 grep -m 1 'ringfence-smoke-' "$work/tail.json" | cut -c 1-300
