@@ -607,13 +607,19 @@ class PostgresSession:
             if startup
             else None
         )
-        if self.identity is not None:
-            record["identity"] = self.identity.to_record()
+        identity_record = self.identity.to_record() if self.identity is not None else None
+        if identity_record is not None:
+            record["identity"] = identity_record
         if self.upstream_user is not None and startup is not None:
             record["target"]["user"] = self.upstream_user
             record["target"]["client_user"] = startup.user
         record.update(extra)
         actions.records.append(("session.start", record))
+        for finding in (identity_record or {}).get("findings", []):
+            actions.records.append((
+                "identity.finding",
+                {**finding, "subject": identity_record["subject"], "source": identity_record["source"]},
+            ))
 
     def _end(
         self, actions: Actions, reason: str, outcome: str, error: dict[str, str] | None = None

@@ -51,6 +51,10 @@ class AuditSink(Protocol):
 
     def emit(self, type: str, event: dict[str, Any], *, session_id: str | None = None) -> None: ...
 
+    async def emit_durable(
+        self, type: str, event: dict[str, Any], *, session_id: str | None = None
+    ) -> int: ...
+
 
 class Attribution(Protocol):
     def to_record(self) -> tuple[dict[str, Any] | None, dict[str, Any]]: ...

@@ -37,6 +37,10 @@ APPROVAL_DECISION = "approval.decision"
 SESSION_END = "session.end"
 AUDIT_LOSS = "audit.loss"
 CHECKPOINT = "checkpoint"
+IDENTITY_FINDING = "identity.finding"
+IDENTITY_LOGIN = "identity.login"
+IDENTITY_LOGIN_REFUSED = "identity.login_refused"
+IDENTITY_LOGOUT = "identity.logout"
 
 EVENT_TYPES: frozenset[str] = frozenset(
     {
@@ -51,6 +55,10 @@ EVENT_TYPES: frozenset[str] = frozenset(
         SESSION_END,
         AUDIT_LOSS,
         CHECKPOINT,
+        IDENTITY_FINDING,
+        IDENTITY_LOGIN,
+        IDENTITY_LOGIN_REFUSED,
+        IDENTITY_LOGOUT,
     }
 )
 

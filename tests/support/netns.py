@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import subprocess
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 _counter = itertools.count()
+CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
 
 
 def run(argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -56,6 +60,30 @@ def netns(prefix: str = "rf") -> Iterator[NetNS]:
         yield ns
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+
+
+def call_in(ns: NetNS, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on a thread that entered ``ns``: sockets it creates live in that namespace."""
+    result: list[Any] = []
+
+    def target() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/run/netns/{ns.name}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns failed")
+            result.append(fn())
+        except BaseException as e:  # re-raised in the caller
+            result.append(e)
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]  # type: ignore[no-any-return]
 
 
 def connect_veth(a: NetNS, a_addr: str, b: NetNS, b_addr: str, prefix_len: int = 24) -> None:

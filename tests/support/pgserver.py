@@ -35,6 +35,10 @@ class PgServer:
     port: int
     process: subprocess.Popen[bytes]
 
+    @property
+    def log(self) -> Path:
+        return self.datadir.parent / "server.log"
+
     def tool(self, name: str) -> str:
         return str(self.bindir / name)
 
@@ -44,8 +48,19 @@ def _as_postgres(argv: list[str]) -> list[str]:
 
 
 @contextmanager
-def pgserver(ns: NetNS, port: int = 5432, roles: tuple[str, ...] = ("nobody",)) -> Iterator[PgServer]:
-    """initdb + postgres in ``ns`` listening on all addresses, trust auth, given roles created."""
+def pgserver(
+    ns: NetNS,
+    port: int = 5432,
+    roles: tuple[str, ...] = ("nobody",),
+    passwords: dict[str, str] | None = None,
+) -> Iterator[PgServer]:
+    """initdb + postgres in ``ns`` listening on all addresses, the given roles created.
+
+    Roles in ``passwords`` get that password and must log in over TCP with
+    SCRAM-SHA-256; everything else is trusted. Every statement the server
+    runs is logged to ``server.log``.
+    """
+    passwords = passwords or {}
     bindir = pg_bindir()
     if bindir is None:
         raise RuntimeError("PostgreSQL server is not installed")
@@ -59,12 +74,17 @@ def pgserver(ns: NetNS, port: int = 5432, roles: tuple[str, ...] = ("nobody",)) 
     run(_as_postgres([str(bindir / "initdb"), "-D", str(datadir), "-A", "trust", "-U", "postgres",
                       "--no-sync", "-E", "UTF8", "--locale", "C"]))
     with open(datadir / "pg_hba.conf", "w") as f:
-        f.write("local all all trust\nhost all all 0.0.0.0/0 trust\nhost all all ::/0 trust\n")
+        f.write("local all all trust\n")
+        for role in passwords:
+            f.write(f"host all {role} 0.0.0.0/0 scram-sha-256\nhost all {role} ::/0 scram-sha-256\n")
+        f.write("host all all 0.0.0.0/0 trust\nhost all all ::/0 trust\n")
     with open(base / "server.log", "wb") as server_log:
         process = ns.popen(
             _as_postgres([str(bindir / "postgres"), "-D", str(datadir), "-p", str(port),
                           "-c", "listen_addresses=*", "-c", f"unix_socket_directories={sockdir}",
-                          "-c", "fsync=off", "-c", "max_connections=100"]),
+                          "-c", "fsync=off", "-c", "max_connections=100",
+                          "-c", "log_connections=on", "-c", "log_statement=all",
+                          "-c", "password_encryption=scram-sha-256"]),
             stdout=subprocess.DEVNULL, stderr=server_log,
         )
     server = PgServer(ns, bindir, datadir, sockdir, port, process)
@@ -78,9 +98,11 @@ def pgserver(ns: NetNS, port: int = 5432, roles: tuple[str, ...] = ("nobody",)) 
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError((base / "server.log").read_text())
             time.sleep(0.1)
-        for role in roles:
+        for role in (*roles, *passwords):
+            password = passwords.get(role)
+            clause = f" PASSWORD '{password}'" if password else ""
             ns.run(_as_postgres([server.tool("psql"), "-h", str(sockdir), "-p", str(port), "-U",
-                                 "postgres", "-c", f'CREATE ROLE "{role}" LOGIN']))
+                                 "postgres", "-c", f'CREATE ROLE "{role}" LOGIN{clause}']))
         yield server
     finally:
         process.terminate()
