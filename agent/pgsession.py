@@ -615,11 +615,13 @@ class PostgresSession:
             record["target"]["client_user"] = startup.user
         record.update(extra)
         actions.records.append(("session.start", record))
-        for finding in (identity_record or {}).get("findings", []):
-            actions.records.append((
-                "identity.finding",
-                {**finding, "subject": identity_record["subject"], "source": identity_record["source"]},
-            ))
+        if identity_record is not None:
+            for finding in identity_record.get("findings", []):
+                actions.records.append((
+                    "identity.finding",
+                    {**finding, "subject": identity_record["subject"],
+                     "source": identity_record["source"]},
+                ))
 
     def _end(
         self, actions: Actions, reason: str, outcome: str, error: dict[str, str] | None = None
