@@ -1,0 +1,74 @@
+"""psycopg 3 and asyncpg through the agent: results identical to a direct run, statements recorded."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tests.conftest import require
+from tests.integration.clients.conftest import HERE, PYTHON, Host, app_name, wait_sessions
+
+SCRIPTS = HERE / "scripts"
+
+
+def both_ways(pghost: Host, script: str, direct_arg: str, agent_arg: str, app: str) -> Any:
+    """Run a client script directly, then through the agent; returns the output, checked equal."""
+    _, direct = pghost.run_client([PYTHON, str(SCRIPTS / script), direct_arg, app])
+    _, through = pghost.run_client([PYTHON, str(SCRIPTS / script), agent_arg, app])
+    assert json.loads(through) == json.loads(direct)
+    return json.loads(through)
+
+
+def merged(sessions: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    return [r for recs in sessions for r in recs]
+
+
+def test_psycopg_identical_and_recorded(pghost: Host) -> None:
+    """Prepared, pipelined, COPY, named-cursor, binary, LISTEN/NOTIFY and cancel all behave as
+    directly, and the audit trail has each execution."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        require(False, "psycopg (pip install 'psycopg[binary]')")
+    app = app_name("psycopg")
+    out = both_ways(pghost, "psycopg_client.py", pghost.dsn(direct=True), pghost.dsn(), app)
+    assert out["cancel"] == ["57014", True]
+    assert out["notify"] == [["ringfence_events", "hello from psycopg"], ["ringfence_events", "second"]]
+    assert out["server_cursor"][0] == 5000
+    # Five connections plus the cancel request's own.
+    records = merged(wait_sessions(pghost.agent, app, count=6))
+    queries = [r for r in records if r["type"] == "query"]
+    prepared = [q for q in queries if q.get("text") == "select name, price from items where id = $1"]
+    assert len(prepared) == 5 and all(q["protocol"] == "extended" for q in prepared)
+    # psycopg sends ints in binary: recorded by format and length, not value.
+    assert [q["parameters"] for q in prepared] == [[{"format": "binary", "length": 2}]] * 5
+    names = [q for q in queries if q.get("text", "").startswith("insert into items")]
+    assert [q["parameters"][1] for q in names] == [f"item {i}" for i in range(1, 6)]
+    assert sum(q.get("text") == "select $1::int * 2, $2::text" for q in queries) == 10
+    results = [r for r in records if r["type"] == "result"]
+    assert any(r["command_tag"] == "COPY 1000" for r in results)
+    assert any(r["command_tag"] == "COPY 500" for r in results)
+    assert any(r.get("error", {}).get("sqlstate") == "57014" for r in results)
+    starts = [r for r in records if r["type"] == "session.start"]
+    assert any((s.get("cancel") or {}).get("target_session_id") for s in starts)
+
+
+def test_asyncpg_identical_and_recorded(pghost: Host) -> None:
+    """Binary extended protocol, prepared statements, COPY and a timeout's cancel behave as
+    directly; executions and COPY counts are recorded."""
+    try:
+        import asyncpg  # noqa: F401
+    except ImportError:
+        require(False, "asyncpg (pip install asyncpg)")
+    app = app_name("asyncpg")
+    out = both_ways(pghost, "asyncpg_client.py", str(pghost.server.sockdir), "127.0.0.1", app)
+    assert out["timeout"] == "cancelled" and out["error"] == "22012"
+    assert out["copy_out"][1] == 3000
+    records = merged(wait_sessions(pghost.agent, app, count=2))
+    queries = [r for r in records if r["type"] == "query"]
+    insert = [q for q in queries if q.get("text", "").startswith("insert into readings values ($1")]
+    assert len(insert) == 50
+    assert insert[0]["parameters"][0] == {"format": "binary", "length": 4}
+    results = [r for r in records if r["type"] == "result"]
+    assert any(r["command_tag"] == "COPY 3000" for r in results)
+    assert any(r.get("error", {}).get("sqlstate") == "57014" for r in results)
