@@ -1,0 +1,255 @@
+"""PostgreSQL through ringfence against direct connections and HAProxy (a C TCP proxy).
+
+Run as root: ``.venv/bin/python bench/pg_overhead.py`` (options: --seconds, --rows,
+--profile-seconds, --out). In a fresh network namespace it starts a real
+PostgreSQL server, then measures
+
+* ``pgbench -S`` (select-only) with 1 and 8 clients: TPS, and p50/p99 latency
+  from pgbench's per-transaction logs;
+* a large-result scan (``--rows`` rows of about 110 bytes, read by psql):
+  seconds and MB/s of result text;
+
+directly (TCP to 127.0.0.1:5432), through HAProxy in plain TCP mode
+(127.0.0.1:6432) and through ringfence with full statement recording
+(127.0.0.1:5432, redirected). Direct and HAProxy run before the agent starts,
+since once it runs every TCP connection to port 5432 in the namespace is
+redirected to it. It prints one table and the ratios, then profiles the agent
+with py-spy under ``pgbench -S -c 8`` and prints the functions where its time
+goes. Nothing here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.support.agent import AgentProcess  # noqa: E402
+from tests.support.netns import NetNS, netns  # noqa: E402
+from tests.support.pgserver import PgServer, pgserver  # noqa: E402
+
+HAPROXY_PORT = 6432
+CLIENT_COUNTS = (1, 8)
+
+
+def haproxy_config(path: Path) -> None:
+    path.write_text(f"""global
+    maxconn 2000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+listen postgres
+    bind 127.0.0.1:{HAPROXY_PORT}
+    server postgres 127.0.0.1:5432
+""")
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+def pgbench(ns: NetNS, server: PgServer, port: int, clients: int, seconds: int,
+            logdir: Path) -> dict[str, float]:
+    """pgbench -S; TPS from its summary, latencies (ms) from its per-transaction log."""
+    for old in logdir.glob("pgbench_log*"):
+        old.unlink()
+    argv = [server.tool("pgbench"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-S",
+            "-n", "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(seconds),
+            "--log", f"--log-prefix={logdir}/pgbench_log", "postgres"]
+    done = ns.run(argv, timeout=seconds + 120)
+    tps = float(re.search(r"tps = ([\d.]+)", done.stdout).group(1))  # type: ignore[union-attr]
+    failed = re.search(r"number of failed transactions: (\d+)", done.stdout)
+    latencies: list[float] = []
+    for log in logdir.glob("pgbench_log*"):
+        for line in log.read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 3 and fields[2].isdigit():
+                latencies.append(int(fields[2]) / 1000.0)
+    latencies.sort()
+    return {"tps": tps, "p50": percentile(latencies, 0.50), "p99": percentile(latencies, 0.99),
+            "failed": float(failed.group(1)) if failed else 0.0}
+
+
+def scan(ns: NetNS, server: PgServer, port: int, rows: int, repeat: int = 3) -> dict[str, float]:
+    """psql reads ``rows`` rows into wc; best of ``repeat`` runs."""
+    sql = f"select g, repeat('x', 100) from generate_series(1, {rows}) g"
+    psql = [server.tool("psql"), "-X", "-At", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+            "-d", "postgres", "-c", sql]
+    best = float("inf")
+    size = 0
+    for _ in range(repeat):
+        started = time.perf_counter()
+        done = ns.run(["sh", "-c", '"$@" | wc -c', "sh", *psql], timeout=600)
+        best = min(best, time.perf_counter() - started)
+        size = int(done.stdout.split()[0])
+    return {"seconds": best, "mbps": size / best / 1e6}
+
+
+def measure(ns: NetNS, server: PgServer, port: int, args: argparse.Namespace,
+            logdir: Path) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for clients in CLIENT_COUNTS:
+        result[clients] = pgbench(ns, server, port, clients, args.seconds, logdir)
+    result["scan"] = scan(ns, server, port, args.rows)
+    return result
+
+
+def profile(ns: NetNS, server: PgServer, agent: AgentProcess, args: argparse.Namespace) -> str:
+    """py-spy samples the agent while pgbench -S -c 8 runs; returns a summary of the hot functions.
+
+    Two recordings: every sample of a running thread (where wall time goes,
+    including waits for the GIL), then only samples of the thread holding the
+    GIL (where the CPU goes).
+    """
+    pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(pyspy).exists():
+        return "py-spy not found: .venv/bin/pip install py-spy"
+    assert agent.process is not None
+    args.out.mkdir(parents=True, exist_ok=True)
+    seconds = args.profile_seconds
+    load = ns.popen([server.tool("pgbench"), "-h", "127.0.0.1", "-p", "5432", "-U", "postgres",
+                     "-S", "-n", "-c", "8", "-j", "2", "-T", str(2 * seconds + 10), "postgres"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid = str(agent.process.pid)
+    summaries = []
+    try:
+        time.sleep(2)
+        for name, extra in (("active threads", []), ("GIL holder", ["--gil"])):
+            raw = args.out / f"profile-{'gil' if extra else 'all'}.txt"
+            subprocess.run([pyspy, "record", "--pid", pid, "--duration", str(seconds), "--threads",
+                            "--nonblocking", "--format", "raw", *extra, "-o", str(raw)],
+                           check=True, capture_output=True, timeout=seconds + 60)
+            summaries.append(f"[{name}] " + summarize(raw))
+        subprocess.run([pyspy, "record", "--pid", pid, "--duration", "3", "--nonblocking",
+                        "-o", str(args.out / "profile.svg")],
+                       check=False, capture_output=True, timeout=60)
+    finally:
+        load.wait(timeout=2 * seconds + 120)
+    return "\n".join(summaries)
+
+
+def summarize(raw: Path, top: int = 12) -> str:
+    """Sample shares per thread and per function (own and inclusive) from collapsed stacks."""
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    threads: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        thread = "?"
+        if frames and frames[0].startswith(("process ", "thread ")):
+            thread = frames.pop(0)
+        # "function (path/file.py:line)" -> "function (file.py)": one entry per function.
+        frames = [re.sub(r" \((?:.*/)?([^/:]*)(?::\d+)?\)$", r" (\1)", f) for f in frames]
+        if not frames:
+            continue
+        total += count
+        threads[re.sub(r"0x[0-9a-f]+ ", "", thread)] += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    if not total:
+        return "no samples"
+    lines = [f"{total} samples; threads: "
+             + ", ".join(f"{t} {100 * c / total:.0f}%" for t, c in threads.most_common(4))]
+    lines.append("  own%  incl%  function")
+    for frame, count in own.most_common(top):
+        lines.append(f"  {100 * count / total:4.1f}  {100 * inclusive[frame] / total:5.1f}  {frame}")
+    return "\n".join(lines)
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    head = (f"{'':<10} {'TPS c1':>9} {'p50 ms':>7} {'p99 ms':>7} {'TPS c8':>9} {'p50 ms':>7} "
+            f"{'p99 ms':>7} {'scan s':>7} {'MB/s':>7}")
+    lines = [head, "-" * len(head)]
+    for name, r in results.items():
+        c1, c8, sc = r[1], r[8], r["scan"]
+        lines.append(f"{name:<10} {c1['tps']:>9.0f} {c1['p50']:>7.3f} {c1['p99']:>7.3f} "
+                     f"{c8['tps']:>9.0f} {c8['p50']:>7.3f} {c8['p99']:>7.3f} "
+                     f"{sc['seconds']:>7.2f} {sc['mbps']:>7.1f}")
+    rf, direct, ha = results["ringfence"], results["direct"], results["haproxy"]
+    lines.append("")
+    for base_name, base in (("direct", direct), ("haproxy", ha)):
+        lines.append(
+            f"ringfence/{base_name:<8} TPS c1 {rf[1]['tps'] / base[1]['tps']:.2f}x   "
+            f"TPS c8 {rf[8]['tps'] / base[8]['tps']:.2f}x   "
+            f"p99 c1 {rf[1]['p99'] / base[1]['p99']:.2f}x   p99 c8 {rf[8]['p99'] / base[8]['p99']:.2f}x   "
+            f"scan MB/s {rf['scan']['mbps'] / base['scan']['mbps']:.2f}x")
+    lines.append("goals: TPS >= 0.75x HAProxy at 1 and 8 clients; scan >= 0.8x direct")
+    failed = {name: r[c]["failed"] for name, r in results.items() for c in CLIENT_COUNTS if r[c]["failed"]}
+    if failed:
+        lines.append(f"failed transactions: {failed}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=int, default=10, help="pgbench duration per run")
+    parser.add_argument("--rows", type=int, default=1_000_000, help="rows in the large-result scan")
+    parser.add_argument("--profile-seconds", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "ringfence-bench",
+                        help="where profile.svg and profile.txt go")
+    args = parser.parse_args()
+    if shutil.which("haproxy") is None and not Path("/usr/sbin/haproxy").exists():
+        print("HAProxy is missing: apt-get install haproxy", file=sys.stderr)
+        return 1
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    work = Path(tempfile.mkdtemp(prefix="ringfence-bench-"))
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        with netns("rfbench") as ns, pgserver(ns) as server:
+            ns.run([server.tool("pgbench"), "-i", "-s", "10", "-q", "-h", str(server.sockdir),
+                    "-p", "5432", "-U", "postgres", "postgres"], timeout=600)
+            print(f"PostgreSQL {server.bindir.parent.name}, pgbench -S -T {args.seconds}, "
+                  f"scan of {args.rows} rows", flush=True)
+            results["direct"] = measure(ns, server, 5432, args, work)
+            print("direct done", flush=True)
+            haproxy_config(work / "haproxy.cfg")
+            proxy = ns.popen([haproxy, "-db", "-f", str(work / "haproxy.cfg")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                time.sleep(1)
+                results["haproxy"] = measure(ns, server, HAPROXY_PORT, args, work)
+            finally:
+                proxy.terminate()
+                proxy.wait(30)
+            print("haproxy done", flush=True)
+            agent = AgentProcess(ns, work / "agent")
+            agent.start()
+            try:
+                results["ringfence"] = measure(ns, server, 5432, args, work)
+                print("ringfence done", flush=True)
+                print()
+                print(table(results))
+                print()
+                print(f"py-spy on the agent under pgbench -S -c 8 ({args.profile_seconds} s):")
+                print(profile(ns, server, agent, args))
+                print(f"flame graph: {args.out / 'profile.svg'}")
+            finally:
+                agent.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
