@@ -109,6 +109,28 @@ class ServiceCredentials:
 
 
 CREDENTIAL_METHODS = ("auto", "scram-sha-256", "md5", "password", "trust")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceTls:
+    """TLS between clients and the agent, and between the agent and the server."""
+
+    # Certificate and key the agent presents to clients. "auto": the
+    # PostgreSQL server's own ssl_cert_file/ssl_key_file (from the
+    # postgresql.conf of the local cluster on this port), so clients that
+    # verify the server's certificate keep working; "" turns TLS off
+    # (SSLRequest answered 'N').
+    cert_file: str = "auto"
+    key_file: str = "auto"
+    # "mirror": TLS to the server when the client used TLS; "require":
+    # always (the connection fails if the server refuses); "off": never.
+    upstream: str = "mirror"
+    # CA bundle to verify the server's certificate with; "" skips verification
+    # (the usual case for a server on this host).
+    upstream_ca_file: str = ""
+
+
+TLS_UPSTREAM_MODES = ("mirror", "require", "off")
 # Public-key JWS algorithms an issuer may be allowed; "none" and HMAC never are.
 TOKEN_ALGORITHMS = (
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
@@ -184,6 +206,7 @@ class ProtectedService:
     protocol: str
     listen_port: int
     credentials: ServiceCredentials | None = None
+    tls: ServiceTls = field(default_factory=ServiceTls)
 
 
 @dataclass(frozen=True, slots=True)
@@ -559,10 +582,27 @@ def _protect(items: Any) -> tuple[ProtectedService, ...]:
         if listen_port == port:
             raise ConfigError(f"{t.key('listen_port')}: must differ from port {port}")
         credentials = _credentials(t.table("credentials")) if "credentials" in item else None
+        tls = _tls(t.table("tls"))
         t.finish()
-        services.append(ProtectedService(name, port, protocol, listen_port, credentials))
+        services.append(ProtectedService(name, port, protocol, listen_port, credentials, tls))
     _check_unique(services)
     return tuple(services)
+
+
+def _tls(t: _Table) -> ServiceTls:
+    d = ServiceTls()
+    settings = ServiceTls(
+        cert_file=t.get("cert_file", str, d.cert_file),
+        key_file=t.get("key_file", str, d.key_file),
+        upstream=t.choice("upstream", TLS_UPSTREAM_MODES, d.upstream),
+        upstream_ca_file=t.get("upstream_ca_file", str, d.upstream_ca_file),
+    )
+    if (settings.cert_file == "auto") != (settings.key_file == "auto") or (
+        bool(settings.cert_file) != bool(settings.key_file)
+    ):
+        raise ConfigError(f"{t.key('key_file')}: set cert_file and key_file together")
+    t.finish()
+    return settings
 
 
 def _check_unique(services: list[ProtectedService]) -> None:

@@ -24,6 +24,7 @@ from agent.logs import configure_logging
 from agent.notify import sd_notify
 from agent.proxy import Proxy
 from agent.redirect import RedirectError, Redirector
+from agent.tls import TlsError
 
 log = logging.getLogger("ringfence.agent")
 
@@ -88,7 +89,11 @@ async def _serve(config: Config) -> int:
             cleanup.callback(attributor.stop)
 
         resolver = await _start_identity(config, audit_log, cleanup)
-        proxy = Proxy(config, audit_log, attributor, policy=lambda: policy.current, identity=resolver)
+        try:
+            proxy = Proxy(config, audit_log, attributor, policy=lambda: policy.current,
+                          identity=resolver)
+        except TlsError as e:
+            raise StartupError(f"tls: {e}") from None
         reloader = PolicyReloader(policy, audit_log)
         loop.add_signal_handler(signal.SIGHUP, reloader.reload)
         if config.policy.reload_interval_seconds > 0:

@@ -55,6 +55,8 @@ class Actions:
     # A token the client sent as its password: the proxy verifies it (it may
     # fetch keys) and hands the result to ``identity_resolved``.
     verify_token: str | None = None
+    # Start TLS with the client once the bytes above are sent (after 'S').
+    start_tls: bool = False
     close: str | None = None  # end the connection, for this reason, after sending
 
 
@@ -122,6 +124,8 @@ class PostgresSession:
         self.subject_for: Callable[[Any], Subject] | None = None
         self.upstream_auth: Any = None  # agent.protocols.pgauth.UpstreamAuth
         self.upstream_user: str | None = None
+        self.tls_available = False  # the proxy can terminate TLS for this service
+        self.tls_started = False
         self._held: bytearray | None = None  # server bytes held for a blocked statement
         self._blocked_pending = 0  # "blocked" items in _pending
 
@@ -189,10 +193,15 @@ class PostgresSession:
         elif isinstance(event, pg.StartupMessage):
             self._startup_message(event, actions)
         elif isinstance(event, pg.SSLRequest | pg.GSSENCRequest):
-            if self.phase != "startup":
+            if self.phase != "startup" or self.tls_started:
                 self._protocol_violation(actions, "client protocol error: late encryption request")
                 return
-            actions.to_client.append(pg.SSL_REFUSED)
+            if isinstance(event, pg.SSLRequest) and self.tls_available:
+                actions.to_client.append(pg.SSL_ACCEPTED)
+                actions.start_tls = True
+                self.tls_started = True
+            else:
+                actions.to_client.append(pg.SSL_REFUSED)
         elif isinstance(event, pg.CancelRequest):
             self._cancel_request(event, actions)
         elif isinstance(event, pg.PasswordMessage) and self.phase == "token":

@@ -24,12 +24,15 @@ import logging
 import pwd
 import secrets
 import socket
+import ssl
 import struct
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 from agent.config import Config, ProtectedService
 from agent.pgsession import Actions, PostgresSession
+from agent.protocols import postgres as pg
+from agent.tls import TlsChannel, client_facing_context, upstream_context
 
 log = logging.getLogger("ringfence.proxy")
 
@@ -79,6 +82,10 @@ def original_destination(sock: Any) -> tuple[str, int] | None:
     except OSError:
         return None
     return host, port
+
+
+# The client's own encryption requests, answered by the agent before anything goes upstream.
+_ENCRYPTION_REQUESTS = (pg.ssl_request(), struct.pack("!ii", 8, pg.GSSENC_REQUEST_CODE))
 
 
 def _user_name(uid: Any) -> str | None:
@@ -147,9 +154,23 @@ class Proxy:
         self.attributor = attributor
         self.policy = policy
         self.identity = identity  # agent.identity.IdentityResolver
+        # TLS contexts per service: raises TlsError when configured files are bad.
+        self.tls_contexts: dict[str, ssl.SSLContext] = {}
+        self._upstream_tls: dict[str, ssl.SSLContext] = {}
+        for service in config.protect:
+            context = client_facing_context(service.tls, service.port)
+            if context is not None:
+                self.tls_contexts[service.name] = context
         self.servers: list[asyncio.base_events.Server] = []
         self.connections: set[ClientSide] = set()
         self.backend_keys: dict[tuple[str, int, int, int], str] = {}
+
+    def upstream_tls_context(self, service: ProtectedService) -> ssl.SSLContext:
+        """The context for TLS to ``service``'s server (built on first use)."""
+        context = self._upstream_tls.get(service.name)
+        if context is None:
+            context = self._upstream_tls[service.name] = upstream_context(service.tls)
+        return context
 
     async def start(self) -> None:
         """Bind every listener; raises OSError naming the address on failure."""
@@ -217,6 +238,13 @@ class ClientSide(asyncio.Protocol):
         self._deferred: list[Actions] | None = None  # actions waiting for a durable commit
         self._early: list[bytes] | None = []  # client bytes that arrived during setup
         self.process: dict[str, Any] | None = None
+        self.tls_context = proxy.tls_contexts.get(service.name)
+        self.tls: TlsChannel | None = None  # TLS with the client, once started
+        self._first_byte_seen = False
+        # Upstream TLS: "new" → "negotiating" (SSLRequest sent) → "handshaking" → "tls",
+        # or "plain". The client's messages wait in _client_hold meanwhile.
+        self.upstream_state = "new"
+        self._client_hold: list[bytes] | None = None
         self.client_write_paused = False  # the client's transport is above its high-water mark
         self.upstream_write_paused = False
 
@@ -262,16 +290,85 @@ class ClientSide(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.pause_reading()
             return
+        self._client_bytes(data)
+
+    def _client_bytes(self, data: bytes) -> None:
+        """Bytes off the client's socket: through TLS when it is on, then to the session."""
         session = self.session
-        if session is None:
+        if session is None or self.closed:
+            return
+        if self.tls is None and not self._first_byte_seen and data[:1] == b"\x16":
+            # A TLS ClientHello first: PostgreSQL 17's direct TLS (sslnegotiation=direct).
+            if self.tls_context is None:
+                self.apply(session.connection_lost(
+                    "direct TLS (sslnegotiation=direct) requested, but TLS is not configured "
+                    "for this service", "failure"))
+                self._close_all()
+                return
+            self.tls = TlsChannel(self.tls_context, server_side=True)
+            session.tls_started = True
+        self._first_byte_seen = True
+        if self.tls is not None:
+            was_established = self.tls.established
+            try:
+                data, reply = self.tls.receive(data)
+            except ssl.SSLError as e:
+                self.apply(session.connection_lost(f"client TLS error: {e.reason or e}", "failure"))
+                self._close_all()
+                return
+            if reply and self.transport is not None:
+                self.transport.write(reply)
+            if self.tls.established and not was_established:
+                session.context["tls"] = {"client": self.tls.summary()}
+            if not data:
+                return
+        if self.upstream_state == "new" and not data.startswith(_ENCRYPTION_REQUESTS):
+            self._choose_upstream_tls()
+        if self._client_hold is not None:
+            self._client_hold.append(data)
             return
         self.apply(session.client_data(data))
+
+    def _choose_upstream_tls(self) -> None:
+        """Before the session's first message goes upstream: TLS to the server or not."""
+        mode = self.service.tls.upstream
+        upstream = self.upstream
+        if mode == "require" or (mode == "mirror" and self.tls is not None):
+            if upstream is None or upstream.transport is None:
+                return
+            # SSLRequest first; the client's messages wait for the handshake.
+            self.upstream_state = "negotiating"
+            self._client_hold = []
+            upstream.transport.write(pg.ssl_request())
+        else:
+            self.upstream_state = "plain"
+
+    def _write_client(self, data: bytes) -> None:
+        if self.transport is None:
+            return
+        if self.tls is not None and self.tls.established:
+            data = self.tls.send(data)
+        self.transport.write(data)
+
+    def _write_server(self, data: bytes) -> None:
+        upstream = self.upstream
+        if upstream is None or upstream.transport is None:
+            return
+        if upstream.tls is not None:
+            data = upstream.tls.send(data)
+        upstream.transport.write(data)
+
+    def upstream_tls_ready(self) -> None:
+        """The upstream handshake (or the server's 'N') is done: the client's messages may go on."""
+        held, self._client_hold = self._client_hold or [], None
+        if held and self.session is not None and not self.closed:
+            self.apply(self.session.client_data(b"".join(held)))
 
     def _start_session(self) -> None:
         """Setup is done: replay what arrived meanwhile, then read normally."""
         early, self._early = self._early or [], None
         if early and self.session is not None and not self.closed:
-            self.apply(self.session.client_data(b"".join(early)))
+            self._client_bytes(b"".join(early))
         if self.transport is not None and not self.closed and self._deferred is None:
             self.transport.resume_reading()
 
@@ -323,6 +420,7 @@ class ClientSide(asyncio.Protocol):
             cancel_target=self.proxy.cancel_target(destination) if destination else None,
             policy=self.proxy.policy,
         )
+        self.session.tls_available = self.tls_context is not None
         if destination is None or (
             destination[1] == self.service.listen_port and _endpoint(local)["ip"] == destination[0]
         ):
@@ -541,16 +639,16 @@ class ClientSide(asyncio.Protocol):
             self.upstream.transport.resume_reading()
 
     def _carry_out(self, actions: Actions) -> None:
-        if actions.to_server and self.upstream and self.upstream.transport:
-            if len(actions.to_server) == 1:
-                self.upstream.transport.write(actions.to_server[0])
-            else:
-                self.upstream.transport.write(b"".join(actions.to_server))
-        if actions.to_client and self.transport:
-            if len(actions.to_client) == 1:
-                self.transport.write(actions.to_client[0])
-            else:
-                self.transport.write(b"".join(actions.to_client))
+        if actions.to_server:
+            self._write_server(
+                actions.to_server[0] if len(actions.to_server) == 1 else b"".join(actions.to_server)
+            )
+        if actions.to_client:
+            self._write_client(
+                actions.to_client[0] if len(actions.to_client) == 1 else b"".join(actions.to_client)
+            )
+        if actions.start_tls and self.tls_context is not None:
+            self.tls = TlsChannel(self.tls_context, server_side=True)
         session = self.session
         if session is not None and session.backend_key and self.key_registered is None:
             self._register_key(session.backend_key)
@@ -562,10 +660,8 @@ class ClientSide(asyncio.Protocol):
 
     def _fail_closed(self) -> None:
         if self.transport:
-            from agent.protocols.postgres import error_response
-
-            self.transport.write(
-                error_response(
+            self._write_client(
+                pg.error_response(
                     "FATAL",
                     "58000",
                     "ringfence: the audit trail cannot be written; session ended",
@@ -609,6 +705,7 @@ class UpstreamSide(asyncio.Protocol):
     def __init__(self, client: ClientSide) -> None:
         self.client = client
         self.transport: asyncio.Transport | None = None
+        self.tls: TlsChannel | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
@@ -616,10 +713,51 @@ class UpstreamSide(asyncio.Protocol):
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
 
     def data_received(self, data: bytes) -> None:
-        session = self.client.session
-        if session is None or self.client.closed:
+        client = self.client
+        session = client.session
+        if session is None or client.closed:
             return
-        self.client.apply(session.server_data(data))
+        state = client.upstream_state
+        if state == "negotiating":
+            self._negotiated(data[:1])
+            data = data[1:]
+            if not data or client.closed:
+                return
+            state = client.upstream_state
+        if self.tls is not None:
+            try:
+                data, reply = self.tls.receive(data)
+            except ssl.SSLError as e:
+                client.apply(session.refuse("08006", f"ringfence: TLS to the server failed: "
+                                            f"{e.reason or e}", f"upstream TLS error: {e}"))
+                return
+            if reply and self.transport is not None:
+                self.transport.write(reply)
+            if state == "handshaking" and self.tls.established:
+                client.upstream_state = "tls"
+                session.context.setdefault("tls", {})["upstream"] = self.tls.summary()
+                client.upstream_tls_ready()
+            if not data:
+                return
+        client.apply(session.server_data(data))
+
+    def _negotiated(self, answer: bytes) -> None:
+        """The server's one-byte answer to the agent's SSLRequest."""
+        client = self.client
+        assert client.session is not None
+        if answer == pg.SSL_ACCEPTED:
+            self.tls = TlsChannel(client.proxy.upstream_tls_context(client.service), server_side=False)
+            client.upstream_state = "handshaking"
+            if self.transport is not None:
+                self.transport.write(self.tls.start())
+            return
+        if answer == pg.SSL_REFUSED and client.service.tls.upstream != "require":
+            client.upstream_state = "plain"
+            client.upstream_tls_ready()
+            return
+        client.apply(client.session.refuse(
+            "08006", "ringfence: the server does not accept TLS, which [protect.tls] upstream "
+            "= \"require\" demands", "upstream refused TLS"))
 
     def eof_received(self) -> bool:
         return False

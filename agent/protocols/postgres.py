@@ -35,6 +35,7 @@ MAX_STARTUP_PACKET: Final = 10000
 DEFAULT_MAX_MESSAGE: Final = 64 * 1024 * 1024
 
 SSL_REFUSED: Final = b"N"
+SSL_ACCEPTED: Final = b"S"
 
 _INT32 = struct.Struct("!i")
 _HEADER = struct.Struct("!ci")
@@ -715,6 +716,11 @@ def startup_message(parameters: dict[str, str], protocol: int = PROTOCOL_V3) -> 
         body += name.encode() + b"\x00" + value.encode() + b"\x00"
     body += b"\x00"
     return _INT32.pack(len(body) + 4) + body
+
+
+def ssl_request() -> bytes:
+    """An SSLRequest packet (the agent's own, to a server)."""
+    return struct.pack("!ii", 8, SSL_REQUEST_CODE)
 
 
 def query_message(sql: str) -> bytes:

@@ -51,7 +51,10 @@ def agent(host: tuple[NetNS, PgServer]) -> Iterator[AgentProcess]:
     # Interception records everything and blocks nothing (pgbench -i drops tables).
     policy = workdir / "policy.toml"
     policy.write_text('[defaults]\nunidentified = "allow"\nrecord = "statements"\n')
-    agent = AgentProcess(ns, workdir, policy=policy)
+    # TLS off, so what a garbage first byte means does not depend on the host's PostgreSQL config.
+    services = ('[[protect]]\nname = "postgres"\nprotocol = "postgres"\nport = 5432\n'
+                '[protect.tls]\ncert_file = ""\nkey_file = ""\n')
+    agent = AgentProcess(ns, workdir, policy=policy, services=services)
     agent.start()
     yield agent
     if agent.running:
@@ -199,8 +202,9 @@ def test_remote_client_recorded_with_source_address(
 def test_malformed_clients_end_only_their_own_session(
     host: tuple[NetNS, PgServer], agent: AgentProcess
 ) -> None:
-    """Garbage startup, a truncated message and a 2^31 length each end their session with a
-    session.end naming the reason, while a concurrent psql session completes normally."""
+    """Garbage startup, a truncated message, a 2^31 length and an unexpected TLS ClientHello each
+    end their session with a session.end naming the reason, while a concurrent psql session
+    completes normally."""
     ns, server = host
     slow = ns.popen(as_nobody(psql_argv(server, "select pg_sleep(2), 'still fine'")),
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -213,7 +217,8 @@ def test_malformed_clients_end_only_their_own_session(
             s.close()
         startup = b"user\\x00nobody\\x00database\\x00postgres\\x00\\x00"
         startup = struct.pack("!ii", len(startup) + 8, 196608) + startup
-        send(b"\\x16\\x03\\x01 garbage that is no startup packet")
+        send(b"GARBAGE that is no startup packet")
+        send(b"\\x16\\x03\\x01 looks like a TLS ClientHello")
         send(startup + b"Q" + struct.pack("!i", 100) + b"select")
         send(startup + b"Q" + struct.pack("!i", 2**31 - 1))
     """)
@@ -232,6 +237,7 @@ def test_malformed_clients_end_only_their_own_session(
     assert any("invalid startup packet length" in f for f in found)
     assert any("exceeds the limit" in f for f in found)
     assert any("truncated message: 11 bytes" in f for f in found)
+    assert any("direct TLS (sslnegotiation=direct) requested" in f for f in found)
 
 
 def test_pgbench_through_the_agent_has_no_failures(

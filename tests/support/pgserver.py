@@ -53,6 +53,8 @@ def pgserver(
     port: int = 5432,
     roles: tuple[str, ...] = ("nobody",),
     passwords: dict[str, str] | None = None,
+    ssl_files: tuple[Path, Path] | None = None,
+    hba_first: tuple[str, ...] = (),
 ) -> Iterator[PgServer]:
     """initdb + postgres in ``ns`` listening on all addresses, the given roles created.
 
@@ -61,6 +63,7 @@ def pgserver(
     runs is logged to ``server.log``.
     """
     passwords = passwords or {}
+    settings: list[str] = []
     bindir = pg_bindir()
     if bindir is None:
         raise RuntimeError("PostgreSQL server is not installed")
@@ -75,16 +78,25 @@ def pgserver(
                       "--no-sync", "-E", "UTF8", "--locale", "C"]))
     with open(datadir / "pg_hba.conf", "w") as f:
         f.write("local all all trust\n")
+        for line in hba_first:
+            f.write(line + "\n")
         for role in passwords:
             f.write(f"host all {role} 0.0.0.0/0 scram-sha-256\nhost all {role} ::/0 scram-sha-256\n")
         f.write("host all all 0.0.0.0/0 trust\nhost all all ::/0 trust\n")
+    if ssl_files is not None:
+        for source, name in zip(ssl_files, ("server.crt", "server.key"), strict=True):
+            target = datadir / name
+            shutil.copy(source, target)
+            os.chown(target, pw.pw_uid, pw.pw_gid)
+            target.chmod(0o600)
+        settings += ["-c", "ssl=on"]
     with open(base / "server.log", "wb") as server_log:
         process = ns.popen(
             _as_postgres([str(bindir / "postgres"), "-D", str(datadir), "-p", str(port),
                           "-c", "listen_addresses=*", "-c", f"unix_socket_directories={sockdir}",
                           "-c", "fsync=off", "-c", "max_connections=100",
                           "-c", "log_connections=on", "-c", "log_statement=all",
-                          "-c", "password_encryption=scram-sha-256"]),
+                          "-c", "password_encryption=scram-sha-256", *settings]),
             stdout=subprocess.DEVNULL, stderr=server_log,
         )
     server = PgServer(ns, bindir, datadir, sockdir, port, process)

@@ -1,0 +1,76 @@
+"""TLS helpers: finding the server's own certificate, and TLS over memory buffers."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import pytest
+
+from agent.config import ServiceTls
+from agent.tls import TlsChannel, TlsError, client_facing_context, find_server_tls_files
+
+
+def conf(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name / "postgresql.conf"
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    return str(tmp_path / "*" / "postgresql.conf")
+
+
+def test_finds_the_cluster_on_the_port_and_resolves_relative_files(tmp_path: Path) -> None:
+    """The cluster whose port matches gives its certificate and key, relative to its data directory."""
+    pattern = conf(tmp_path, "a", "port = 5433\nssl = on\n")
+    conf(tmp_path, "b", "port = 5432  # main\nssl = on\ndata_directory = '/var/lib/pg'\n"
+                        "ssl_cert_file = '/etc/ssl/certs/x.pem'\nssl_key_file = 'server.key'\n")
+    found = find_server_tls_files(5432, (pattern,))
+    assert found is not None
+    assert found.cert_file == Path("/etc/ssl/certs/x.pem")
+    assert found.key_file == Path("/var/lib/pg/server.key")
+
+
+def test_server_without_ssl_means_no_tls(tmp_path: Path) -> None:
+    """A cluster with ssl = off gives nothing: the agent then answers SSLRequest with 'N'."""
+    pattern = conf(tmp_path, "a", "port = 5432\nssl = off\n")
+    assert find_server_tls_files(5432, (pattern,)) is None
+
+
+def test_bad_certificate_files_are_a_clear_error(tmp_path: Path) -> None:
+    """Configured files that do not load stop the agent with a message naming them."""
+    settings = ServiceTls(cert_file=str(tmp_path / "nope.crt"), key_file=str(tmp_path / "nope.key"))
+    with pytest.raises(TlsError, match="nope.crt"):
+        client_facing_context(settings, 5432)
+
+
+def test_tls_off_when_cert_file_is_empty() -> None:
+    """cert_file = "" turns TLS off for the service."""
+    assert client_facing_context(ServiceTls(cert_file="", key_file=""), 5432) is None
+
+
+def test_channels_talk_to_each_other_over_memory() -> None:
+    """A client and a server channel complete a handshake and carry data both ways."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        key, crt = Path(d) / "k.pem", Path(d) / "c.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-subj", "/CN=localhost",
+                        "-keyout", str(key), "-out", str(crt), "-days", "1"],
+                       check=True, capture_output=True)
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(crt, key)
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.check_hostname = False
+    client_ctx.verify_mode = ssl.CERT_NONE
+    client, server = TlsChannel(client_ctx, server_side=False), TlsChannel(server_ctx, server_side=True)
+    to_server = client.start()
+    for _ in range(5):
+        _, to_client = server.receive(to_server)
+        _, to_server = client.receive(to_client)
+    assert client.established and server.established
+    plain, _ = server.receive(client.send(b"hello"))
+    assert plain == b"hello"
+    back, _ = client.receive(server.send(b"world"))
+    assert back == b"world"
+    assert server.summary()["version"] in ("TLSv1.2", "TLSv1.3")
