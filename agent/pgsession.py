@@ -67,6 +67,7 @@ class _Pending:
     kind: str  # "query" (simple Query or FunctionCall), "execute", "sync" or "blocked"
     started: float = 0.0
     rows: int = 0
+    command_rows: int = 0  # DataRows since the last CommandComplete
     commands: list[str] = field(default_factory=list)
     error: dict[str, str] | None = None
     reply: bytes = b""  # for "blocked": the ErrorResponse the client gets
@@ -478,21 +479,23 @@ class PostgresSession:
         head = pending[0] if pending else None
         if isinstance(event, pg.DataRows):
             if head is not None:
-                head.rows += event.count
+                head.command_rows += event.count
         elif isinstance(event, pg.CommandComplete):
             if head is not None and head.kind != "sync":
                 head.commands.append(event.tag)
+                # The tag's count when it has one (SELECT, INSERT … RETURNING, COPY,
+                # FETCH), else the rows the command returned.
                 rows = event.rows
-                if rows is not None and not event.tag.startswith(("SELECT", "COPY", "FETCH")):
-                    head.rows += rows
-                elif rows is not None and head.rows == 0:
-                    head.rows = rows
+                head.rows += rows if rows is not None else head.command_rows
+                head.command_rows = 0
                 if head.kind == "execute":
                     self._finish(pending.popleft(), actions)
         elif isinstance(event, pg.EmptyQueryResponse | pg.PortalSuspended):
             if head is not None and head.kind == "execute":
                 if isinstance(event, pg.PortalSuspended):
                     head.commands.append("(portal suspended)")
+                head.rows += head.command_rows
+                head.command_rows = 0
                 self._finish(pending.popleft(), actions)
         elif isinstance(event, pg.ErrorResponse):
             if head is not None and head.kind == "blocked":
@@ -559,7 +562,7 @@ class PostgresSession:
     def _finish(self, item: _Pending, actions: Actions, outcome: str | None = None) -> None:
         record: dict[str, Any] = {
             "duration_ms": round((self.clock() - item.started) * 1000.0, 3),
-            "rows": item.rows,
+            "rows": item.rows + item.command_rows,
             "command_tag": item.commands[-1] if item.commands else None,
             "commands": item.commands,
             "outcome": outcome or ("failure" if item.error else "success"),

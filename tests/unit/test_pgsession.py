@@ -182,3 +182,15 @@ def test_close_with_a_partial_message_names_the_truncation() -> None:
     s.client_data(pg.query_message("select 1")[:7])
     (end,) = records(s.connection_lost("client closed"), "session.end")
     assert "truncated message: 7 bytes" in end["reason"] and end["outcome"] == "failure"
+
+
+def test_returning_rows_are_counted_once() -> None:
+    """INSERT … RETURNING: the 2 returned rows and the tag's count 2 make rows == 2, not 4."""
+    s, _ = session()
+    ready(s)
+    s.client_data(pg.query_message("insert into t values (1), (2) returning id"))
+    row = msg(b"D", struct.pack("!hi", 1, 1) + b"1")
+    actions = s.server_data(msg(b"T", struct.pack("!h", 1) + b"id\x00" + b"\x00" * 18) + row + row
+                            + msg(b"C", b"INSERT 0 2\x00") + msg(b"Z", b"I"))
+    (result,) = records(actions, "result")
+    assert result["rows"] == 2 and result["command_tag"] == "INSERT 0 2"
