@@ -10,26 +10,8 @@ from agent import __version__
 from agent.cli_audit import audit
 from agent.cli_bpf import bpf, cleanup
 from agent.cli_identity import login, logout, whoami
+from agent.cli_options import config_option, load_or_exit
 from agent.cli_policy import policy
-from agent.config import Config, ConfigError, load_config
-
-
-def load_or_exit(path: str | None) -> Config:
-    """Load the configuration or exit with its error message."""
-    try:
-        return load_config(path)
-    except ConfigError as e:
-        click.echo(f"ringfence: config error: {e}", err=True)
-        sys.exit(2)
-
-
-config_option = click.option(
-    "--config",
-    "config_path",
-    metavar="PATH",
-    envvar="RINGFENCE_CONFIG",
-    help="Configuration file (default /etc/ringfence/ringfence.toml).",
-)
 
 
 @click.group()

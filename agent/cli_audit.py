@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from agent.cli_options import config_option
 from audit.checkpoint import Verifier
 from audit.errors import AuditError
 from audit.schema import Record
@@ -25,7 +26,7 @@ class AuditContext:
         self.config_path = config_path
 
     def _config(self) -> object:
-        from agent.cli import load_or_exit
+        from agent.cli_options import load_or_exit
 
         return load_or_exit(self.config_path)
 
@@ -96,13 +97,7 @@ pass_ctx = click.make_pass_decorator(AuditContext)
 @click.group()
 @click.option("--path", "path", metavar="DIR", help="Audit directory (default: [audit] path).")
 @click.option("--key-path", "key_path", metavar="FILE", help="Checkpoint key (default: [audit] key_path).")
-@click.option(
-    "--config",
-    "config_path",
-    metavar="PATH",
-    envvar="RINGFENCE_CONFIG",
-    help="Configuration file (default /etc/ringfence/ringfence.toml).",
-)
+@config_option
 @click.pass_context
 def audit(ctx: click.Context, path: str | None, key_path: str | None, config_path: str | None) -> None:
     """Read, verify and export the audit trail."""

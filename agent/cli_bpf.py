@@ -17,17 +17,11 @@ from pathlib import Path
 
 import click
 
+from agent.cli_options import config_option
 from agent.config import Config, ConfigError, load_config
 
 log = logging.getLogger("ringfence.cleanup")
 
-config_option = click.option(
-    "--config",
-    "config_path",
-    metavar="PATH",
-    envvar="RINGFENCE_CONFIG",
-    help="Configuration file (default /etc/ringfence/ringfence.toml).",
-)
 
 
 def _config(path: str | None, *, tolerant: bool) -> Config:

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from agent.cli_options import config_option
 from agent.config import AgentSettings, ConfigError, load_config
 from agent.identity.control import SOCKET_NAME, ControlError, control_request
 
@@ -64,9 +65,6 @@ socket_option = click.option(
     metavar="PATH",
     envvar="RINGFENCE_SOCKET",
     help="The agent's control socket (default <run_dir>/control.sock).",
-)
-config_option = click.option(
-    "--config", "config_path", metavar="PATH", envvar="RINGFENCE_CONFIG", help="Configuration file."
 )
 
 
