@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require
-from tests.support.agent import AgentProcess
+from tests.support.agent import AgentProcess, sessions
 from tests.support.netns import NetNS, connect_veth, netns
 from tests.support.pgserver import PgServer, pgserver
 
@@ -69,14 +69,6 @@ def psql_argv(server: PgServer, sql: str, host: str = "127.0.0.1", user: str = "
 
 def as_nobody(argv: list[str]) -> list[str]:
     return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv]
-
-
-def sessions(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {}
-    for r in records:
-        if r.get("session_id"):
-            out.setdefault(r["session_id"], []).append(r)
-    return out
 
 
 def session_of_pid(

@@ -135,3 +135,12 @@ path = "{policy or REPO / 'packaging' / 'policy.toml'}"
                     f"audit trail never matched; last records: {json.dumps(records[-10:], indent=1)}"
                 )
             time.sleep(0.1)
+
+
+def sessions(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Records grouped by session id, in order."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("session_id"):
+            out.setdefault(r["session_id"], []).append(r)
+    return out

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require
-from tests.support.agent import AgentProcess
+from tests.support.agent import AgentProcess, sessions
 from tests.support.netns import NetNS, netns
 from tests.support.pgserver import PgServer, pgserver
 
@@ -97,15 +97,6 @@ def pghost() -> Iterator[Host]:
     finally:
         if not os.environ.get("RINGFENCE_KEEP_WORKDIR"):
             shutil.rmtree(workdir, ignore_errors=True)
-
-
-def sessions(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Records grouped by session id, in order."""
-    out: dict[str, list[dict[str, Any]]] = {}
-    for r in records:
-        if r.get("session_id"):
-            out.setdefault(r["session_id"], []).append(r)
-    return out
 
 
 def sessions_of_app(records: list[dict[str, Any]], app: str) -> list[list[dict[str, Any]]]:
