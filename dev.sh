@@ -4,9 +4,9 @@
 #   ./dev.sh setup   install Debian packages, create .venv, install ringfence into it
 #   ./dev.sh up      setup, start the local PostgreSQL cluster, run the agent in the
 #                    foreground with packaging/ringfence.toml (Ctrl-C stops and cleans up)
-#   ./dev.sh test    setup, then run the whole test suite (unit and integration),
-#                    then build the packages and test them (package-test); with
-#                    arguments, only pytest with those arguments
+#   ./dev.sh test    setup, ruff and mypy, the whole test suite (unit and
+#                    integration), then build the packages and test them
+#                    (package-test); with arguments, only pytest with those arguments
 #   ./dev.sh package-test  setup, `make package`, then packaging/ci/package-test.sh:
 #                    install the .deb, smoke session, vagrant provisioning, purge
 set -euo pipefail
@@ -90,6 +90,9 @@ case "${1:-}" in
         if [ "$#" -gt 0 ]; then
             exec .venv/bin/python -m pytest tests "$@"
         fi
+        # The conventions of DESIGN.md: ruff clean, mypy strict on agent/, policy/, audit/.
+        .venv/bin/ruff check .
+        .venv/bin/mypy
         .venv/bin/python -m pytest tests
         package_test
         ;;
