@@ -32,6 +32,8 @@ import logging
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Iterable
 from contextlib import suppress
@@ -40,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import bpfsys, kheaders
+from agent.bpf_loader import BPF_SOURCE, PROGRAMS
 from agent.config import BpfSettings
 from agent.procinfo import ProcessInfo, ProcReader, process_dict
 from bpf import source_path
@@ -49,13 +52,6 @@ log = logging.getLogger(__name__)
 PROGRAM_PREFIX = "ringfence_"
 STATE_FILE = "bpf-attachments.json"
 SO_NETNS_COOKIE = 71
-BPF_SOURCE = "attribution.bpf.c"
-# (function in the C source, program type, attach type)
-PROGRAMS = (
-    ("ringfence_sops", bpfsys.BPF_PROG_TYPE_SOCK_OPS, bpfsys.BPF_CGROUP_SOCK_OPS),
-    ("ringfence_c4", bpfsys.BPF_PROG_TYPE_CGROUP_SOCK_ADDR, bpfsys.BPF_CGROUP_INET4_CONNECT),
-    ("ringfence_c6", bpfsys.BPF_PROG_TYPE_CGROUP_SOCK_ADDR, bpfsys.BPF_CGROUP_INET6_CONNECT),
-)
 
 # struct rf_key / struct rf_value in bpf/attribution.bpf.c
 KEY_FORMAT = struct.Struct("=QIHH16s")
@@ -343,51 +339,34 @@ class _KernelAttribution:
         self.state_dir = state_dir
         self.cgroup_root = resolve_cgroup_root(settings.cgroup_root)
         self.headers: kheaders.KernelHeaders | None = None
-        self._bcc: Any = None
+        self._fds: list[int] = []  # the map's and the programs' descriptors
         self._attached: list[tuple[int, int]] = []  # (prog fd, attach type)
         self._map_fd = -1
         self._lock = threading.Lock()
 
     def load(self) -> None:
         self.headers = kheaders.prepare_for_bcc(self.settings.kernel_headers, self.state_dir)
-        try:
-            from bcc import BPF  # imported late: optional, and slow to import
-        except ImportError as e:
-            raise AttributionError(
-                f"the BCC Python module is not installed ({e}); "
-                "install python3-bpfcc (Debian/Ubuntu) or python3-bcc (Fedora/RHEL)"
-            ) from None
-        pending = max(1024, self.settings.map_entries // 8)
-        cflags = [
-            f"-DRF_MAP_ENTRIES={self.settings.map_entries}",
-            f"-DRF_PENDING_ENTRIES={pending}",
-            "-w",
-        ]
-        try:
-            self._bcc = BPF(src_file=str(source_path(BPF_SOURCE)).encode(), cflags=cflags)
-            functions = [
-                (self._bcc.load_func(name.encode(), prog_type, attach_type=attach_type), attach_type)
-                for name, prog_type, attach_type in PROGRAMS
-            ]
-        except Exception as e:  # BCC raises bare Exception for compile and load errors
+        reply, fds = _load_in_child(self.settings.map_entries, self.ports)
+        self._fds = fds
+        if not reply.get("ok"):
             self.close()
-            raise AttributionError(f"cannot compile or load {BPF_SOURCE}: {e}") from None
-        table = self._bcc[b"rf_attrib"]
-        key_size, value_size = _ctypes_size(table.Key), _ctypes_size(table.Leaf)
+            raise AttributionError(str(reply.get("error", "the BPF loader failed")))
+        key_size, value_size = int(reply["key_size"]), int(reply["value_size"])
         if (key_size, value_size) != (KEY_FORMAT.size, VALUE_FORMAT.size):
             self.close()
             raise AttributionError(
                 f"map layout mismatch: key {key_size}/{KEY_FORMAT.size}, "
                 f"value {value_size}/{VALUE_FORMAT.size}"
             )
-        self._map_fd = int(table.map_fd)
-        self._fill_ports()
+        self._map_fd = fds[0]
+        functions = [(fd, int(attach_type)) for fd, (_, attach_type)
+                     in zip(fds[1:], reply["programs"], strict=True)]
         self._record(functions)
         with bpfsys.open_cgroup(self.cgroup_root) as cg:
             try:
-                for fn, attach_type in functions:
-                    bpfsys.prog_attach(fn.fd, cg, attach_type, bpfsys.BPF_F_ALLOW_MULTI)
-                    self._attached.append((fn.fd, attach_type))
+                for fd, attach_type in functions:
+                    bpfsys.prog_attach(fd, cg, attach_type, bpfsys.BPF_F_ALLOW_MULTI)
+                    self._attached.append((fd, attach_type))
             except OSError as e:
                 self._detach_all(cg)
                 self.close()
@@ -396,18 +375,11 @@ class _KernelAttribution:
                     f"cannot attach to cgroup {self.cgroup_root}: {e.strerror or e}"
                 ) from None
 
-    def _fill_ports(self) -> None:
-        import ctypes
-
-        ports = self._bcc[b"rf_ports"]
-        for port in self.ports:
-            ports[ctypes.c_uint16(port)] = ctypes.c_uint8(1)
-
-    def _record(self, functions: list[tuple[Any, int]]) -> None:
+    def _record(self, functions: list[tuple[int, int]]) -> None:
         """Write the ids about to be attached, so a killed run can be cleaned up."""
         programs = []
-        for fn, attach_type in functions:
-            info = bpfsys.prog_info(fn.fd)
+        for fd, attach_type in functions:
+            info = bpfsys.prog_info(fd)
             programs.append(
                 {
                     "id": info.id,
@@ -461,16 +433,42 @@ class _KernelAttribution:
         (self.state_dir / STATE_FILE).unlink(missing_ok=True)
 
     def close(self) -> None:
-        if self._bcc is not None:
-            with suppress(Exception):
-                self._bcc.cleanup()
-            self._bcc = None
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            with suppress(OSError):
+                os.close(fd)
 
 
-def _ctypes_size(kind: Any) -> int:
-    import ctypes
+LOADER_TIMEOUT = 120.0
 
-    return int(ctypes.sizeof(kind))
+
+def _load_in_child(map_entries: int, ports: list[int]) -> tuple[dict[str, Any], list[int]]:
+    """Run agent.bpf_loader in a child process; returns its reply and the descriptors it sent."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with parent, child:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "agent.bpf_loader", str(child.fileno())],
+                stdin=subprocess.PIPE, pass_fds=[child.fileno()], text=True,
+            )
+            child.close()
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps({"map_entries": map_entries, "ports": ports}))
+            proc.stdin.close()
+            parent.settimeout(LOADER_TIMEOUT)
+            try:
+                data, fds, _, _ = socket.recv_fds(parent, 65536, 16)
+            except TimeoutError:
+                proc.kill()
+                raise AttributionError(
+                    f"the BPF loader did not answer within {LOADER_TIMEOUT:.0f} s"
+                ) from None
+            code = proc.wait(LOADER_TIMEOUT)
+    except OSError as e:
+        raise AttributionError(f"cannot run the BPF loader: {e}") from None
+    if not data:
+        raise AttributionError(f"the BPF loader exited with status {code} without an answer")
+    return json.loads(data), list(fds)
 
 
 # --------------------------------------------------------------------------- sock_diag
