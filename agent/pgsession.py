@@ -10,6 +10,7 @@ framed by the parser, the server's chunks untouched).
 from __future__ import annotations
 
 import hashlib
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -68,6 +69,7 @@ class _Pending:
     started: float = 0.0
     rows: int = 0
     command_rows: int = 0  # DataRows since the last CommandComplete
+    copy_bytes: int = 0  # COPY data either way
     commands: list[str] = field(default_factory=list)
     error: dict[str, str] | None = None
     reply: bytes = b""  # for "blocked": the ErrorResponse the client gets
@@ -114,7 +116,7 @@ class PostgresSession:
         self.ended = False
         self.last_error: dict[str, str] | None = None
         self._pending: deque[_Pending] = deque()
-        self._statements: dict[str, str] = {}
+        self._statements: dict[str, tuple[str, tuple[int, ...]]] = {}  # name → (text, types)
         self._portals: dict[str, _Portal] = {}
         self._refusal: tuple[str, str, str] | None = None
         self.policy = policy
@@ -164,16 +166,17 @@ class PostgresSession:
                 )
                 self._block(decision, substitute, True, actions)
                 return
-            self._statements[event.statement] = event.sql
+            self._statements[event.statement] = (event.sql, event.parameter_types)
             actions.to_server.append(event.raw)
         elif isinstance(event, pg.Bind):
+            types = self._statements.get(event.statement, ("", ()))[1]
             self._portals[event.portal] = _Portal(
-                event.statement, _parameters(event, self.max_statement)
+                event.statement, _parameters(event, self.max_statement, types)
             )
             actions.to_server.append(event.raw)
         elif isinstance(event, pg.Execute):
             portal = self._portals.get(event.portal)
-            sql = self._statements.get(portal.statement, "") if portal else ""
+            sql = self._statements.get(portal.statement, ("", ()))[0] if portal else ""
             params = portal.parameters if portal else None
             self._begin_statement("execute", sql, "extended", params, actions)
             actions.to_server.append(event.raw)
@@ -218,6 +221,12 @@ class PostgresSession:
             actions.to_server.append(event.raw)
             self._end(actions, "client terminated", "success")
             actions.close = "client terminated"
+        elif isinstance(event, pg.CopyData):
+            for item in self._pending:
+                if item.kind in ("query", "execute"):
+                    item.copy_bytes += event.size
+                    break
+            actions.to_server.append(event.raw)
         else:
             actions.to_server.append(event.raw)
 
@@ -480,6 +489,9 @@ class PostgresSession:
         if isinstance(event, pg.DataRows):
             if head is not None:
                 head.command_rows += event.count
+        elif isinstance(event, pg.CopyOutData):
+            if head is not None:
+                head.copy_bytes += event.size
         elif isinstance(event, pg.CommandComplete):
             if head is not None and head.kind != "sync":
                 head.commands.append(event.tag)
@@ -567,6 +579,8 @@ class PostgresSession:
             "commands": item.commands,
             "outcome": outcome or ("failure" if item.error else "success"),
         }
+        if item.copy_bytes:
+            record["copy_bytes"] = item.copy_bytes
         if item.error:
             record["error"] = item.error
         actions.records.append(("result", record))
@@ -681,8 +695,23 @@ def _sasl_mechanism(body: bytes) -> str:
     return "scram-sha-256" if "SCRAM-SHA-256" in names else "sasl:" + ",".join(names)
 
 
-def _parameters(event: pg.Bind, limit: int) -> list[Any]:
-    """Bound parameters for the record: text values as text, binary ones as length."""
+# Binary parameter formats decoded for the record, by type OID (pg_type.dat).
+_BINARY_DECODERS: dict[int, Callable[[bytes], Any]] = {
+    16: lambda v: v == b"\x01",  # bool
+    20: lambda v: int.from_bytes(v, "big", signed=True),  # int8
+    21: lambda v: int.from_bytes(v, "big", signed=True),  # int2
+    23: lambda v: int.from_bytes(v, "big", signed=True),  # int4
+    26: lambda v: int.from_bytes(v, "big"),  # oid
+    700: lambda v: struct.unpack("!f", v)[0],  # float4
+    701: lambda v: struct.unpack("!d", v)[0],  # float8
+    25: lambda v: v.decode("utf-8", "replace"),  # text
+    1043: lambda v: v.decode("utf-8", "replace"),  # varchar
+}
+
+
+def _parameters(event: pg.Bind, limit: int, types: tuple[int, ...] = ()) -> list[Any]:
+    """Bound parameters for the record: text values as text; binary ones decoded when their
+    type is known and simple, else as type OID and length."""
     formats = event.parameter_formats
     out: list[Any] = []
     for i, value in enumerate(event.parameters):
@@ -692,5 +721,14 @@ def _parameters(event: pg.Bind, limit: int) -> list[Any]:
         elif fmt == 0:
             out.append(value[:limit].decode("utf-8", "replace"))
         else:
-            out.append({"format": "binary", "length": len(value)})
+            oid = types[i] if i < len(types) and types[i] else None
+            decode = _BINARY_DECODERS.get(oid or 0)
+            try:
+                decoded = decode(value[:limit]) if decode is not None else None
+            except (struct.error, ValueError):
+                decoded = None
+            if decoded is not None:
+                out.append(decoded)
+            else:
+                out.append({"format": "binary", "type_oid": oid, "length": len(value)})
     return out

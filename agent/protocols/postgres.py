@@ -427,6 +427,14 @@ class DataRows:
 
 
 @dataclass(frozen=True, slots=True)
+class CopyOutData:
+    """``count`` CopyData messages from the server (COPY TO STDOUT), ``size`` bytes of data."""
+
+    count: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
 class CommandComplete:
     tag: str
 
@@ -502,7 +510,7 @@ class NegotiateProtocolVersion:
 
 BackendEvent = (
     AuthenticationRequest | ParameterStatus | BackendKeyData | ReadyForQuery | RowDescription
-    | DataRows | CommandComplete | EmptyQueryResponse | ErrorResponse | NoticeResponse
+    | DataRows | CopyOutData | CommandComplete | EmptyQueryResponse | ErrorResponse | NoticeResponse
     | ParseComplete | BindComplete | PortalSuspended | NoData | CopyResponse
     | NotificationResponse | NegotiateProtocolVersion
 )
@@ -582,6 +590,8 @@ class BackendScanner:
         self._body: bytearray | None = None  # collected body of a decoded kind
         self._rows = 0
         self._row_bytes = 0
+        self._copy_messages = 0
+        self._copy_bytes = 0
 
     def feed(self, chunk: bytes) -> list[BackendEvent]:
         events: list[BackendEvent] = []
@@ -612,6 +622,9 @@ class BackendScanner:
                 kind_b, length = unpack_header(chunk, pos)
                 pos += 5
             kind = kind_b[0]
+            if kind == 0x64 and length >= 4:  # CopyData (COPY TO STDOUT): counted, not held
+                self._copy_messages += 1
+                self._copy_bytes += length - 4
             if kind == 0x44:  # DataRow: the hot path
                 if length < 4:
                     raise ServerProtocolError(f"invalid message length {length}")
@@ -630,6 +643,10 @@ class BackendScanner:
                 self._finish(events, ends, pos)
         if self._rows and not self._remaining:
             self._flush_rows(events, ends, pos)
+        if self._copy_messages and not self._remaining:
+            events.append(CopyOutData(self._copy_messages, self._copy_bytes))
+            ends.append(pos)
+            self._copy_messages = self._copy_bytes = 0
         return events
 
     def _flush_rows(self, events: list[BackendEvent], ends: list[int], end: int) -> None:
@@ -647,6 +664,10 @@ class BackendScanner:
             raise ServerProtocolError(f"invalid message length {length}")
         if self._rows:
             self._flush_rows(events, ends, start)
+        if self._copy_messages and kind != 0x64:
+            events.append(CopyOutData(self._copy_messages, self._copy_bytes))
+            ends.append(max(start, 0))
+            self._copy_messages = self._copy_bytes = 0
         self._kind = kind
         self._remaining = length - 4
         if kind in _DECODED:

@@ -194,3 +194,34 @@ def test_returning_rows_are_counted_once() -> None:
                             + msg(b"C", b"INSERT 0 2\x00") + msg(b"Z", b"I"))
     (result,) = records(actions, "result")
     assert result["rows"] == 2 and result["command_tag"] == "INSERT 0 2"
+
+
+def test_copy_in_and_out_record_their_bytes() -> None:
+    """COPY FROM STDIN and COPY TO STDOUT results carry the rows from the tag and the data bytes."""
+    s, _ = session()
+    ready(s)
+    s.client_data(pg.query_message("copy t from stdin"))
+    s.server_data(msg(b"G", b"\x00\x00\x00"))
+    s.client_data(msg(b"d", b"1\tone\n") + msg(b"d", b"2\ttwo\n") + msg(b"c", b""))
+    (result,) = records(s.server_data(msg(b"C", b"COPY 2\x00") + msg(b"Z", b"I")), "result")
+    assert (result["rows"], result["copy_bytes"], result["command_tag"]) == (2, 12, "COPY 2")
+
+    s.client_data(pg.query_message("copy t to stdout"))
+    out = msg(b"H", b"\x00\x00\x00") + msg(b"d", b"1\tone\n") + msg(b"d", b"2\ttwo\n") + msg(b"c", b"")
+    actions = s.server_data(out[:9])
+    actions.records += s.server_data(out[9:] + msg(b"C", b"COPY 2\x00") + msg(b"Z", b"I")).records
+    (result,) = records(actions, "result")
+    assert (result["rows"], result["copy_bytes"]) == (2, 12)
+
+
+def test_binary_parameters_decoded_when_simple_else_type_and_length() -> None:
+    """A binary int4 parameter is recorded as its value; an unknown binary type as OID and length."""
+    s, _ = session()
+    ready(s)
+    parse = msg(b"P", b"s\x00select $1, $2\x00" + struct.pack("!hii", 2, 23, 17))
+    bind = msg(b"B", b"\x00s\x00" + struct.pack("!hh", 1, 1) + struct.pack("!h", 2)
+               + struct.pack("!i", 4) + struct.pack("!i", 42) + struct.pack("!i", 3) + b"\x01\x02\x03"
+               + struct.pack("!h", 0))
+    actions = s.client_data(parse + bind + msg(b"E", b"\x00" + struct.pack("!i", 0)))
+    (query,) = records(actions, "query")
+    assert query["parameters"] == [42, {"format": "binary", "type_oid": 17, "length": 3}]
