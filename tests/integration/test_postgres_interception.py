@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require
-from tests.support.agent import AgentProcess, sessions
+from tests.support.agent import REPO, RINGFENCE, AgentProcess, sessions
 from tests.support.netns import NetNS, connect_veth, netns
 from tests.support.pgserver import PgServer, pgserver
 
@@ -284,3 +284,20 @@ def test_kill_restart_and_clean_stop(host: tuple[NetNS, PgServer], agent: AgentP
     assert "direct" in done.stdout
     records = [r for r in agent.records() if r["type"] != "checkpoint"]
     assert records[-1]["type"] == "agent.stop"
+
+
+def test_redirect_status_and_clean_commands(host: tuple[NetNS, PgServer], tmp_path: Path) -> None:
+    """`ringfence redirect status` lists the chains a (killed) agent left; `redirect clean`
+    removes them in both families, and status then says none are installed."""
+    ns, _ = host
+    left = AgentProcess(ns, tmp_path / "left", bpf_mode="off")
+    left.start()
+    left.kill()
+    status = ns.run([*RINGFENCE, "redirect", "status"], env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert "ipv4: -A OUTPUT -j RINGFENCE_OUTPUT" in status.stdout
+    assert "ipv6: -A PREROUTING -j RINGFENCE_PREROUTING" in status.stdout
+    clean = ns.run([*RINGFENCE, "redirect", "clean"], env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert "removed 4 ringfence chain(s)" in clean.stdout
+    assert ringfence_rules(ns) == []
+    after = ns.run([*RINGFENCE, "redirect", "status"], env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert after.stdout.strip() == "no ringfence redirect rules installed"
