@@ -325,7 +325,10 @@ class ClientSide(asyncio.Protocol):
         if self.upstream_state == "new" and not data.startswith(_ENCRYPTION_REQUESTS):
             self._choose_upstream_tls()
         if self._client_hold is not None:
+            # Until the server's TLS is up: hold, and read no more meanwhile.
             self._client_hold.append(data)
+            if self.transport is not None:
+                self.transport.pause_reading()
             return
         self.apply(session.client_data(data))
 
@@ -363,6 +366,9 @@ class ClientSide(asyncio.Protocol):
         held, self._client_hold = self._client_hold or [], None
         if held and self.session is not None and not self.closed:
             self.apply(self.session.client_data(b"".join(held)))
+        if (self.transport is not None and not self.closed and self._deferred is None
+                and not self.upstream_write_paused):
+            self.transport.resume_reading()
 
     def _start_session(self) -> None:
         """Setup is done: replay what arrived meanwhile, then read normally."""
