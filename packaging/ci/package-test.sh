@@ -44,6 +44,7 @@ started=$(date +%s)
 agent_pid=
 pg_pid=
 installed_by_us=no
+set_aside=()
 cluster_started=()
 cgroup_root=
 
@@ -80,6 +81,10 @@ teardown() {
     if [ "$installed_by_us" = yes ] && dpkg-query -W ringfence >/dev/null 2>&1; then
         DEBIAN_FRONTEND=noninteractive apt-get purge -y -q ringfence >/dev/null 2>&1
     fi
+    # What a development run had in the package's places goes back.
+    for d in "${set_aside[@]}"; do
+        [ -e "$d" ] || mv "$work/aside$d" "$d"
+    done
     if [ $rc -ne 0 ] && [ -f "$work/agent.log" ]; then
         echo "--- agent log (last 40 lines)" >&2
         tail -n 40 "$work/agent.log" >&2
@@ -160,6 +165,19 @@ cgroup_root=$(awk '$3 == "cgroup2" { print $2 }' /proc/mounts | sort | head -n 1
 [ -n "$cgroup_root" ] || fail "no cgroup v2 mount"
 
 step "deb: apt-get install ./$deb"
+# A development run (./dev.sh up, the default config) keeps its state where the
+# package does. Without the package installed, set it aside for the test, so
+# that purge is judged against a host without ringfence, and restore it after.
+if ! dpkg-query -W ringfence >/dev/null 2>&1; then
+    for d in /etc/ringfence /var/lib/ringfence /run/ringfence; do
+        if [ -e "$d" ]; then
+            mkdir -p "$work/aside$(dirname "$d")"
+            mv "$d" "$work/aside$d"
+            set_aside+=("$d")
+            echo "set aside for the test: $d (left by a development run)"
+        fi
+    done
+fi
 snapshot >"$work/files.before"
 grep -q python3-bpfcc <<<"$(dpkg-deb -f "$deb" Depends)" || fail "deb does not depend on python3-bpfcc"
 DEBIAN_FRONTEND=noninteractive apt-get install -y -q "./$deb" >"$work/apt.log" 2>&1 ||
