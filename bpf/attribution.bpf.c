@@ -115,19 +115,25 @@ static __always_inline int rf_is_v4_mapped(const u32 *a)
 }
 
 // Fill the key's and the destination's addresses; 0 when the family is not IP.
+// The IPv4 addresses of the socket into the key (source) and value (destination).
+static __always_inline int rf_addresses_v4(struct bpf_sock_ops *skops, struct rf_key *key,
+                                           struct rf_value *val)
+{
+    u32 src = skops->local_ip4, dst = skops->remote_ip4;
+    key->family = RF_AF_INET;
+    __builtin_memcpy(key->addr, &src, 4);
+    if (val) {
+        val->dst_family = RF_AF_INET;
+        __builtin_memcpy(val->dst_addr, &dst, 4);
+    }
+    return 1;
+}
+
 static __always_inline int rf_addresses(struct bpf_sock_ops *skops, struct rf_key *key,
                                         struct rf_value *val)
 {
-    if (skops->family == RF_AF_INET) {
-        u32 src = skops->local_ip4, dst = skops->remote_ip4;
-        key->family = RF_AF_INET;
-        __builtin_memcpy(key->addr, &src, 4);
-        if (val) {
-            val->dst_family = RF_AF_INET;
-            __builtin_memcpy(val->dst_addr, &dst, 4);
-        }
-        return 1;
-    }
+    if (skops->family == RF_AF_INET)
+        return rf_addresses_v4(skops, key, val);
     if (skops->family != RF_AF_INET6)
         return 0;
 
@@ -136,14 +142,7 @@ static __always_inline int rf_addresses(struct bpf_sock_ops *skops, struct rf_ke
     if (rf_is_v4_mapped(dst6)) {
         // An AF_INET6 socket talking IPv4: the IPv4 fields hold the addresses
         // (local_ip6 is filled in only after TCP_CONNECT for such sockets).
-        u32 src = skops->local_ip4, dst = skops->remote_ip4;
-        key->family = RF_AF_INET;
-        __builtin_memcpy(key->addr, &src, 4);
-        if (val) {
-            val->dst_family = RF_AF_INET;
-            __builtin_memcpy(val->dst_addr, &dst, 4);
-        }
-        return 1;
+        return rf_addresses_v4(skops, key, val);
     }
     u32 src6[4] = {skops->local_ip6[0], skops->local_ip6[1], skops->local_ip6[2],
                    skops->local_ip6[3]};
