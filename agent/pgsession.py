@@ -122,6 +122,7 @@ class PostgresSession:
         self.policy = policy
         self.subject: Subject | None = None  # set by the proxy once attribution is known
         self.record_level = "statements"
+        self._policy_resource: Any = None
         # Identity (set by the proxy before the startup packet is read).
         self.identity: Any = None  # agent.identity.IdentityResult
         self.subject_for: Callable[[Any], Subject] | None = None
@@ -234,12 +235,19 @@ class PostgresSession:
         """The policy's decision on a statement text, or None without a policy."""
         if self.policy is None:
             return None
-        from policy import Resource, Subject
+        from policy import Subject
 
-        database = self.startup.database if self.startup else None
-        resource = Resource(self.context.get("service", ""), "postgres", database)
         policy = self.policy()
-        return policy.statement(self.subject or Subject(), resource, policy.prepared(sql))
+        return policy.statement(self.subject or Subject(), self._resource(), policy.prepared(sql))
+
+    def _resource(self) -> Any:
+        """The policy's resource for this session (service and database), built once."""
+        if self._policy_resource is None:
+            from policy import Resource
+
+            database = self.startup.database if self.startup else None
+            self._policy_resource = Resource(self.context.get("service", ""), "postgres", database)
+        return self._policy_resource
 
     def _block(self, decision: Any, substitute: bytes, extended: bool, actions: Actions) -> None:
         """Keep a statement from the server; the client gets the policy's error in its place."""
@@ -256,12 +264,11 @@ class PostgresSession:
         """The policy's decision on this connection (after the StartupMessage), or None."""
         if self.policy is None or self.startup is None:
             return None
-        from policy import Resource, Subject
+        from policy import Subject
 
-        resource = Resource(self.context.get("service", ""), "postgres", self.startup.database)
         if self.subject_for is not None:
             self.subject = self.subject_for(self.identity)
-        return self.policy().connection(self.subject or Subject(), resource)
+        return self.policy().connection(self.subject or Subject(), self._resource())
 
     def _startup_message(self, event: pg.StartupMessage, actions: Actions) -> None:
         if event.protocol >> 16 != 3:
@@ -269,10 +276,7 @@ class PostgresSession:
             return
         self.startup = event
         if self._refusal is not None:
-            sqlstate, message, reason = self._refusal
-            actions.to_client.append(pg.error_response("FATAL", sqlstate, message))
-            self._end(actions, reason, "failure", error={"sqlstate": sqlstate, "message": message})
-            actions.close = reason
+            self._fatal(actions, *self._refusal)
             return
         if self.identity is not None and self.identity.ask_for_token:
             from agent.protocols.pgauth import authentication_cleartext_password
@@ -296,10 +300,7 @@ class PostgresSession:
         identity = self.identity
         if identity is not None and identity.refusal is not None:
             sqlstate, message = identity.refusal
-            actions.to_client.append(pg.error_response("FATAL", sqlstate, message))
-            self._end(actions, "identity refused: " + message, "failure",
-                      error={"sqlstate": sqlstate, "message": message})
-            actions.close = "identity refused"
+            self._fatal(actions, sqlstate, message, "identity refused: " + message)
             return
         self._record_start(actions)
         decision = self.connection_decision()
@@ -307,13 +308,8 @@ class PostgresSession:
             actions.durable.append(("policy.decision", decision.to_record()))
             self.record_level = decision.record
             if not decision.allowed:
-                actions.to_client.append(
-                    pg.error_response("FATAL", decision.sqlstate, decision.message)
-                )
-                reason = f"denied by policy rule {decision.rule_id}"
-                self._end(actions, reason, "failure",
-                          error={"sqlstate": decision.sqlstate, "message": decision.message})
-                actions.close = reason
+                self._fatal(actions, decision.sqlstate, decision.message,
+                            f"denied by policy rule {decision.rule_id}")
                 return
         assert self.startup is not None
         if self.upstream_auth is not None and self.upstream_user is not None:
@@ -392,7 +388,7 @@ class PostgresSession:
         try:
             events = self.backend.feed(data)
         except pg.ServerProtocolError as e:
-            return self._server_violation(actions, f"server protocol error: {e}")
+            return self._protocol_violation(actions, f"server protocol error: {e}")
         if self.phase == "upstream-auth":
             return self._upstream_auth_data(data, events, actions)
         if self._held is None and not self._blocked_pending:
@@ -422,7 +418,7 @@ class PostgresSession:
         if self._held is not None:
             self._held += data[start:]
             if len(self._held) > MAX_HELD:
-                return self._server_violation(
+                return self._protocol_violation(
                     actions, "server protocol error: unexpected reply to a blocked statement"
                 )
         elif start < len(data):
@@ -450,11 +446,8 @@ class PostgresSession:
                 except PgAuthError as e:
                     message = "ringfence: the agent could not log in to the database with the " \
                               "service credential"
-                    actions.to_client.append(pg.error_response("FATAL", "28000", message))
-                    self._end(actions, f"upstream authentication failed: {e}", "failure",
-                              error={"sqlstate": "28000", "message": message})
-                    actions.close = "upstream authentication failed"
-                    return actions
+                    return self._fatal(actions, "28000", message,
+                                       f"upstream authentication failed: {e}")
                 if step.send:
                     actions.to_server.append(step.send)
                 self.auth_method = AUTH_METHODS.get(event.code, self.auth_method)
@@ -475,12 +468,6 @@ class PostgresSession:
 
     def _head_blocked(self) -> bool:
         return bool(self._pending) and self._pending[0].kind == "blocked"
-
-    def _server_violation(self, actions: Actions, reason: str) -> Actions:
-        self._end(actions, reason, "failure")
-        actions.to_client.append(pg.error_response("FATAL", "08P01", f"ringfence: {reason}"))
-        actions.close = reason
-        return actions
 
     def _server_event(self, event: pg.BackendEvent, actions: Actions) -> bytes | None:
         """Update state for one server message; returns the replacement for a blocked error."""
@@ -593,7 +580,10 @@ class PostgresSession:
 
     def refuse(self, sqlstate: str, message: str, reason: str) -> Actions:
         """End the connection with a protocol-native FATAL error to the client."""
-        actions = Actions()
+        return self._fatal(Actions(), sqlstate, message, reason)
+
+    def _fatal(self, actions: Actions, sqlstate: str, message: str, reason: str) -> Actions:
+        """A FATAL error to the client, session.end with it, and the connection closed."""
         actions.to_client.append(pg.error_response("FATAL", sqlstate, message))
         self._end(actions, reason, "failure", error={"sqlstate": sqlstate, "message": message})
         actions.close = reason
