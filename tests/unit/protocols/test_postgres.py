@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import struct
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -152,6 +154,19 @@ def server_stream(rows: int = 3) -> bytes:
     return out
 
 
+def feed_in_pieces(
+    feed: Callable[[bytes], list[Any]], stream: bytes, data: st.DataObject, pieces: int
+) -> list[Any]:
+    """Feed ``stream`` cut at up to ``pieces`` points Hypothesis draws; returns all events."""
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=pieces)))
+    events: list[Any] = []
+    last = 0
+    for cut in [*cuts, len(stream)]:
+        events += feed(stream[last:cut])
+        last = cut
+    return events
+
+
 def summarize(events: list[pg.BackendEvent]) -> list[object]:
     """Merge DataRows events so differently chunked feeds compare equal."""
     out: list[object] = []
@@ -185,13 +200,7 @@ def test_backend_scanner_decodes_what_a_record_needs() -> None:
 def test_backend_scanner_is_independent_of_chunking(data: st.DataObject) -> None:
     """Any split of the server stream yields the same events as feeding it whole."""
     stream = server_stream(data.draw(st.integers(0, 20)))
-    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=12)))
-    scanner = pg.BackendScanner()
-    events: list[pg.BackendEvent] = []
-    last = 0
-    for cut in [*cuts, len(stream)]:
-        events += scanner.feed(stream[last:cut])
-        last = cut
+    events = feed_in_pieces(pg.BackendScanner().feed, stream, data, 12)
     assert summarize(events) == summarize(pg.BackendScanner().feed(stream))
 
 
@@ -229,13 +238,8 @@ def frontend_stream() -> bytes:
 def test_frontend_frames_are_identical_to_the_input_at_any_split(data: st.DataObject) -> None:
     """Split anywhere, the parser returns the same frames, and their bytes rebuild the input."""
     stream = frontend_stream()
-    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=20)))
     parser = pg.FrontendParser()
-    events: list[pg.FrontendEvent] = []
-    last = 0
-    for cut in [*cuts, len(stream)]:
-        events += parser.feed(stream[last:cut])
-        last = cut
+    events = feed_in_pieces(parser.feed, stream, data, 20)
     assert b"".join(e.raw for e in events) == stream
     assert parser.buffered == 0
 
