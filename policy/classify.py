@@ -8,9 +8,12 @@ resolved by the parser before any decision is made.
 
 The parse tree is walked as libpg_query's JSON (decoding it is several times
 cheaper than building pglast's Python AST), iteratively, so deeply nested
-input cannot exhaust the Python stack. :class:`Classifier` keeps a bounded LRU
-cache keyed by the statement text, because the same texts repeat (prepared
-statements, pgbench, ORMs).
+input cannot exhaust the Python stack. :class:`Classifier` keeps two bounded LRU
+caches, because the same statements repeat (prepared statements, pgbench,
+ORMs): one keyed by the exact text, and one keyed by the statement's *shape*,
+its text with each literal cut out, so that ``... WHERE aid = 17`` and
+``... WHERE aid = 42`` are parsed once. See :func:`_shape` for when a shape may
+stand for a whole family of texts.
 """
 
 from __future__ import annotations
@@ -163,6 +166,9 @@ class Classification:
     text: str
     statements: tuple[StatementInfo, ...] = ()
     parse_error: str | None = None
+    # The statement's shape (text with literals cut out) when every text of
+    # that shape classifies alike; the policy may reuse decisions by it.
+    shape: bytes | None = field(default=None, compare=False)
 
     @property
     def flags(self) -> frozenset[str]:
@@ -335,6 +341,9 @@ class _Facts:
     ctes: set[str] = field(default_factory=set)
     modifies: bool = False  # a data-modifying statement inside another one
     inner_class: str | None = None  # highest class of a DO body's statements
+    # Set by every rule that looks at a literal's value (A_Const): such a
+    # statement's classification is not shared by its shape.
+    reads_literal: bool = False
 
     def add_relation(self, schema: str | None, name: str) -> None:
         self.objects[f"{schema}.{name}" if schema else name] = None
@@ -401,6 +410,7 @@ def _function(node: dict[str, Any], facts: _Facts) -> None:
         first = args[0] if args else None
         setting = None
         if isinstance(first, dict) and "A_Const" in first:
+            facts.reads_literal = True
             setting = (first["A_Const"].get("sval") or {}).get("sval")
         if setting is None or setting.lower() in ROLE_SETTINGS:
             facts.flags.add("set_role")
@@ -610,11 +620,17 @@ class _ParseFailure(Exception):
     pass
 
 
-def _classify_text(text: str, depth: int = 0) -> list[StatementInfo]:
+def _parse(text: str) -> dict[str, Any]:
     try:
-        tree = json.loads(pg_parser.parse_sql_json(text))
+        tree: dict[str, Any] = json.loads(pg_parser.parse_sql_json(text))
     except Exception as e:  # pglast raises ParseError; anything else is as bad
         raise _ParseFailure(str(e) or type(e).__name__) from None
+    return tree
+
+
+def _classify_tree(
+    tree: dict[str, Any], text: str, depth: int = 0, facts_out: list[_Facts] | None = None
+) -> list[StatementInfo]:
     raw = text.encode("utf-8")
     out: list[StatementInfo] = []
     for raw_stmt in tree.get("stmts", ()):
@@ -626,12 +642,21 @@ def _classify_text(text: str, depth: int = 0) -> list[StatementInfo]:
         length = raw_stmt.get("stmt_len", 0)
         end = start + length if length else len(raw)
         stmt_text = raw[start:end].decode("utf-8", "replace").strip()
-        out.append(_statement(node_type, node, stmt_text, depth))
+        facts = _Facts()
+        out.append(_statement(node_type, node, stmt_text, depth, facts))
+        if facts_out is not None:
+            facts_out.append(facts)
     return out
 
 
-def _statement(node_type: str, node: dict[str, Any], text: str, depth: int) -> StatementInfo:
-    facts = _Facts()
+def _classify_text(text: str, depth: int = 0) -> list[StatementInfo]:
+    return _classify_tree(_parse(text), text, depth)
+
+
+def _statement(
+    node_type: str, node: dict[str, Any], text: str, depth: int, facts: _Facts | None = None
+) -> StatementInfo:
+    facts = facts if facts is not None else _Facts()
     _collect({node_type: node}, facts)
     kind, klass = _kind_and_class(node_type, node, facts)
     _flags(node_type, node, kind, facts)
@@ -658,13 +683,152 @@ def classify(text: str) -> Classification:
         return Classification(text, (), parse_error=str(e))
 
 
+# Literal tokens of PostgreSQL's scanner, cut out of a shape (with a marker for
+# their kind). U&'' strings stay in: their escapes are checked by the parser.
+_LITERAL_TOKENS = {
+    "ICONST": "\x00i", "FCONST": "\x00f", "SCONST": "\x00s", "BCONST": "\x00b", "XCONST": "\x00x",
+}
+_COMMENT_TOKENS = frozenset({"C_COMMENT", "SQL_COMMENT"})
+# What makes a text not plain: anything that opens a literal other than a number,
+# a comment, a parameter or a dollar quote.
+_NOT_PLAIN = ("'", '"', "$", "\\", "--", "/*")
+_DIGITS = re.compile(r"[0-9]+")
+# Characters that continue a token a digit run is part of (names, numerics like 1.5 and 1e5).
+_CONTINUES = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.")
+_SEMICOLON = "ASCII_59"
+
+
+@dataclass(slots=True)
+class _Shape:
+    """A single statement's text with its literals cut out, and where its statement text lies."""
+
+    key: bytes
+    start: int  # offset (in characters) of the first token that is not a comment
+    end: int  # offset of the closing ';', or the text's length
+    literals: tuple[int, ...]  # offsets of the literals cut out
+
+    def statement_text(self, text: str) -> str:
+        return text[self.start : self.end].strip()
+
+
+def _shape(text: str) -> _Shape | None:
+    """The shape of a one-statement text; None for anything else.
+
+    The key is the text byte for byte, except that each literal token (and the
+    whitespace after it) is replaced by NUL and a letter for its kind; NUL
+    cannot occur in a query. Two texts with the same key therefore scan to the
+    same tokens but for the literals' values, and the parser, which decides by
+    token kinds, builds the same tree but for the values it puts in A_Const
+    nodes. A shape is only used for texts where every literal became an A_Const
+    and no classification rule read one (checked by :func:`_shape_holds` the
+    first time a shape is seen), so every text of a cached shape classifies
+    alike.
+
+    Plain texts (ASCII, no quotes, comments, dollar signs or backslashes) are
+    keyed without the scanner: in them, a run of at most nine digits between
+    characters that cannot continue a token is exactly an integer literal
+    (ICONST) to PostgreSQL's scanner too. Anything else goes through the
+    scanner itself.
+    """
+    if "\x00" in text:
+        return None
+    if text.isascii() and not any(mark in text for mark in _NOT_PLAIN):
+        return _plain_shape(text)
+    return _scanned_shape(text)
+
+
+def _plain_shape(text: str) -> _Shape | None:
+    body = text.rstrip()
+    end = len(body)
+    if body.endswith(";"):
+        end -= 1
+    if ";" in body[:end]:
+        return None  # more than one statement
+    start = len(text) - len(text.lstrip())
+    if start >= end:
+        return None
+    parts: list[str] = []
+    literals: list[int] = []
+    pos = 0
+    size = len(text)
+    for match in _DIGITS.finditer(text):
+        first, last = match.span()
+        if (last - first > 9 or (first and text[first - 1] in _CONTINUES)
+                or (last < size and text[last] in _CONTINUES)):
+            continue  # part of a name or a longer numeric token, or too big for ICONST
+        parts.append(text[pos:first])
+        parts.append("\x00i")
+        literals.append(first)
+        pos = last
+    parts.append(text[pos:])
+    return _Shape(("p" + "".join(parts)).encode("ascii"), start, end, tuple(literals))
+
+
+def _scanned_shape(text: str) -> _Shape | None:
+    try:
+        tokens = pg_parser.scan(text)  # offsets in characters
+    except Exception:  # unterminated quotes and the like: the parser will say why
+        return None
+    parts: list[str] = []
+    literals: list[int] = []
+    pos = 0
+    start = -1
+    end = len(text)
+    closed = False
+    literal_at = -1  # the literal whose span runs to the next token
+    for offset, _last, name, _kind in tokens:
+        if literal_at >= 0:
+            pos = offset
+            literal_at = -1
+        if name in _COMMENT_TOKENS:
+            continue
+        if closed:
+            return None  # more than one statement
+        if name == _SEMICOLON:
+            closed = True
+            end = offset
+            continue
+        if start < 0:
+            start = offset
+        marker = _LITERAL_TOKENS.get(name)
+        if marker is not None:
+            parts.append(text[pos:offset])
+            parts.append(marker)
+            literals.append(offset)
+            literal_at = offset
+    if literal_at >= 0:
+        pos = len(text)
+    if start < 0:
+        return None
+    parts.append(text[pos:])
+    return _Shape(("s" + "".join(parts)).encode("utf-8"), start, end, tuple(literals))
+
+
+def _shape_holds(tree: dict[str, Any], shape: _Shape, statements: list[StatementInfo],
+                 facts: list[_Facts], text: str) -> bool:
+    """Whether every text of ``shape`` classifies as this one did (see :func:`_shape`)."""
+    if len(statements) != 1 or len(tree.get("stmts", ())) != 1 or facts[0].reads_literal:
+        return False
+    if statements[0].text != shape.statement_text(text):
+        return False
+    # The parser's locations are byte offsets, the shape's are characters.
+    raw = text.encode("utf-8")
+    constants = {
+        len(raw[: node["location"]].decode("utf-8", "replace"))
+        for wrapper, node in _nodes(tree)
+        if wrapper == "A_Const" and isinstance(node.get("location"), int)
+    }
+    return all(offset in constants for offset in shape.literals)
+
+
 class Classifier:
-    """:func:`classify` behind a bounded LRU cache keyed by the statement text."""
+    """:func:`classify` behind bounded LRU caches keyed by the text and by its shape."""
 
     def __init__(self, max_entries: int = 4096, max_text: int = MAX_CACHED_TEXT) -> None:
         self.max_entries = max_entries
         self.max_text = max_text
         self._cache: OrderedDict[str, Classification] = OrderedDict()
+        self._shapes: OrderedDict[bytes, StatementInfo] = OrderedDict()
         self._lock = Lock()
         self.hits = 0
         self.misses = 0
@@ -676,17 +840,51 @@ class Classifier:
                 self._cache.move_to_end(text)
                 self.hits += 1
                 return found
-            self.misses += 1
-        result = classify(text)
-        if len(text) <= self.max_text:
+        if len(text) > self.max_text:
             with self._lock:
-                self._cache[text] = result
-                if len(self._cache) > self.max_entries:
-                    self._cache.popitem(last=False)
+                self.misses += 1
+            return classify(text)
+        shape = _shape(text)
+        if shape is not None:
+            with self._lock:
+                template = self._shapes.get(shape.key)
+                if template is not None:
+                    self._shapes.move_to_end(shape.key)
+                    self.hits += 1
+            if template is not None:
+                info = StatementInfo(
+                    shape.statement_text(text), template.kind,
+                    template.statement_class, template.flags, template.objects, template.functions,
+                )
+                return Classification(text, (info,), shape=shape.key)
+        with self._lock:
+            self.misses += 1
+        return self._classify_and_keep(text, shape)
+
+    def _classify_and_keep(self, text: str, shape: _Shape | None) -> Classification:
+        try:
+            tree = _parse(text)
+        except _ParseFailure as e:
+            result = Classification(text, (), parse_error=str(e))
+            self._keep(self._cache, text, result)
+            return result
+        facts: list[_Facts] = []
+        statements = _classify_tree(tree, text, 0, facts)
+        if shape is not None and _shape_holds(tree, shape, statements, facts, text):
+            self._keep(self._shapes, shape.key, statements[0])
+            return Classification(text, tuple(statements), shape=shape.key)
+        result = Classification(text, tuple(statements))
+        self._keep(self._cache, text, result)
         return result
 
+    def _keep(self, cache: OrderedDict[Any, Any], key: Any, value: Any) -> None:
+        with self._lock:
+            cache[key] = value
+            if len(cache) > self.max_entries:
+                cache.popitem(last=False)
+
     def __len__(self) -> int:
-        return len(self._cache)
+        return len(self._cache) + len(self._shapes)
 
 
 default_classifier = Classifier()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -59,15 +60,71 @@ def test_deep_nesting_does_not_exhaust_the_stack() -> None:
 
 
 def test_classifier_caches_by_text_within_bounds() -> None:
-    """The classifier returns the cached result for a repeated text and stays bounded."""
+    """A text no shape stands for (a DO body) is cached by its text, and the cache stays bounded."""
     cl = Classifier(max_entries=2)
-    first = cl("SELECT 1")
-    assert cl("SELECT 1") is first
+    first = cl("DO $$BEGIN PERFORM 1; END$$")
+    assert cl("DO $$BEGIN PERFORM 1; END$$") is first
     assert cl.hits == 1
-    cl("SELECT 2")
-    cl("SELECT 3")
+    cl("DO $$BEGIN PERFORM 2; END$$")
+    cl("DO $$BEGIN PERFORM 3; END$$")
     assert len(cl) == 2
-    assert cl("SELECT 1") is not first
+    assert cl("DO $$BEGIN PERFORM 1; END$$") is not first
+
+
+def test_texts_differing_only_in_literals_are_parsed_once() -> None:
+    """pgbench-style statements share one parse; each keeps its own text."""
+    cl = Classifier()
+    texts = [f"SELECT abalance FROM pgbench_accounts WHERE aid = {n};" for n in (1, 42, 987654)]
+    texts += [f"/* app */ SELECT * FROM users WHERE name = '{n}' AND age > {a}" for n, a in
+              (("bob", 3), ("o''hara", 30), ("ünï", 300))]
+    results = [cl(t) for t in texts]
+    assert cl.misses == 2 and cl.hits == 4
+    for text, result in zip(texts, results, strict=True):
+        assert result == classify(text)
+        assert result.shape is not None
+    assert results[1].statements[0].text == "SELECT abalance FROM pgbench_accounts WHERE aid = 42"
+
+
+# Pairs that differ only inside a literal but must not share a classification.
+LITERAL_SENSITIVE = [
+    ("DO $$BEGIN PERFORM 1; END$$", "DO $$BEGIN DROP TABLE users; END$$"),
+    ("DO 'BEGIN PERFORM 1; END'", "DO 'BEGIN DELETE FROM users; END'"),
+    ("SELECT set_config('work_mem', '1MB', false)", "SELECT set_config('role', 'admin', false)"),
+    ("CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+     "CREATE FUNCTION f() RETURNS int LANGUAGE c AS 'lib', 'sym'"),
+    ("EXECUTE format('SELECT %s', 1)", "EXECUTE format('DROP TABLE %s', 1)"),
+]
+
+
+@pytest.mark.parametrize(("harmless", "dangerous"), LITERAL_SENSITIVE)
+def test_statements_whose_literals_matter_are_not_shared(harmless: str, dangerous: str) -> None:
+    """A literal the classification reads (a DO body, a setting name) keeps its text's own result."""
+    cl = Classifier()
+    cl(harmless)
+    assert cl(dangerous) == classify(dangerous)
+    assert cl(harmless) == classify(harmless)
+
+
+def _literal_variants(sql: str) -> list[str]:
+    """The text with its digits and the letters inside quotes changed, a few ways."""
+    out = []
+    for digit, letter in (("7", "q"), ("0", "Z"), ("123456", "xy")):
+        changed = re.sub(r"[0-9]+", digit, sql)
+        out.append(changed)
+        out.append(re.sub(r"'([^']*)'", lambda m, x=letter: "'" + re.sub(r"[A-Za-z]", x, m[1]) + "'",
+                          changed))
+    return out
+
+
+def test_shared_parses_match_the_parser_over_the_corpus() -> None:
+    """Whatever the cache shares, every corpus text and literal variant classifies as uncached."""
+    cl = Classifier()
+    texts = [case["sql"] for case in CORPUS] + [a for pair in LITERAL_SENSITIVE for a in pair]
+    texts += [v for t in list(texts) for v in _literal_variants(t)]
+    for _ in range(2):
+        for text in texts:
+            assert cl(text) == classify(text), text
+    assert cl.hits > len(texts)
 
 
 def test_classifier_does_not_cache_huge_texts() -> None:
