@@ -55,6 +55,8 @@ from policy.model import (
     TimeWindow,
 )
 
+MEMO_ENTRIES = 4096  # remembered statement decisions per policy version
+
 
 @dataclass(frozen=True, slots=True)
 class _Context:
@@ -302,7 +304,7 @@ class Policy:
         self.defaults = defaults or Defaults()
         self.version = version
         self.source = source
-        self._classify = classifier or default_classifier
+        self._classify = classifier if classifier is not None else default_classifier
         subjects = {name: _subject_set(s) for name, s in self.subject_sets.items()}
         resources = {name: _resource_set(r) for name, r in self.resource_sets.items()}
         compiled = [_compile(r, self.subject_sets, subjects, resources) for r in self.rules]
@@ -317,6 +319,12 @@ class Policy:
         self._records = tuple(c for c in compiled if c.rule.effect == RECORD)
         self._masks = tuple(c for c in compiled if c.rule.effect == MASK)
         self._compiled = tuple(compiled)
+        # Decisions by (statement shape, subject, resource). Only when nothing
+        # but those decides: no time windows, no patterns over the text.
+        matches = [m for r in self.rules for m in (r.match, r.unless) if m is not None]
+        self._memo: dict[tuple[bytes, Subject, Resource], StatementDecision] | None = (
+            None if any(m.time is not None or m.pattern is not None for m in matches) else {}
+        )
 
     # -- classification ----------------------------------------------------
 
@@ -388,8 +396,31 @@ class Policy:
         now: datetime | None = None,
     ) -> StatementDecision:
         """Decide whether a query string (or a classified prepared statement) may run."""
-        now = now or _utcnow()
         classification = sql if isinstance(sql, Classification) else self._classify(sql)
+        memo = self._memo
+        if memo is None or classification.shape is None:
+            return self._statement(subject, resource, classification, now or _utcnow())
+        key = (classification.shape, subject, resource)
+        known = memo.get(key)
+        if known is None:
+            known = self._statement(subject, resource, classification, now or _utcnow())
+            if len(memo) >= MEMO_ENTRIES:
+                memo.clear()
+            memo[key] = known
+            return known
+        # Same shape, same decision; the statements are this text's own.
+        verdicts = tuple(
+            StatementVerdict(info, v.effect, v.rule_id, v.reason, v.record)
+            for info, v in zip(classification.statements, known.verdicts, strict=True)
+        )
+        return StatementDecision(
+            known.effect, known.rule_id, known.reason, known.policy_version, known.record,
+            classification, verdicts, known.mask,
+        )
+
+    def _statement(
+        self, subject: Subject, resource: Resource, classification: Classification, now: datetime
+    ) -> StatementDecision:
         conn = self.connection(subject, resource, now)
 
         def whole(effect: str, rule_id: str, reason: str) -> StatementDecision:

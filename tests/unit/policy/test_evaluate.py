@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from policy import Resource, Subject, parse_policy
+from policy.classify import Classifier
 
 PG = Resource("postgres", database="app")
 ALICE = Subject(subject="alice", groups=("dba",), actor="human", identified=True)
@@ -207,10 +208,53 @@ def test_decision_records() -> None:
 
 def test_prepared_classification_is_reused() -> None:
     """A classified prepared statement is judged without parsing again."""
-    p = policy(
-        '[[rule]]\nid = "all"\neffect = "allow"\n[[rule]]\nid = "b"\neffect = "block"\nflags = ["drop"]\n'
+    classifier = Classifier()
+    p = parse_policy(
+        BASE + '[[rule]]\nid = "all"\neffect = "allow"\n[[rule]]\nid = "b"\neffect = "block"\n'
+        'flags = ["drop"]\n', source="t.toml", classifier=classifier,
     )
     c = p.prepared("DROP TABLE t")
-    assert p.prepared("DROP TABLE t") is c
+    assert p.prepared("DROP TABLE t") == c
+    assert (classifier.misses, classifier.hits) == (1, 1)
     d = p.statement(BOB, PG, c, MONDAY_NOON)
     assert d.blocked and d.classification is c
+
+
+def test_decisions_shared_by_shape_stay_per_text_and_per_subject() -> None:
+    """Texts of one shape reuse a decision, yet each carries its own text, and subjects differ."""
+    p = policy(
+        '[[rule]]\nid = "all"\neffect = "allow"\n'
+        '[[rule]]\nid = "w"\neffect = "block"\nsubjects = ["bots"]\nclasses = ["write"]\n'
+    )
+    for n in (1, 22, 333):
+        text = f"UPDATE accounts SET balance = {n} WHERE id = {n}"
+        human, bot = p.statement(BOB, PG, text, MONDAY_NOON), p.statement(BOT, PG, text, MONDAY_NOON)
+        assert human.allowed and bot.blocked and bot.rule_id == "w"
+        for d in (human, bot):
+            assert d.classification.text == text
+            assert d.classification.shape is not None
+            assert [v.statement.text for v in d.verdicts] == [text]
+
+
+def test_pattern_rules_see_every_text_of_a_shape() -> None:
+    """A rule over the text (pattern) is judged per text, never by a shared decision."""
+    p = policy(
+        '[[rule]]\nid = "all"\neffect = "allow"\n'
+        '[[rule]]\nid = "vip"\neffect = "block"\npattern = "id = 13\\\\b"\n'
+    )
+    assert p.statement(BOB, PG, "SELECT * FROM accounts WHERE id = 12", MONDAY_NOON).allowed
+    assert p.statement(BOB, PG, "SELECT * FROM accounts WHERE id = 13", MONDAY_NOON).blocked
+    assert p.statement(BOB, PG, "SELECT * FROM accounts WHERE id = 14", MONDAY_NOON).allowed
+
+
+def test_time_windows_are_judged_at_each_statement() -> None:
+    """A time-bound rule decides by the statement's own time, whatever was decided before."""
+    p = policy(
+        '[[rule]]\nid = "all"\neffect = "allow"\n'
+        '[[rule]]\nid = "weekend"\neffect = "block"\nclasses = ["write"]\n'
+        '[rule.time]\ndays = ["sat", "sun"]\n'
+    )
+    text = "DELETE FROM accounts WHERE id = {}"
+    assert p.statement(BOB, PG, text.format(1), MONDAY_NOON).allowed
+    assert p.statement(BOB, PG, text.format(2), SUNDAY_NIGHT).blocked
+    assert p.statement(BOB, PG, text.format(3), MONDAY_NOON).allowed
