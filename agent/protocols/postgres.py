@@ -638,6 +638,17 @@ class BackendScanner:
                 self._remaining = body_len - (size - pos)
                 pos = size
                 continue
+            body_len = length - 4
+            if 0 <= body_len <= size - pos and kind in _DECODED and length <= self.max_message:
+                # The whole message is in this chunk: decode it in place.
+                if self._rows or self._copy_messages:
+                    self._flush_counts(kind, events, ends, pos - 5)
+                end = pos + body_len
+                event = _MARKERS.get(kind)
+                events.append(event if event is not None else _decode_backend(kind, chunk[pos:end]))
+                ends.append(end)
+                pos = end
+                continue
             self._start(kind, length, events, ends, pos - 5)
             if self._remaining == 0:
                 self._finish(events, ends, pos)
@@ -655,6 +666,17 @@ class BackendScanner:
         self._rows = 0
         self._row_bytes = 0
 
+    def _flush_counts(
+        self, kind: int, events: list[BackendEvent], ends: list[int], start: int
+    ) -> None:
+        """A message of ``kind`` starts at ``start``: the DataRow/CopyData runs before it end."""
+        if self._rows:
+            self._flush_rows(events, ends, start)
+        if self._copy_messages and kind != 0x64:
+            events.append(CopyOutData(self._copy_messages, self._copy_bytes))
+            ends.append(max(start, 0))
+            self._copy_messages = self._copy_bytes = 0
+
     def _start(
         self, kind: int, length: int, events: list[BackendEvent], ends: list[int], start: int
     ) -> None:
@@ -662,12 +684,7 @@ class BackendScanner:
             raise ServerProtocolError(f"unknown backend message type {bytes([kind])!r}")
         if length < 4:
             raise ServerProtocolError(f"invalid message length {length}")
-        if self._rows:
-            self._flush_rows(events, ends, start)
-        if self._copy_messages and kind != 0x64:
-            events.append(CopyOutData(self._copy_messages, self._copy_bytes))
-            ends.append(max(start, 0))
-            self._copy_messages = self._copy_bytes = 0
+        self._flush_counts(kind, events, ends, start)
         self._kind = kind
         self._remaining = length - 4
         if kind in _DECODED:
