@@ -377,11 +377,18 @@ class PostgresSession:
 
     # ------------------------------------------------------------------ server
 
-    def server_data(self, data: bytes) -> Actions:
+    @property
+    def relays_server_bytes(self) -> bool:
+        """Whether the server's next bytes go to the client as they are (so they may go first)."""
+        return self._held is None and not self._blocked_pending and self.phase != "upstream-auth"
+
+    def server_data(self, data: bytes, forwarded: bool = False) -> Actions:
         """Bytes from the server: scan, record, forward them unchanged.
 
         The one exception: the server's error for a blocked statement's
         substitute is cut out and the agent's own error put in its place.
+        ``forwarded``: the proxy already sent them on, as
+        :attr:`relays_server_bytes` allowed.
         """
         actions = Actions()
         self.bytes_from_server += len(data)
@@ -392,7 +399,8 @@ class PostgresSession:
         if self.phase == "upstream-auth":
             return self._upstream_auth_data(data, events, actions)
         if self._held is None and not self._blocked_pending:
-            actions.to_client.append(data)
+            if not forwarded:
+                actions.to_client.append(data)
             for event in events:
                 self._server_event(event, actions)
             return actions

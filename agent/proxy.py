@@ -9,8 +9,10 @@ All socket I/O of the agent's sessions lives here. Per connection:
    socket, marked with SO_MARK so the redirect rules let it pass, connects to
    the real target;
 3. the protocol session is fed the bytes of each side and returns what to
-   forward and what to record; records go to the audit log before the bytes
-   they describe are forwarded.
+   forward and what to record. A policy decision is on disk before it takes
+   effect; other records are queued for the audit writer as soon as the bytes
+   they describe are on their way, and no byte is forwarded while the audit
+   trail is failing.
 
 Backpressure: when one side's transport buffers more than its high-water
 mark, reading from the other side pauses until it drains.
@@ -572,23 +574,30 @@ class ClientSide(asyncio.Protocol):
     def apply(self, actions: Actions) -> None:
         """Carry out what the session asked, in order.
 
-        Records are queued first. When the actions include durable records
-        (policy decisions), both directions pause until those are on disk;
-        anything arriving meanwhile waits behind them, so order is kept and
-        no decision takes effect before it is recorded.
+        When the actions include durable records (policy decisions), their
+        records are queued, then both directions pause until the durable ones
+        are on disk; anything arriving meanwhile waits behind them, so order is
+        kept and no decision takes effect before it is recorded. Otherwise the
+        bytes go out first and the records are queued right after, off the
+        client's wait (the writer commits them in batches either way); a
+        failing audit trail is checked before anything is forwarded.
         """
         if self._deferred is not None:
             self._deferred.append(actions)
             return
-        if not self._emit(actions):
-            return
         if actions.durable:
+            if not self._emit(actions):
+                return
             self._deferred = [actions]
             self._pause_both()
             task = asyncio.get_running_loop().create_task(self._commit_durable())
             task.add_done_callback(self._setup_done)
             return
+        if actions.records and not self.proxy.audit.healthy:
+            self._emit(actions)  # counts the records as lost and ends the session
+            return
         self._carry_out(actions)
+        self._emit(actions)
 
     def _emit(self, actions: Actions) -> bool:
         if not actions.records:
@@ -745,6 +754,11 @@ class UpstreamSide(asyncio.Protocol):
                 client.upstream_tls_ready()
             if not data:
                 return
+        if session.relays_server_bytes and client._deferred is None and client.proxy.audit.healthy:
+            # Unchanged bytes go to the client before they are scanned and recorded.
+            client._write_client(data)
+            client.apply(session.server_data(data, forwarded=True))
+            return
         client.apply(session.server_data(data))
 
     def _negotiated(self, answer: bytes) -> None:

@@ -118,3 +118,22 @@ def test_allowed_query_carries_the_rule_in_its_record() -> None:
     assert actions.to_server == [q] and actions.durable == []
     (query,) = [r for t, r in actions.records if t == "query"]
     assert query["policy"]["effect"] == "allow" and query["policy"]["classes"] == ["read"]
+
+
+def test_server_bytes_may_go_first_except_while_a_blocked_reply_is_pending() -> None:
+    """Unchanged server bytes may be relayed before they are scanned; never around a blocked error."""
+    s = ready()
+    assert s.relays_server_bytes
+    s.client_data(pg.query_message("SELECT 1"))
+    answer = msg(b"C", b"SELECT 1\x00") + msg(b"Z", b"I")
+    relayed = s.server_data(answer, forwarded=True)
+    assert relayed.to_client == []
+    (result,) = [r for t, r in relayed.records if t == "result"]
+    assert result["command_tag"] == "SELECT 1" and result["outcome"] == "success"
+
+    s.client_data(pg.query_message("DROP TABLE accounts"))
+    assert not s.relays_server_bytes
+    reply = s.server_data(SYNTAX_ERROR + msg(b"Z", b"I"))
+    error, _ = decoded(b"".join(reply.to_client))
+    assert isinstance(error, pg.ErrorResponse) and error.sqlstate == "42501"
+    assert s.relays_server_bytes
