@@ -77,6 +77,22 @@ class _Pending:
 
 
 @dataclass(slots=True)
+class _Reused:
+    """An allow decision taken for an earlier statement of the same shape in this session."""
+
+    record: dict[str, Any]  # the query record's "policy" field
+    allowed: bool = True
+
+
+# Server messages that change nothing the session tracks.
+_PASSIVE = frozenset({
+    pg.RowDescription, pg.ParameterStatus, pg.NoticeResponse, pg.ParseComplete, pg.BindComplete,
+    pg.NoData, pg.NotificationResponse,
+})
+REUSED_SHAPES = 1024  # allow decisions remembered per session
+
+
+@dataclass(slots=True)
 class _Portal:
     statement: str
     parameters: list[Any]
@@ -132,6 +148,10 @@ class PostgresSession:
         self.tls_started = False
         self._held: bytearray | None = None  # server bytes held for a blocked statement
         self._blocked_pending = 0  # "blocked" items in _pending
+        # Allow decisions by statement shape, for one policy version and subject.
+        self._reused: dict[bytes, _Reused] = {}
+        self._reused_policy: Any = None
+        self._reused_subject: Any = None
 
     # ------------------------------------------------------------------ client
 
@@ -232,13 +252,34 @@ class PostgresSession:
             actions.to_server.append(event.raw)
 
     def _judge(self, sql: str) -> Any:
-        """The policy's decision on a statement text, or None without a policy."""
+        """The policy's decision on a statement text, or None without a policy.
+
+        When the policy decides by shape, subject and resource only, an allow
+        for a statement's shape is remembered for this session (and this
+        policy version and subject), and later statements of that shape skip
+        classification and evaluation.
+        """
         if self.policy is None:
             return None
         from policy import Subject
+        from policy.classify import statement_shape
 
         policy = self.policy()
-        return policy.statement(self.subject or Subject(), self._resource(), policy.prepared(sql))
+        subject = self.subject
+        if policy is not self._reused_policy or subject is not self._reused_subject:
+            self._reused_policy, self._reused_subject = policy, subject
+            self._reused.clear()
+        shape = statement_shape(sql) if policy.reuses_decisions else None
+        if shape is not None:
+            known = self._reused.get(shape)
+            if known is not None:
+                return known
+        decision = policy.statement(subject or Subject(), self._resource(), policy.prepared(sql))
+        if shape is not None and decision.allowed and decision.classification.shape == shape:
+            if len(self._reused) >= REUSED_SHAPES:
+                self._reused.clear()
+            self._reused[shape] = _Reused(_policy_field(decision))
+        return decision
 
     def _resource(self) -> Any:
         """The policy's resource for this session (service and database), built once."""
@@ -367,12 +408,7 @@ class PostgresSession:
             record["text"] = text
             record["truncated"] = truncated
         if decision is not None:
-            record["policy"] = {
-                "effect": decision.effect,
-                "rule_id": decision.rule_id,
-                "version": decision.policy_version,
-                "classes": sorted({st.statement_class for st in decision.classification.statements}),
-            }
+            record["policy"] = decision.record if isinstance(decision, _Reused) else _policy_field(decision)
         return record
 
     # ------------------------------------------------------------------ server
@@ -479,6 +515,8 @@ class PostgresSession:
 
     def _server_event(self, event: pg.BackendEvent, actions: Actions) -> bytes | None:
         """Update state for one server message; returns the replacement for a blocked error."""
+        if type(event) in _PASSIVE:
+            return None
         pending = self._pending
         head = pending[0] if pending else None
         if isinstance(event, pg.DataRows):
@@ -676,6 +714,16 @@ class PostgresSession:
         if error is not None:
             record["error"] = error
         actions.records.append(("session.end", record))
+
+
+def _policy_field(decision: Any) -> dict[str, Any]:
+    """The ``policy`` field of a query record."""
+    return {
+        "effect": decision.effect,
+        "rule_id": decision.rule_id,
+        "version": decision.policy_version,
+        "classes": sorted({st.statement_class for st in decision.classification.statements}),
+    }
 
 
 def _without_last_message(held: bytes) -> bytes:

@@ -689,9 +689,6 @@ _LITERAL_TOKENS = {
     "ICONST": "\x00i", "FCONST": "\x00f", "SCONST": "\x00s", "BCONST": "\x00b", "XCONST": "\x00x",
 }
 _COMMENT_TOKENS = frozenset({"C_COMMENT", "SQL_COMMENT"})
-# What makes a text not plain: anything that opens a literal other than a number,
-# a comment, a parameter or a dollar quote.
-_NOT_PLAIN = ("'", '"', "$", "\\", "--", "/*")
 _DIGITS = re.compile(r"[0-9]+")
 # Characters that continue a token a digit run is part of (names, numerics like 1.5 and 1e5).
 _CONTINUES = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.")
@@ -732,9 +729,22 @@ def _shape(text: str) -> _Shape | None:
     """
     if "\x00" in text:
         return None
-    if text.isascii() and not any(mark in text for mark in _NOT_PLAIN):
+    if (text.isascii() and "'" not in text and '"' not in text and "$" not in text
+            and "\\" not in text and "--" not in text and "/*" not in text):
         return _plain_shape(text)
     return _scanned_shape(text)
+
+
+def statement_shape(text: str) -> bytes | None:
+    """The key of ``text``'s shape (see :func:`_shape`); None when it has none.
+
+    Only a key that a :class:`Classification` carries as ``shape`` was checked
+    to stand for all its texts.
+    """
+    if len(text) > MAX_CACHED_TEXT:
+        return None
+    shape = _shape(text)
+    return shape.key if shape is not None else None
 
 
 def _plain_shape(text: str) -> _Shape | None:
@@ -840,9 +850,9 @@ class Classifier:
                 self._cache.move_to_end(text)
                 self.hits += 1
                 return found
-        if len(text) > self.max_text:
-            with self._lock:
+            if len(text) > self.max_text:
                 self.misses += 1
+        if len(text) > self.max_text:
             return classify(text)
         shape = _shape(text)
         if shape is not None:

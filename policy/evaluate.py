@@ -326,6 +326,12 @@ class Policy:
             None if any(m.time is not None or m.pattern is not None for m in matches) else {}
         )
 
+    @property
+    def reuses_decisions(self) -> bool:
+        """Whether a statement's decision depends only on its shape, the subject and the resource
+        (no time windows, no patterns over the text), so it may be reused for the same shape."""
+        return self._memo is not None
+
     # -- classification ----------------------------------------------------
 
     def prepared(self, sql: str) -> Classification:

@@ -137,3 +137,29 @@ def test_server_bytes_may_go_first_except_while_a_blocked_reply_is_pending() -> 
     error, _ = decoded(b"".join(reply.to_client))
     assert isinstance(error, pg.ErrorResponse) and error.sqlstate == "42501"
     assert s.relays_server_bytes
+
+
+def test_a_shape_allowed_once_is_judged_again_after_a_policy_reload() -> None:
+    """Statements of one shape reuse their allow in a session, until the policy changes."""
+    allow_all = parse_policy('[defaults]\nunidentified = "allow"\n')
+    current = [allow_all]
+    s = PostgresSession("s1", {"service": "postgres"}, policy=lambda: current[0])
+    s.client_data(STARTUP)
+    s.server_data(msg(b"R", struct.pack("!i", 0)) + msg(b"Z", b"I"))
+    done = msg(b"C", b"DELETE 1\x00") + msg(b"Z", b"I")
+    for n in (1, 2):
+        actions = s.client_data(pg.query_message(f"DELETE FROM accounts WHERE id = {n}"))
+        assert actions.to_server == [pg.query_message(f"DELETE FROM accounts WHERE id = {n}")]
+        (query,) = [r for t, r in actions.records if t == "query"]
+        assert query["policy"]["effect"] == "allow" and query["policy"]["classes"] == ["write"]
+        assert query["text"] == f"DELETE FROM accounts WHERE id = {n}"
+        s.server_data(done)
+
+    current[0] = parse_policy(
+        '[defaults]\nunidentified = "allow"\n'
+        '[[rule]]\nid = "no-writes"\neffect = "block"\nclasses = ["write"]\n'
+    )
+    actions = s.client_data(pg.query_message("DELETE FROM accounts WHERE id = 3"))
+    assert actions.to_server == [pg.query_message(SUBSTITUTE_SQL)]
+    (decision,) = [r for t, r in actions.durable if t == "policy.decision"]
+    assert decision["rule_id"] == "no-writes"
