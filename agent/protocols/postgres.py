@@ -600,6 +600,7 @@ class BackendScanner:
         pos = 0
         size = len(chunk)
         unpack_header = _HEADER.unpack_from
+        unpack_length = _INT32.unpack_from
         while pos < size:
             if self._remaining:
                 take = min(self._remaining, size - pos)
@@ -628,12 +629,24 @@ class BackendScanner:
             if kind == 0x44:  # DataRow: the hot path
                 if length < 4:
                     raise ServerProtocolError(f"invalid message length {length}")
-                self._rows += 1
-                self._row_bytes += length + 1
                 body_len = length - 4
                 if size - pos >= body_len:
+                    # This row and the whole rows right after it, counted in one tight loop.
+                    rows = 1
+                    row_bytes = length + 1
                     pos += body_len
+                    while size - pos >= 5 and chunk[pos] == 0x44:
+                        length = unpack_length(chunk, pos + 1)[0]
+                        if length < 4 or size - pos - 1 < length:
+                            break  # not whole here (or invalid): the general path takes it
+                        rows += 1
+                        row_bytes += length + 1
+                        pos += length + 1
+                    self._rows += rows
+                    self._row_bytes += row_bytes
                     continue
+                self._rows += 1
+                self._row_bytes += length + 1
                 self._kind = kind
                 self._remaining = body_len - (size - pos)
                 pos = size
