@@ -148,6 +148,11 @@ class PostgresSession:
         self.tls_started = False
         self._held: bytearray | None = None  # server bytes held for a blocked statement
         self._blocked_pending = 0  # "blocked" items in _pending
+        # Describe (statement) messages awaiting their ParameterDescription, with the
+        # number of Sync/Query/FunctionCall sent before each; ReadyForQuery answers counted.
+        self._describes: deque[tuple[int, str]] = deque()
+        self._segments_sent = 0
+        self._segments_done = 0
         # Allow decisions by statement shape, for one policy version and subject.
         self._reused: dict[bytes, _Reused] = {}
         self._reused_policy: Any = None
@@ -170,6 +175,8 @@ class PostgresSession:
         return actions
 
     def _client_event(self, event: pg.FrontendEvent, actions: Actions) -> None:
+        if isinstance(event, pg.Query | pg.FunctionCall):
+            self._segments_sent += 1  # each is answered up to its own ReadyForQuery
         if isinstance(event, pg.Query):
             decision = self._judge(event.sql)
             self._begin_statement("query", event.sql, "simple", None, actions, decision)
@@ -203,6 +210,12 @@ class PostgresSession:
             actions.to_server.append(event.raw)
         elif isinstance(event, pg.Sync):
             self._pending.append(_Pending("sync"))
+            self._segments_sent += 1
+            actions.to_server.append(event.raw)
+        elif isinstance(event, pg.Describe):
+            if event.kind == "S":
+                # Its ParameterDescription gives the types Parse left open (asyncpg).
+                self._describes.append((self._segments_sent, event.name))
             actions.to_server.append(event.raw)
         elif isinstance(event, pg.Close):
             if event.kind == "S":
@@ -550,6 +563,9 @@ class PostgresSession:
             self.transaction = event.status
             if self.phase == "auth":
                 self.phase = "ready"
+            else:
+                self._segments_done += 1
+                self._forget_unanswered_describes()
             while pending:
                 item = pending.popleft()
                 if item.kind == "sync":
@@ -568,7 +584,26 @@ class PostgresSession:
                     self.auth_method = _sasl_mechanism(event.body)
         elif isinstance(event, pg.BackendKeyData):
             self.backend_key = (event.backend_pid, event.secret)
+        elif isinstance(event, pg.ParameterDescription):
+            self._forget_unanswered_describes()
+            if self._describes:
+                self._described(self._describes.popleft()[1], event.type_oids)
         return None
+
+    def _forget_unanswered_describes(self) -> None:
+        """Describes before the last ReadyForQuery that got no answer (skipped after an error)."""
+        describes = self._describes
+        while describes and describes[0][0] < self._segments_done:
+            describes.popleft()
+
+    def _described(self, name: str, oids: tuple[int, ...]) -> None:
+        """The server named the parameter types of statement ``name``: fill the ones Parse left 0."""
+        known = self._statements.get(name)
+        if known is None:
+            return
+        sql, types = known
+        filled = tuple(types[i] if i < len(types) and types[i] else oid for i, oid in enumerate(oids))
+        self._statements[name] = (sql, filled)
 
     def _blocked_error(self, actions: Actions) -> bytes:
         """The server rejected a blocked statement's substitute: record, and say what to send."""

@@ -508,15 +508,22 @@ class NegotiateProtocolVersion:
     minor: int
 
 
+@dataclass(frozen=True, slots=True)
+class ParameterDescription:
+    """The parameter types of a statement, answering a client's Describe of it."""
+
+    type_oids: tuple[int, ...]
+
+
 BackendEvent = (
     AuthenticationRequest | ParameterStatus | BackendKeyData | ReadyForQuery | RowDescription
     | DataRows | CopyOutData | CommandComplete | EmptyQueryResponse | ErrorResponse | NoticeResponse
     | ParseComplete | BindComplete | PortalSuspended | NoData | CopyResponse
-    | NotificationResponse | NegotiateProtocolVersion
+    | NotificationResponse | NegotiateProtocolVersion | ParameterDescription
 )
 
 # Backend message types whose body a record needs; everything else is skipped.
-_DECODED = frozenset(b"RSKZCEINAT")
+_DECODED = frozenset(b"RSKZCEINATt")
 # Types that only need a marker event (no body).
 _MARKERS: dict[int, BackendEvent] = {
     ord("1"): ParseComplete(),
@@ -565,6 +572,11 @@ def _decode_backend(kind: int, body: bytes) -> BackendEvent:
         return RowDescription(r.int16())
     if kind == 0x76:  # v
         return NegotiateProtocolVersion(r.int32())
+    if kind == 0x74:  # t
+        count = r.int16()
+        if count < 0 or len(body) != 2 + 4 * count:
+            raise ServerProtocolError("ParameterDescription length does not match its count")
+        return ParameterDescription(struct.unpack_from(f"!{count}I", body, 2))
     raise ServerProtocolError(f"unexpected backend message type {bytes([kind])!r}")
 
 

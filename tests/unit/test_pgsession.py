@@ -214,6 +214,41 @@ def test_copy_in_and_out_record_their_bytes() -> None:
     assert (result["rows"], result["copy_bytes"]) == (2, 12)
 
 
+def _describe_round(s: PostgresSession, name: bytes, sql: bytes, answer: bytes) -> None:
+    """Parse without types, Describe the statement, Sync; the server answers with ``answer``."""
+    s.client_data(msg(b"P", name + b"\x00" + sql + b"\x00" + struct.pack("!h", 0))
+                  + msg(b"D", b"S" + name + b"\x00") + msg(b"S", b""))
+    s.server_data(msg(b"1", b"") + answer + msg(b"Z", b"I"))
+
+
+def _bind_binary_int(s: PostgresSession, name: bytes, value: int) -> list[Any]:
+    bind = msg(b"B", b"\x00" + name + b"\x00" + struct.pack("!hh", 1, 1) + struct.pack("!h", 1)
+               + struct.pack("!ii", 4, value) + struct.pack("!h", 0))
+    (query,) = records(s.client_data(bind + msg(b"E", b"\x00" + struct.pack("!i", 0))), "query")
+    parameters: list[Any] = query["parameters"]
+    return parameters
+
+
+def test_parameter_types_left_to_the_server_come_from_its_parameter_description() -> None:
+    """asyncpg-style: Parse names no types; the answer to Describe does, so binary values decode."""
+    s, _ = session()
+    ready(s)
+    _describe_round(s, b"a", b"select $1", msg(b"t", struct.pack("!hi", 1, 23)) + msg(b"n", b""))
+    assert _bind_binary_int(s, b"a", 42) == [42]
+
+
+def test_describes_skipped_after_an_error_do_not_shift_later_answers() -> None:
+    """A Describe the server skipped (error earlier in its pipeline) gets no answer; the next
+    statement's ParameterDescription still goes to the next statement."""
+    s, _ = session()
+    ready(s)
+    s.client_data(msg(b"P", b"bad\x00selec $1\x00" + struct.pack("!h", 0))
+                  + msg(b"D", b"Sbad\x00") + msg(b"S", b""))
+    s.server_data(msg(b"E", b"SERROR\x00C42601\x00Msyntax error\x00\x00") + msg(b"Z", b"I"))
+    _describe_round(s, b"b", b"select $1", msg(b"t", struct.pack("!hi", 1, 17)) + msg(b"n", b""))
+    assert _bind_binary_int(s, b"b", 7) == [{"format": "binary", "type_oid": 17, "length": 4}]
+
+
 def test_binary_parameters_decoded_when_simple_else_type_and_length() -> None:
     """A binary int4 parameter is recorded as its value; an unknown binary type as OID and length."""
     s, _ = session()
