@@ -1,8 +1,9 @@
 """PostgreSQL through ringfence against direct connections and HAProxy (a C TCP proxy).
 
 Run as root: ``.venv/bin/python bench/pg_overhead.py`` (options: --seconds, --rows,
---profile-seconds, --out). In a fresh network namespace it starts a real
-PostgreSQL server, then measures
+--rounds, --profile-seconds, --out). In a fresh network namespace it starts a real
+PostgreSQL server, settles it (VACUUM ANALYZE, CHECKPOINT, a short warm-up), then
+measures, in each of ``--rounds`` rounds (3)
 
 * ``pgbench -S`` (select-only) with 1 and 8 clients: TPS, and p50/p99 latency
   from pgbench's per-transaction logs;
@@ -13,17 +14,22 @@ directly (TCP to 127.0.0.1:5432), through HAProxy in plain TCP mode
 (127.0.0.1:6432) and through ringfence with full statement recording
 (127.0.0.1:5432, redirected). Direct and HAProxy run before the agent starts,
 since once it runs every TCP connection to port 5432 in the namespace is
-redirected to it. It prints one table and the ratios, then profiles the agent
-with py-spy under ``pgbench -S -c 8`` and prints the functions where its time
-goes. Nothing here asserts a timing.
+redirected to it; it is started afresh in each round. The table shows the median of
+each figure over the rounds, the ratios are taken within each round (their median
+and range are printed), and the proxies' CPU time per transaction (HAProxy's and
+the agent's, every thread, user and system) is read from /proc. Then it profiles
+the agent with py-spy under ``pgbench -S -c 8`` and prints the functions where its
+time goes. Nothing here asserts a timing.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -100,11 +106,30 @@ def scan(ns: NetNS, server: PgServer, port: int, rows: int, repeat: int = 3) -> 
     return {"seconds": best, "mbps": size / best / 1e6}
 
 
+def cpu_ticks(pid: int | None) -> int:
+    """User plus system clock ticks of every thread of ``pid`` so far (0 without a pid)."""
+    if pid is None:
+        return 0
+    ticks = 0
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # a thread that just ended
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks
+
+
 def measure(ns: NetNS, server: PgServer, port: int, args: argparse.Namespace,
-            logdir: Path) -> dict[str, Any]:
-    result: dict[str, Any] = {}
+            logdir: Path, proxy_pid: int | None = None) -> dict[str, Any]:
+    """pgbench at each client count (with the proxy's CPU per transaction), then the scan."""
+    result: dict[Any, Any] = {}
+    hz = os.sysconf("SC_CLK_TCK")
     for clients in CLIENT_COUNTS:
-        result[clients] = pgbench(ns, server, port, clients, args.seconds, logdir)
+        before = cpu_ticks(proxy_pid)
+        result[clients] = run = pgbench(ns, server, port, clients, args.seconds, logdir)
+        used = (cpu_ticks(proxy_pid) - before) / hz
+        run["agent_cpu_us"] = used / (run["tps"] * args.seconds) * 1e6 if proxy_pid else float("nan")
     result["scan"] = scan(ns, server, port, args.rows)
     return result
 
@@ -177,25 +202,52 @@ def summarize(raw: Path, top: int = 12) -> str:
     return "\n".join(lines)
 
 
-def table(results: dict[str, dict[str, Any]]) -> str:
+METRICS = [(1, "tps"), (1, "p50"), (1, "p99"), (8, "tps"), (8, "p50"), (8, "p99"),
+           ("scan", "seconds"), ("scan", "mbps")]
+RATIOS = [("TPS c1", 1, "tps"), ("TPS c8", 8, "tps"), ("p99 c1", 1, "p99"), ("p99 c8", 8, "p99"),
+          ("scan MB/s", "scan", "mbps")]
+
+
+def median_of(rounds: list[dict[str, dict[Any, Any]]]) -> dict[str, dict[Any, Any]]:
+    """Each metric of each setup: the median over the rounds."""
+    out: dict[str, dict[Any, Any]] = {}
+    for name in rounds[0]:
+        out[name] = {}
+        for key, metric in METRICS:
+            out[name].setdefault(key, {})[metric] = statistics.median(r[name][key][metric] for r in rounds)
+    return out
+
+
+def table(rounds: list[dict[str, dict[Any, Any]]]) -> str:
+    """Medians over the rounds; ratios are taken within each round, then their median (range)."""
+    results = median_of(rounds)
     head = (f"{'':<10} {'TPS c1':>9} {'p50 ms':>7} {'p99 ms':>7} {'TPS c8':>9} {'p50 ms':>7} "
             f"{'p99 ms':>7} {'scan s':>7} {'MB/s':>7}")
-    lines = [head, "-" * len(head)]
+    lines = [f"median of {len(rounds)} round(s)", head, "-" * len(head)]
     for name, r in results.items():
         c1, c8, sc = r[1], r[8], r["scan"]
         lines.append(f"{name:<10} {c1['tps']:>9.0f} {c1['p50']:>7.3f} {c1['p99']:>7.3f} "
                      f"{c8['tps']:>9.0f} {c8['p50']:>7.3f} {c8['p99']:>7.3f} "
                      f"{sc['seconds']:>7.2f} {sc['mbps']:>7.1f}")
-    rf, direct, ha = results["ringfence"], results["direct"], results["haproxy"]
     lines.append("")
-    for base_name, base in (("direct", direct), ("haproxy", ha)):
-        lines.append(
-            f"ringfence/{base_name:<8} TPS c1 {rf[1]['tps'] / base[1]['tps']:.2f}x   "
-            f"TPS c8 {rf[8]['tps'] / base[8]['tps']:.2f}x   "
-            f"p99 c1 {rf[1]['p99'] / base[1]['p99']:.2f}x   p99 c8 {rf[8]['p99'] / base[8]['p99']:.2f}x   "
-            f"scan MB/s {rf['scan']['mbps'] / base['scan']['mbps']:.2f}x")
+    for base in ("direct", "haproxy"):
+        parts = []
+        for label, key, metric in RATIOS:
+            values = sorted(r["ringfence"][key][metric] / r[base][key][metric] for r in rounds)
+            spread = f" ({values[0]:.2f}-{values[-1]:.2f})" if len(values) > 1 else ""
+            parts.append(f"{label} {statistics.median(values):.2f}x{spread}")
+        lines.append(f"ringfence/{base:<8} " + "   ".join(parts))
+    cpu = [r["ringfence"][c]["agent_cpu_us"] for r in rounds for c in CLIENT_COUNTS]
+    if all(v == v for v in cpu):  # not NaN
+        per = {c: statistics.median(r["ringfence"][c]["agent_cpu_us"] for r in rounds)
+               for c in CLIENT_COUNTS}
+        ha = {c: statistics.median(r["haproxy"][c]["agent_cpu_us"] for r in rounds) for c in CLIENT_COUNTS}
+        lines.append("proxy CPU per transaction (user+system, all threads): "
+                     + "   ".join(f"c{c} ringfence {per[c]:.0f} us, haproxy {ha[c]:.0f} us"
+                                  for c in CLIENT_COUNTS))
     lines.append("goals: TPS >= 0.75x HAProxy at 1 and 8 clients; scan >= 0.8x direct")
-    failed = {name: r[c]["failed"] for name, r in results.items() for c in CLIENT_COUNTS if r[c]["failed"]}
+    failed = {f"{name} c{c}": r[name][c]["failed"] for r in rounds for name in r for c in CLIENT_COUNTS
+              if r[name][c]["failed"]}
     if failed:
         lines.append(f"failed transactions: {failed}")
     return "\n".join(lines)
@@ -205,6 +257,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=10, help="pgbench duration per run")
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows in the large-result scan")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of direct, HAProxy and ringfence; the table shows medians")
     parser.add_argument("--profile-seconds", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "ringfence-bench",
                         help="where profile.svg and profile.txt go")
@@ -214,38 +268,46 @@ def main() -> int:
         return 1
     haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
     work = Path(tempfile.mkdtemp(prefix="ringfence-bench-"))
-    results: dict[str, dict[str, Any]] = {}
+    rounds: list[dict[str, dict[Any, Any]]] = []
     try:
         with netns("rfbench") as ns, pgserver(ns) as server:
             ns.run([server.tool("pgbench"), "-i", "-s", "10", "-q", "-h", str(server.sockdir),
                     "-p", "5432", "-U", "postgres", "postgres"], timeout=600)
+            # Settle the fresh tables (statistics, hint bits, a checkpoint) before timing.
+            ns.run([server.tool("psql"), "-X", "-q", "-h", str(server.sockdir), "-U", "postgres",
+                    "-c", "VACUUM ANALYZE", "-c", "CHECKPOINT", "postgres"], timeout=600)
+            ns.run([server.tool("pgbench"), "-h", str(server.sockdir), "-U", "postgres", "-S", "-n",
+                    "-c", "8", "-j", "2", "-T", "3", "postgres"], timeout=120)
             print(f"PostgreSQL {server.bindir.parent.name}, pgbench -S -T {args.seconds}, "
-                  f"scan of {args.rows} rows", flush=True)
-            results["direct"] = measure(ns, server, 5432, args, work)
-            print("direct done", flush=True)
+                  f"scan of {args.rows} rows, {args.rounds} round(s)", flush=True)
             haproxy_config(work / "haproxy.cfg")
-            proxy = ns.popen([haproxy, "-db", "-f", str(work / "haproxy.cfg")],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                time.sleep(1)
-                results["haproxy"] = measure(ns, server, HAPROXY_PORT, args, work)
-            finally:
-                proxy.terminate()
-                proxy.wait(30)
-            print("haproxy done", flush=True)
-            agent = AgentProcess(ns, work / "agent")
-            agent.start()
-            try:
-                results["ringfence"] = measure(ns, server, 5432, args, work)
-                print("ringfence done", flush=True)
-                print()
-                print(table(results))
-                print()
-                print(f"py-spy on the agent under pgbench -S -c 8 ({args.profile_seconds} s):")
-                print(profile(ns, server, agent, args))
-                print(f"flame graph: {args.out / 'profile.svg'}")
-            finally:
-                agent.stop()
+            for number in range(1, args.rounds + 1):
+                result: dict[str, dict[Any, Any]] = {}
+                result["direct"] = measure(ns, server, 5432, args, work)
+                proxy = ns.popen([haproxy, "-db", "-f", str(work / "haproxy.cfg")],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                try:
+                    time.sleep(1)
+                    result["haproxy"] = measure(ns, server, HAPROXY_PORT, args, work, proxy.pid)
+                finally:
+                    proxy.terminate()
+                    proxy.wait(30)
+                agent = AgentProcess(ns, work / "agent")
+                agent.start()
+                try:
+                    assert agent.process is not None
+                    result["ringfence"] = measure(ns, server, 5432, args, work, agent.process.pid)
+                    rounds.append(result)
+                    print(f"round {number} done", flush=True)
+                    if number == args.rounds:
+                        print()
+                        print(table(rounds))
+                        print()
+                        print(f"py-spy on the agent under pgbench -S -c 8 ({args.profile_seconds} s):")
+                        print(profile(ns, server, agent, args))
+                        print(f"flame graph: {args.out / 'profile.svg'}")
+                finally:
+                    agent.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
