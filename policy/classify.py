@@ -850,9 +850,9 @@ class Classifier:
                 self._cache.move_to_end(text)
                 self.hits += 1
                 return found
-            if len(text) > self.max_text:
-                self.misses += 1
         if len(text) > self.max_text:
+            with self._lock:
+                self.misses += 1
             return classify(text)
         shape = _shape(text)
         if shape is not None:
