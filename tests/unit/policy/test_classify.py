@@ -141,23 +141,30 @@ _NUMBERS = st.one_of(
     st.integers(0, 10**9).map(str),
 )
 _ATOMS = st.one_of(_NUMBERS, st.sampled_from(["t.a", "x_2", "b1", "true", "null", "current_date"]))
-_EXPRESSIONS = st.recursive(_ATOMS, lambda e: st.one_of(
-    st.tuples(e, st.sampled_from(["+", "-", "*", "=", "<", ">=", "and", "or", "="]), e).map(" ".join),
-    e.map(lambda x: f"({x})"),
-    e.map(lambda x: f"-{x}"),
-    st.tuples(st.sampled_from(["abs", "f", "pg_read_file", "set_config", "coalesce"]), e)
-    .map(lambda t: f"{t[0]}({t[1]})"),
-    st.tuples(e, st.sampled_from(["::int", "::numeric(10,2)", "::varchar(3)", "::text", "[2]"]))
-    .map("".join),
-    st.tuples(e, e).map(lambda t: f"{t[0]} in ({t[1]}, 3)"),
-), max_leaves=6)
+
+
+def _expressions_over(e: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    ops = st.sampled_from(["+", "-", "*", "=", "<", ">=", "and", "or"])
+    calls = st.sampled_from(["abs", "f", "pg_read_file", "set_config", "coalesce"])
+    suffixes = st.sampled_from(["::int", "::numeric(10,2)", "::varchar(3)", "::text", "[2]"])
+    return st.one_of(
+        st.builds("{} {} {}".format, e, ops, e),
+        st.builds("({})".format, e),
+        st.builds("-{}".format, e),
+        st.builds("{}({})".format, calls, e),
+        st.builds("{}{}".format, e, suffixes),
+        st.builds("{} in ({}, 3)".format, e, e),
+    )
+
+
+_EXPRESSIONS = st.recursive(_ATOMS, _expressions_over, max_leaves=6)
 _STATEMENTS = st.one_of(
-    _EXPRESSIONS.map(lambda e: f"select {e}"),
-    st.tuples(_EXPRESSIONS, _NUMBERS).map(lambda t: f"select * from t where {t[0]} limit {t[1]};"),
-    _EXPRESSIONS.map(lambda e: f"update t set a = {e} where id = 3"),
-    _EXPRESSIONS.map(lambda e: f"delete from t where {e}"),
-    _EXPRESSIONS.map(lambda e: f"insert into t values ({e}, 2) returning a"),
-    _EXPRESSIONS.map(lambda e: f"select 1; delete from t where {e}"),
+    st.builds("select {}".format, _EXPRESSIONS),
+    st.builds("select * from t where {} limit {};".format, _EXPRESSIONS, _NUMBERS),
+    st.builds("update t set a = {} where id = 3".format, _EXPRESSIONS),
+    st.builds("delete from t where {}".format, _EXPRESSIONS),
+    st.builds("insert into t values ({}, 2) returning a".format, _EXPRESSIONS),
+    st.builds("select 1; delete from t where {}".format, _EXPRESSIONS),
 )
 
 
