@@ -53,7 +53,7 @@ def run_agent(config: Config) -> int:
 
 
 async def _serve(config: Config) -> int:
-    from audit import AuditLog
+    from audit.process import AuditProcess
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -79,9 +79,14 @@ async def _serve(config: Config) -> int:
 
     async with AsyncExitStack() as cleanup:
         try:
-            audit_log = AuditLog.open(config.audit, host=host, state_dir=state_dir)
+            # The trail is written by a child process: its hashing and storage never wait
+            # on this process's GIL, and it commits what it was given if the agent dies.
+            audit_log = await asyncio.to_thread(
+                AuditProcess.start, config.audit, host=host, state_dir=state_dir
+            )
         except Exception as e:
-            raise StartupError(f"audit trail at {config.audit.path}: {e}") from None
+            raise StartupError(str(e) if str(e).startswith("audit trail at") else
+                               f"audit trail at {config.audit.path}: {e}") from None
         cleanup.callback(audit_log.close)
 
         attributor, attribution_mode, attribution_reason = await _start_attribution(config)

@@ -22,7 +22,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,20 +70,28 @@ _Item = tuple[str, str | None, int, bytes, object]
 
 
 class _Waiter:
-    """Where a strict record's outcome is delivered: an asyncio future or a thread event."""
+    """Where a strict record's outcome is delivered: an asyncio future, a thread event, or a
+    callback (called on the writer thread)."""
 
-    __slots__ = ("loop", "future", "event", "seq", "error")
+    __slots__ = ("loop", "future", "event", "callback", "seq", "error")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop | None = None,
+        callback: Callable[[int, BaseException | None], None] | None = None,
+    ) -> None:
         self.loop = loop
         self.future: asyncio.Future[int] | None = loop.create_future() if loop else None
-        self.event = threading.Event() if loop is None else None
+        self.event = threading.Event() if loop is None and callback is None else None
+        self.callback = callback
         self.seq = -1
         self.error: BaseException | None = None
 
     def resolve(self, seq: int, error: BaseException | None) -> None:
         self.seq, self.error = seq, error
-        if self.event is not None:
+        if self.callback is not None:
+            self.callback(seq, error)
+        elif self.event is not None:
             self.event.set()
         elif self.loop is not None:
             # A closed loop means nobody is waiting any more.
@@ -128,8 +136,11 @@ class AuditLog:
         batch_max_records: int = 4096,
         batch_max_delay_ms: float = 5.0,
         retry_interval_ms: float = 500.0,
+        on_health: Callable[[bool, str | None], None] | None = None,
     ) -> None:
         self.root = root
+        # Told (on the writer thread) each time the store starts failing or recovers.
+        self.on_health = on_health
         self.host = host
         self.signer = signer
         self.origin = origin
@@ -199,7 +210,14 @@ class AuditLog:
     # ------------------------------------------------------------------ API
 
     @classmethod
-    def open(cls, settings: AuditSettings, *, host: str, state_dir: Path) -> AuditLog:
+    def open(
+        cls,
+        settings: AuditSettings,
+        *,
+        host: str,
+        state_dir: Path,
+        on_health: Callable[[bool, str | None], None] | None = None,
+    ) -> AuditLog:
         """Open (create) the store, continue the chain, start the writer thread."""
         origin = settings.origin or default_origin(host)
         key_path = settings.key_path or state_dir / "audit.key"
@@ -218,6 +236,7 @@ class AuditLog:
             batch_max_records=settings.batch_max_records,
             batch_max_delay_ms=settings.batch_max_delay_ms,
             retry_interval_ms=settings.retry_interval_ms,
+            on_health=on_health,
         )
 
     @property
@@ -297,7 +316,20 @@ class AuditLog:
         except (TypeError, ValueError, OverflowError) as e:
             packer.reset()
             raise InvalidEvent(f"event cannot be encoded: {e}") from None
-        ts = time.time_ns()
+        self._enqueue(type, session_id, time.time_ns(), data, waiter)
+
+    def emit_encoded(
+        self, type: str, data: bytes, session_id: str | None, ts: int,
+        waiter: _Waiter | None = None,
+    ) -> None:
+        """Queue a record whose event is already msgpack-encoded (by the agent process)."""
+        if type not in _PRODUCER_TYPES:
+            raise UnknownEventType(f"{type!r} is not an event type producers may emit")
+        self._enqueue(type, session_id, ts, data, waiter)
+
+    def _enqueue(
+        self, type: str, session_id: str | None, ts: int, data: bytes, waiter: _Waiter | None
+    ) -> None:
         item: _Item = (type, session_id, ts, data, waiter)
         cond = self._cond
         with cond:
@@ -345,6 +377,7 @@ class AuditLog:
                         self._count_lost(item[0], item[2])
                         self._processed += 1
                 self._cond.notify_all()
+            self._tell_health()
             self._fail_waiters(pending, AuditUnavailable(self.failure))
 
     def _next_wakeup(self) -> float:
@@ -578,7 +611,15 @@ class AuditLog:
             self._lost_reason = reason
             self._next_retry = time.monotonic() + self.retry_interval
             self._cond.notify_all()
+        self._tell_health()
         self._drop(batch, count=True)
+
+    def _tell_health(self) -> None:
+        if self.on_health is not None:
+            try:
+                self.on_health(self._healthy, self.failure)
+            except Exception:  # a listener must not stop the writer
+                log.exception("audit health listener failed")
 
     def _drop(self, batch: list[_Item], *, count: bool) -> None:
         """Count records that cannot be written and fail their strict waiters."""
@@ -632,6 +673,7 @@ class AuditLog:
             self._healthy = True
             self.failure = None
             self._cond.notify_all()
+        self._tell_health()
         log.warning("audit store writing again; %d record(s) were lost", event["lost"])
         return True
 

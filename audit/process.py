@@ -1,0 +1,420 @@
+"""The audit trail written by a child process, so its work never waits on the agent's GIL.
+
+:class:`AuditProcess` has the producer side of :class:`~audit.log.AuditLog`
+(``emit``, ``emit_durable``, ``emit_durable_sync``, ``flush``, ``close``,
+``healthy``, ``failure``) and runs the :class:`AuditLog` itself in a child
+(``python -m audit.process``). The agent encodes each event with msgpack as
+before; records emitted on the event loop thread are sent together once per
+loop turn, others at once. Over a Unix socket pair, each frame is a 4-byte
+big-endian length and a msgpack array:
+
+agent → writer: ``["b", [[type, session_id, ts_ns, event], ...]]`` batched
+records; ``["d", id, type, session_id, ts_ns, event]`` a strict record;
+``["f", id]`` flush; ``["c"]`` close.
+
+writer → agent: ``["ready"]`` or ``["error", message]`` once at start;
+``["r", id, seq, error]`` a strict record committed (or not);
+``["f", id, done]``; ``["h", healthy, failure]`` whenever the store starts
+failing or recovers.
+
+The writer holds an exclusive lock on the store while it runs, so a restarted
+agent's writer waits for the previous one to commit what it was given. If the
+agent dies, the writer sees the socket close, commits everything it received
+and exits; it ignores SIGTERM and SIGINT (systemd signals the whole unit) for
+the same reason. If the writer dies, the agent's trail is unavailable and its
+sessions fail closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from audit.errors import AuditUnavailable, InvalidEvent, UnknownEventType
+from audit.log import _PRODUCER_TYPES, AuditLog, _Waiter
+
+if TYPE_CHECKING:
+    from agent.config import AuditSettings
+
+log = logging.getLogger("ringfence.audit")
+
+_LENGTH = struct.Struct(">I")
+START_TIMEOUT = 120.0  # opening a large store, or waiting for the previous writer
+LOCK_NAME = ".writer.lock"
+
+
+def _send(sock: socket.socket, message: Any) -> None:
+    data = msgpack.packb(message, use_bin_type=True)
+    sock.sendall(_LENGTH.pack(len(data)) + data)
+
+
+def _receive(sock: socket.socket) -> Any:
+    """The next frame, or None at the end of the stream."""
+    head = _read_exactly(sock, 4)
+    if head is None:
+        return None
+    body = _read_exactly(sock, _LENGTH.unpack(head)[0])
+    if body is None:
+        return None
+    return msgpack.unpackb(body, raw=False)
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
+    chunks = bytearray()
+    while len(chunks) < size:
+        chunk = sock.recv(size - len(chunks))
+        if not chunk:
+            return None
+        chunks += chunk
+    return bytes(chunks)
+
+
+class AuditProcess:
+    """The agent's side of an audit trail written by a child process (see the module doc)."""
+
+    def __init__(self, process: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        self._process = process
+        self._sock = sock
+        self._lock = threading.Lock()  # the outgoing buffer and the socket
+        self._buffer: list[list[Any]] = []
+        self._flush_scheduled = False
+        self._loop_thread: int | None = None
+        self._healthy = True
+        self._closing = False
+        self._gone = False  # the writer process ended or cannot be reached
+        self.failure: str | None = None
+        self._next_id = 0
+        self._waiting: dict[int, _Waiter] = {}
+        self._flushes: dict[int, tuple[threading.Event, list[bool]]] = {}
+        self._tls = threading.local()
+        self._reader = threading.Thread(target=self._read, name="audit-replies", daemon=True)
+        self._reader.start()
+
+    @classmethod
+    def start(
+        cls, settings: AuditSettings, *, host: str, state_dir: Path,
+        lock_timeout: float = START_TIMEOUT - 10,
+    ) -> AuditProcess:
+        """Start the writer process and wait until its store is open; raises RuntimeError.
+
+        ``lock_timeout``: how long the writer waits for a previous writer of the same store.
+        """
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "audit.process", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                cwd=str(Path(__file__).resolve().parent.parent),
+            )
+        finally:
+            theirs.close()
+        mine.settimeout(START_TIMEOUT)
+        try:
+            _send(mine, ["open", pickle.dumps((settings, host, str(state_dir), lock_timeout))])
+            answer = _receive(mine)
+        except (OSError, TimeoutError) as e:
+            process.kill()
+            raise RuntimeError(f"the audit writer process did not start: {e}") from None
+        if not answer or answer[0] != "ready":
+            process.wait(30)
+            reason = answer[1] if answer else f"it exited with status {process.returncode}"
+            raise RuntimeError(reason)
+        mine.settimeout(None)
+        return cls(process, mine)
+
+    # ------------------------------------------------------------ producers
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the store is writing (False while failing, after close or without a writer)."""
+        return self._healthy and not self._closing
+
+    def emit(self, type: str, event: Mapping[str, Any], *, session_id: str | None = None) -> None:
+        """Queue a record (batched durability); raises AuditUnavailable while the store fails."""
+        data = self._encode(type, event)
+        item = [type, session_id, time.time_ns(), data]
+        in_loop = self._in_loop()
+        with self._lock:
+            if self._closing:
+                raise AuditUnavailable("audit log is closed")
+            self._buffer.append(item)
+            if not in_loop:
+                self._send_buffer()
+            elif not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush_buffer)
+            healthy, failure = self._healthy, self.failure
+        if not healthy:
+            # The writer counts it as lost (an audit.loss record follows on recovery).
+            raise AuditUnavailable(f"audit store is failing: {failure}")
+
+    async def emit_durable(
+        self, type: str, event: Mapping[str, Any], *, session_id: str | None = None
+    ) -> int:
+        """Queue a record and return its seq once its commit is on disk (strict durability)."""
+        waiter = _Waiter(asyncio.get_running_loop())
+        self._strict(type, event, session_id, waiter)
+        assert waiter.future is not None
+        return await waiter.future
+
+    def emit_durable_sync(
+        self, type: str, event: Mapping[str, Any], *, session_id: str | None = None
+    ) -> int:
+        """emit_durable for callers outside an event loop: blocks until the commit is on disk."""
+        waiter = _Waiter()
+        self._strict(type, event, session_id, waiter)
+        assert waiter.event is not None
+        waiter.event.wait()
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.seq
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every record emitted before this call is committed or counted lost."""
+        done = threading.Event()
+        result = [False]
+        with self._lock:
+            if self._closing or self._gone:
+                return False
+            number = self._take_id()
+            self._flushes[number] = (done, result)
+            self._send_buffer()
+            self._send_locked(["f", number])
+        done.wait(timeout)
+        return result[0]
+
+    def close(self) -> None:
+        """Send what is buffered, let the writer commit it and stop. Idempotent."""
+        with self._lock:
+            if self._closing:
+                return
+            self._send_buffer()
+            self._send_locked(["c"])
+            self._closing = True
+        try:
+            self._process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            log.error("the audit writer did not stop in time; killing it")
+            self._process.kill()
+            self._process.wait()
+        self._sock.close()
+        self._reader.join(timeout=5)
+
+    def __enter__(self) -> AuditProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --------------------------------------------------------------- inside
+
+    def _encode(self, type: str, event: Mapping[str, Any]) -> bytes:
+        if type not in _PRODUCER_TYPES:
+            raise UnknownEventType(f"{type!r} is not an event type producers may emit")
+        try:
+            packer = self._tls.packer
+        except AttributeError:
+            packer = self._tls.packer = msgpack.Packer(use_bin_type=True)
+        try:
+            data: bytes = packer.pack(event)
+        except (TypeError, ValueError, OverflowError) as e:
+            packer.reset()
+            raise InvalidEvent(f"event cannot be encoded: {e}") from None
+        return data
+
+    def _in_loop(self) -> bool:
+        """Whether this is the event loop's thread (its records go out once per loop turn)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        return True
+
+    def _strict(
+        self, type: str, event: Mapping[str, Any], session_id: str | None, waiter: _Waiter
+    ) -> None:
+        data = self._encode(type, event)
+        with self._lock:
+            if self._closing:
+                raise AuditUnavailable("audit log is closed")
+            if self._gone:
+                raise AuditUnavailable(f"audit store is failing: {self.failure}")
+            number = self._take_id()
+            self._waiting[number] = waiter
+            self._send_buffer()
+            self._send_locked(["d", number, type, session_id, time.time_ns(), data])
+
+    def _take_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def _flush_buffer(self) -> None:
+        with self._lock:
+            self._flush_scheduled = False
+            self._send_buffer()
+
+    def _send_buffer(self) -> None:
+        """Send the buffered records (the caller holds the lock)."""
+        if self._buffer:
+            items, self._buffer = self._buffer, []
+            self._send_locked(["b", items])
+
+    def _send_locked(self, message: Any) -> None:
+        """Send a frame (the caller holds the lock)."""
+        if self._gone:
+            return
+        try:
+            _send(self._sock, message)
+        except OSError as e:
+            self._writer_gone(f"audit writer process unreachable: {e}")
+
+    def _read(self) -> None:
+        try:
+            while True:
+                message = _receive(self._sock)
+                if message is None:
+                    break
+                self._handle(message)
+        except (OSError, ValueError) as e:
+            log.error("audit writer connection failed: %s", e)
+        if not self._closing:
+            with self._lock:
+                self._writer_gone(f"audit writer process ended (exit status {self._process.poll()})")
+
+    def _handle(self, message: list[Any]) -> None:
+        kind = message[0]
+        if kind == "r":
+            _, number, seq, error = message
+            with self._lock:
+                waiter = self._waiting.pop(number, None)
+            if waiter is not None:
+                waiter.resolve(seq, AuditUnavailable(error) if error else None)
+        elif kind == "f":
+            with self._lock:
+                entry = self._flushes.pop(message[1], None)
+            if entry is not None:
+                entry[1][0] = bool(message[2])
+                entry[0].set()
+        elif kind == "h":
+            with self._lock:
+                if not self._gone:
+                    self._healthy, self.failure = bool(message[1]), message[2]
+
+    def _writer_gone(self, reason: str) -> None:
+        """No writer any more: the trail is unavailable and every waiter learns so (the caller
+        holds the lock)."""
+        if self._gone:
+            return
+        if not self._closing:
+            log.error("%s", reason)
+        self._gone = True
+        self._healthy = False
+        self.failure = reason
+        waiting, self._waiting = self._waiting, {}
+        flushes, self._flushes = self._flushes, {}
+        for waiter in waiting.values():
+            waiter.resolve(-1, AuditUnavailable(reason))
+        for done, _ in flushes.values():
+            done.set()
+
+
+# ------------------------------------------------------------------- writer
+
+
+def _lock_store(root: Path, timeout: float) -> int:
+    """Hold the store's writer lock, waiting for a previous writer to finish; returns the fd."""
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise RuntimeError(
+                    f"another audit writer holds {root / LOCK_NAME} (a second agent on this "
+                    "audit path, or the previous one still committing)"
+                ) from None
+            time.sleep(0.05)
+
+
+def serve(sock: socket.socket) -> int:
+    """The writer process: open the store, then apply the agent's frames until it goes."""
+    first = _receive(sock)
+    if not first or first[0] != "open":
+        return 2
+    settings, host, state_dir, lock_timeout = pickle.loads(first[1])
+    send_lock = threading.Lock()
+
+    def reply(message: Any) -> None:
+        with send_lock, contextlib.suppress(OSError):
+            _send(sock, message)
+
+    try:
+        _lock_store(Path(settings.path), lock_timeout)
+        audit_log = AuditLog.open(
+            settings, host=host, state_dir=Path(state_dir),
+            on_health=lambda healthy, failure: reply(["h", healthy, failure]),
+        )
+    except Exception as e:
+        reply(["error", f"audit trail at {settings.path}: {e}"])
+        return 1
+    reply(["ready"])
+    try:
+        while True:
+            message = _receive(sock)
+            if message is None or message[0] == "c":
+                break
+            kind = message[0]
+            if kind == "b":
+                for type, session_id, ts, data in message[1]:
+                    with contextlib.suppress(AuditUnavailable):  # counted lost by the log
+                        audit_log.emit_encoded(type, data, session_id, ts)
+            elif kind == "d":
+                _, number, type, session_id, ts, data = message
+
+                def answer(seq: int, error: BaseException | None, number: int = number) -> None:
+                    reply(["r", number, seq, str(error) if error else None])
+
+                try:
+                    audit_log.emit_encoded(type, data, session_id, ts, _Waiter(callback=answer))
+                except AuditUnavailable as e:
+                    answer(-1, e)
+            elif kind == "f":
+                reply(["f", message[1], audit_log.flush()])
+    except (OSError, ValueError) as e:
+        log.error("audit writer: connection to the agent failed: %s", e)
+    finally:
+        audit_log.close()
+    return 0
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="ringfence audit writer: %(levelname)s %(message)s")
+    return serve(socket.socket(fileno=int(sys.argv[1])))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The audit trail written by a child process: same records, same durability, clear failures."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.config import AuditSettings
+from audit.checkpoint import Signer
+from audit.errors import AuditUnavailable
+from audit.process import AuditProcess
+from audit.store import Store
+from audit.verify import verify
+
+
+def settings(tmp_path: Path) -> AuditSettings:
+    return AuditSettings(path=tmp_path / "audit", key_path=tmp_path / "state" / "audit.key",
+                         batch_max_delay_ms=1.0)
+
+
+def start(tmp_path: Path, lock_timeout: float = 30.0) -> AuditProcess:
+    return AuditProcess.start(settings(tmp_path), host="test.host", state_dir=tmp_path / "state",
+                              lock_timeout=lock_timeout)
+
+
+def read_types(tmp_path: Path) -> list[tuple[str, str | None, dict[str, object]]]:
+    with Store(tmp_path / "audit") as store:
+        return [(r.type, r.session_id, r.event) for r in store.iter_records() if r.type != "checkpoint"]
+
+
+def test_records_from_the_loop_and_from_threads_keep_their_order_and_verify(tmp_path: Path) -> None:
+    """Batched records sent once per loop turn, a strict one in between, and one from outside the
+    loop all land in the order they were emitted, and the whole trail verifies."""
+    trail = start(tmp_path)
+
+    async def session() -> int:
+        trail.emit("session.start", {"n": 0}, session_id="s1")
+        trail.emit("query", {"n": 1}, session_id="s1")
+        seq = await trail.emit_durable("policy.decision", {"n": 2}, session_id="s1")
+        trail.emit("result", {"n": 3}, session_id="s1")
+        await asyncio.sleep(0)
+        trail.emit("session.end", {"n": 4}, session_id="s1")
+        return seq
+
+    seq = asyncio.run(session())
+    trail.emit("agent.stop", {"n": 5})
+    assert trail.flush(timeout=30)
+    trail.close()
+    records = read_types(tmp_path)
+    assert [event["n"] for _, _, event in records] == [0, 1, 2, 3, 4, 5]
+    assert records[2][0] == "policy.decision" and seq == 2
+    signer = Signer.parse((tmp_path / "state" / "audit.key").read_text())
+    with Store(tmp_path / "audit") as store:
+        report = verify(store, signer.verifier)
+    assert report.problem is None and report.records >= 6
+
+
+def test_records_sent_before_the_agent_dies_are_committed(tmp_path: Path) -> None:
+    """The agent's end of the socket closes without a goodbye (kill -9): the writer commits
+    what it received, then exits."""
+    trail = start(tmp_path)
+    for n in range(200):
+        trail.emit("query", {"n": n}, session_id="s1")
+    trail._sock.shutdown(socket.SHUT_RDWR)  # what the kernel does for a killed agent
+    trail._sock.close()
+    assert trail._process.wait(timeout=60) == 0
+    assert [event["n"] for _, _, event in read_types(tmp_path)] == list(range(200))
+
+
+def test_a_dead_writer_makes_the_trail_unavailable(tmp_path: Path) -> None:
+    """Without its writer the trail says so: unhealthy, emits refused, strict records fail."""
+    trail = start(tmp_path)
+    os.kill(trail._process.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while trail.healthy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not trail.healthy
+    assert "audit writer process ended" in (trail.failure or "")
+    with pytest.raises(AuditUnavailable):
+        trail.emit("query", {"n": 1}, session_id="s1")
+    with pytest.raises(AuditUnavailable):
+        trail.emit_durable_sync("policy.decision", {"n": 2}, session_id="s1")
+    assert not trail.flush(timeout=5)
+    trail.close()
+
+
+def test_a_second_writer_waits_for_the_first_then_refuses(tmp_path: Path) -> None:
+    """Two writers never append to one store: the second names the lock it could not take."""
+    first = start(tmp_path)
+    with pytest.raises(RuntimeError, match="another audit writer holds"):
+        start(tmp_path, lock_timeout=0.5)
+    first.emit("agent.stop", {"n": 1})
+    first.close()
+    second = start(tmp_path)
+    second.emit("agent.stop", {"n": 2})
+    second.close()
+    assert [event["n"] for _, _, event in read_types(tmp_path)] == [1, 2]
+
+
+def test_a_store_that_cannot_be_opened_is_reported_at_start(tmp_path: Path) -> None:
+    """A store path that is a file gives a start error naming the path."""
+    (tmp_path / "audit").write_text("not a store")
+    with pytest.raises(RuntimeError, match="audit trail at"):
+        start(tmp_path)
