@@ -1,5 +1,7 @@
 """AuditLog: the one way into the audit trail; a single writer thread owns LMDB.
 
+In the agent it runs in a process of its own (see :mod:`audit.process`).
+
 Producers put records on a bounded queue (``emit`` blocks while it is full);
 the writer takes whatever is queued (up to ``batch_max_records``, waiting at
 most ``batch_max_delay_ms`` for a batch to fill unless a strict record is
