@@ -58,6 +58,7 @@ async def _serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     stop_reason = ["stopped"]
+    failed = [False]  # stopping because something the agent needs is gone
 
     def request_stop(signum: int) -> None:
         stop_reason[0] = f"signal {signal.Signals(signum).name}"
@@ -88,6 +89,17 @@ async def _serve(config: Config) -> int:
             raise StartupError(str(e) if str(e).startswith("audit trail at") else
                                f"audit trail at {config.audit.path}: {e}") from None
         cleanup.callback(audit_log.close)
+
+        def writer_gone(reason: str) -> None:
+            # Sessions already fail closed without a writer; exiting with an error lets
+            # the service manager restart the agent and its writer.
+            def end() -> None:
+                stop_reason[0], failed[0] = reason, True
+                stop.set()
+
+            loop.call_soon_threadsafe(end)
+
+        audit_log.on_gone = writer_gone
 
         attributor, attribution_mode, attribution_reason = await _start_attribution(config)
         if attributor is not None:
@@ -152,20 +164,26 @@ async def _serve(config: Config) -> int:
         await stop.wait()
 
         sd_notify("STOPPING=1")
-        log.info("stopping", extra={"event": "agent.stopping", "reason": stop_reason[0]})
-        try:
-            redirector.remove()
-        except RedirectError as e:
-            log.error(
-                "could not remove redirect rules; run `ringfence redirect clean`",
-                extra={"event": "redirect.remove_failed", "error": str(e)},
-            )
+        log.log(logging.ERROR if failed[0] else logging.INFO, "stopping: %s", stop_reason[0],
+                extra={"event": "agent.stopping", "reason": stop_reason[0]})
+        if failed[0] and config.agent.fail_closed:
+            # As after a crash: protected ports keep refusing until the agent is back.
+            log.error("redirect rules kept: [agent] fail_closed = true",
+                      extra={"event": "redirect.kept"})
+        else:
+            try:
+                redirector.remove()
+            except RedirectError as e:
+                log.error(
+                    "could not remove redirect rules; run `ringfence redirect clean`",
+                    extra={"event": "redirect.remove_failed", "error": str(e)},
+                )
         await proxy.stop("agent stopping")
         try:
             audit_log.emit("agent.stop", {"reason": stop_reason[0]})
         except Exception as e:
             log.error("could not record agent.stop: %s", e, extra={"event": "audit.unavailable"})
-    return 0
+    return 1 if failed[0] else 0
 
 
 async def _start_identity(config: Config, audit_log: Any, cleanup: AsyncExitStack) -> Any:

@@ -21,8 +21,9 @@ The writer holds an exclusive lock on the store while it runs, so a restarted
 agent's writer waits for the previous one to commit what it was given. If the
 agent dies, the writer sees the socket close, commits everything it received
 and exits; it ignores SIGTERM and SIGINT (systemd signals the whole unit) for
-the same reason. If the writer dies, the agent's trail is unavailable and its
-sessions fail closed.
+the same reason. If the writer dies, the trail is unavailable (sessions fail
+closed) and ``on_gone`` is told; the agent then exits with an error so that the
+service manager restarts it and its writer.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +92,8 @@ class AuditProcess:
     def __init__(self, process: subprocess.Popen[bytes], sock: socket.socket) -> None:
         self._process = process
         self._sock = sock
+        # Called (on a reader thread) if the writer ends while the trail is open.
+        self.on_gone: Callable[[str], None] | None = None
         self._lock = threading.Lock()  # the outgoing buffer and the socket
         self._buffer: list[list[Any]] = []
         self._flush_scheduled = False
@@ -295,8 +298,12 @@ class AuditProcess:
         except (OSError, ValueError) as e:
             log.error("audit writer connection failed: %s", e)
         if not self._closing:
+            time.sleep(0.1)  # let its exit status be known
+            reason = f"audit writer process ended (exit status {self._process.poll()})"
             with self._lock:
-                self._writer_gone(f"audit writer process ended (exit status {self._process.poll()})")
+                self._writer_gone(reason)
+            if self.on_gone is not None:
+                self.on_gone(reason)
 
     def _handle(self, message: list[Any]) -> None:
         kind = message[0]

@@ -162,3 +162,46 @@ def test_full_audit_disk_refuses_sessions_then_recovers_without_restart(
     agent.stop(signal.SIGTERM)
     result = verify(agent)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _writer_pid(agent: AgentProcess) -> int:
+    """The agent's audit writer process (its one child running audit.process)."""
+    assert agent.process is not None
+    for task in Path(f"/proc/{agent.process.pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if b"audit.process" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+    raise AssertionError("the agent has no audit writer process")
+
+
+def _redirect_rules(ns: NetNS) -> list[str]:
+    return [line for line in ns.run(["iptables-save"]).stdout.splitlines() if "RINGFENCE" in line]
+
+
+@pytest.mark.parametrize("fail_closed", [False, True])
+def test_losing_the_audit_writer_stops_the_agent_with_an_error(
+    host: tuple[NetNS, PgServer], workdir: Path, fail_closed: bool
+) -> None:
+    """If the writer process is killed, the agent exits non-zero saying why (so the service
+    manager restarts both), keeping the redirect rules when fail_closed is set; records it
+    committed before stay and the trail verifies after a restart."""
+    ns, server = host
+    agent = AgentProcess(ns, workdir / "agent", policy=record_everything(workdir))
+    setting = f"[agent]\nfail_closed = {str(fail_closed).lower()}\n"
+    agent.config.write_text(agent.config.read_text().replace("[agent]\n", setting, 1))
+    agent.start()
+    psql = [server.tool("psql"), "-X", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-tAc"]
+    assert ns.run([*psql, "select 'kept'"]).stdout.strip() == "kept"
+    agent.wait_for(lambda rs: any(r["type"] == "session.end" for r in rs))
+    os.kill(_writer_pid(agent), signal.SIGKILL)
+    assert agent.process is not None
+    assert agent.process.wait(timeout=60) == 1
+    assert "audit writer process ended" in agent.log_text()
+    assert bool(_redirect_rules(ns)) == fail_closed
+    ns.run([*RINGFENCE, "cleanup", "--config", str(agent.config)],
+           env=dict(os.environ, PYTHONPATH=str(REPO)))
+    agent.start()
+    records = agent.records()
+    assert any(r["type"] == "query" and "'kept'" in r.get("text", "") for r in records)
+    agent.stop()
+    assert verify(agent).returncode == 0
