@@ -100,6 +100,14 @@ class _Waiter:
             with contextlib.suppress(RuntimeError):
                 self.loop.call_soon_threadsafe(self._deliver)
 
+    def wait(self) -> int:
+        """Block until resolved (a thread-event waiter); the seq, or the error raised."""
+        assert self.event is not None
+        self.event.wait()
+        if self.error is not None:
+            raise self.error
+        return self.seq
+
     def _deliver(self) -> None:
         fut = self.future
         if fut is None or fut.done():
@@ -108,6 +116,23 @@ class _Waiter:
             fut.set_exception(self.error)
         else:
             fut.set_result(self.seq)
+
+
+def encode_producer_event(tls: threading.local, type: str, event: Mapping[str, Any]) -> bytes:
+    """A producer's event as msgpack (one Packer per thread in ``tls``); refuses store-only
+    types (UnknownEventType) and what msgpack cannot encode (InvalidEvent)."""
+    if type not in _PRODUCER_TYPES:
+        raise UnknownEventType(f"{type!r} is not an event type producers may emit")
+    try:
+        packer = tls.packer
+    except AttributeError:
+        packer = tls.packer = msgpack.Packer(use_bin_type=True)
+    try:
+        data: bytes = packer.pack(event)
+    except (TypeError, ValueError, OverflowError) as e:
+        packer.reset()
+        raise InvalidEvent(f"event cannot be encoded: {e}") from None
+    return data
 
 
 class _Failure(Exception):
@@ -263,11 +288,7 @@ class AuditLog:
         """emit_durable for callers outside an event loop: blocks until the commit is on disk."""
         waiter = _Waiter()
         self._put(type, event, session_id, waiter)
-        assert waiter.event is not None
-        waiter.event.wait()
-        if waiter.error is not None:
-            raise waiter.error
-        return waiter.seq
+        return waiter.wait()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every record queued before this call is committed or counted lost."""
@@ -307,17 +328,7 @@ class AuditLog:
     def _put(
         self, type: str, event: Mapping[str, Any], session_id: str | None, waiter: _Waiter | None
     ) -> None:
-        if type not in _PRODUCER_TYPES:
-            raise UnknownEventType(f"{type!r} is not an event type producers may emit")
-        try:
-            packer = self._tls.packer
-        except AttributeError:
-            packer = self._tls.packer = msgpack.Packer(use_bin_type=True)
-        try:
-            data: bytes = packer.pack(event)
-        except (TypeError, ValueError, OverflowError) as e:
-            packer.reset()
-            raise InvalidEvent(f"event cannot be encoded: {e}") from None
+        data = encode_producer_event(self._tls, type, event)
         self._enqueue(type, session_id, time.time_ns(), data, waiter)
 
     def emit_encoded(

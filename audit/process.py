@@ -47,8 +47,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from audit.errors import AuditUnavailable, InvalidEvent, UnknownEventType
-from audit.log import _PRODUCER_TYPES, AuditLog, _Waiter
+from audit.errors import AuditUnavailable
+from audit.log import AuditLog, _Waiter, encode_producer_event
 
 if TYPE_CHECKING:
     from agent.config import AuditSettings
@@ -183,11 +183,7 @@ class AuditProcess:
         """emit_durable for callers outside an event loop: blocks until the commit is on disk."""
         waiter = _Waiter()
         self._strict(type, event, session_id, waiter)
-        assert waiter.event is not None
-        waiter.event.wait()
-        if waiter.error is not None:
-            raise waiter.error
-        return waiter.seq
+        return waiter.wait()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every record emitted before this call is committed or counted lost."""
@@ -229,18 +225,7 @@ class AuditProcess:
     # --------------------------------------------------------------- inside
 
     def _encode(self, type: str, event: Mapping[str, Any]) -> bytes:
-        if type not in _PRODUCER_TYPES:
-            raise UnknownEventType(f"{type!r} is not an event type producers may emit")
-        try:
-            packer = self._tls.packer
-        except AttributeError:
-            packer = self._tls.packer = msgpack.Packer(use_bin_type=True)
-        try:
-            data: bytes = packer.pack(event)
-        except (TypeError, ValueError, OverflowError) as e:
-            packer.reset()
-            raise InvalidEvent(f"event cannot be encoded: {e}") from None
-        return data
+        return encode_producer_event(self._tls, type, event)
 
     def _in_loop(self) -> bool:
         """Whether this is the event loop's thread (its records go out once per loop turn)."""
