@@ -39,6 +39,7 @@ SSL_ACCEPTED: Final = b"S"
 
 _INT32 = struct.Struct("!i")
 _HEADER = struct.Struct("!ci")
+_INT16 = struct.Struct("!h")
 
 FRONTEND_TYPES: Final = frozenset(b"BCcDdEFfHPpQSX")
 
@@ -270,10 +271,13 @@ def _parse_startup(packet: bytes) -> StartupMessage | SSLRequest | GSSENCRequest
 
 
 def _decode_frontend(kind: int, raw: bytes) -> FrontendEvent:
+    if kind == 0x51:  # Q, the commonest: its string is read in place
+        end = raw.find(b"\x00", 5)
+        if end < 0:
+            raise ClientProtocolError("string field is not NUL-terminated")
+        return Query(raw[5:end].decode("utf-8", "replace"), raw)
     body = raw[5:]
     r = _Reader(body, ClientProtocolError)
-    if kind == 0x51:  # Q
-        return Query(r.cstring(), raw)
     if kind == 0x50:  # P
         name = r.cstring()
         sql = r.cstring()
@@ -524,6 +528,8 @@ BackendEvent = (
 
 # Backend message types whose body a record needs; everything else is skipped.
 _DECODED = frozenset(b"RSKZCEINATt")
+# ReadyForQuery for each transaction status (events are immutable, so shared).
+_READY = {status: ReadyForQuery(status.decode()) for status in (b"I", b"T", b"E")}
 # Types that only need a marker event (no body).
 _MARKERS: dict[int, BackendEvent] = {
     ord("1"): ParseComplete(),
@@ -547,6 +553,18 @@ def _fields(body: bytes) -> dict[str, str]:
 
 
 def _decode_backend(kind: int, body: bytes) -> BackendEvent:
+    # The messages that end every statement first, without a reader.
+    if kind == 0x5A:  # Z
+        ready = _READY.get(body)
+        if ready is not None:
+            return ready
+    elif kind == 0x43:  # C
+        end = body.find(b"\x00")
+        if end < 0:
+            raise ServerProtocolError("string field is not NUL-terminated")
+        return CommandComplete(body[:end].decode("utf-8", "replace"))
+    elif kind == 0x54 and len(body) >= 2:  # T
+        return RowDescription(_INT16.unpack_from(body)[0])
     r = _Reader(body, ServerProtocolError)
     if kind == 0x44:
         raise AssertionError("DataRow bodies are never decoded")
