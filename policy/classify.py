@@ -689,9 +689,9 @@ _LITERAL_TOKENS = {
     "ICONST": "\x00i", "FCONST": "\x00f", "SCONST": "\x00s", "BCONST": "\x00b", "XCONST": "\x00x",
 }
 _COMMENT_TOKENS = frozenset({"C_COMMENT", "SQL_COMMENT"})
-_DIGITS = re.compile(r"[0-9]+")
-# Characters that continue a token a digit run is part of (names, numerics like 1.5 and 1e5).
-_CONTINUES = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.")
+# In a plain text, an integer literal: a run of at most nine digits with no character
+# on either side that would continue a token with it (names, numerics like 1.5 and 1e5).
+_PLAIN_INTEGER = re.compile(r"(?<![A-Za-z0-9_.])[0-9]{1,9}(?![A-Za-z0-9_.])")
 _SEMICOLON = "ASCII_59"
 
 
@@ -729,10 +729,14 @@ def _shape(text: str) -> _Shape | None:
     """
     if "\x00" in text:
         return None
-    if (text.isascii() and "'" not in text and '"' not in text and "$" not in text
-            and "\\" not in text and "--" not in text and "/*" not in text):
+    if _is_plain(text):
         return _plain_shape(text)
     return _scanned_shape(text)
+
+
+def _is_plain(text: str) -> bool:
+    return (text.isascii() and "'" not in text and '"' not in text and "$" not in text
+            and "\\" not in text and "--" not in text and "/*" not in text)
 
 
 def statement_shape(text: str) -> bytes | None:
@@ -741,13 +745,20 @@ def statement_shape(text: str) -> bytes | None:
     Only a key that a :class:`Classification` carries as ``shape`` was checked
     to stand for all its texts.
     """
-    if len(text) > MAX_CACHED_TEXT:
+    if len(text) > MAX_CACHED_TEXT or "\x00" in text:
         return None
-    shape = _shape(text)
+    if _is_plain(text):
+        # The key alone, as _plain_shape builds it (the hot path of every statement).
+        if _plain_span(text) is None:
+            return None
+        return ("p" + _PLAIN_INTEGER.sub("\x00i", text)).encode("ascii")
+    shape = _scanned_shape(text)
     return shape.key if shape is not None else None
 
 
-def _plain_shape(text: str) -> _Shape | None:
+def _plain_span(text: str) -> tuple[int, int] | None:
+    """Where a plain text's one statement lies (start, end before any ';'); None when it
+    holds more than one statement or none."""
     body = text.rstrip()
     end = len(body)
     if body.endswith(";"):
@@ -757,21 +768,16 @@ def _plain_shape(text: str) -> _Shape | None:
     start = len(text) - len(text.lstrip())
     if start >= end:
         return None
-    parts: list[str] = []
-    literals: list[int] = []
-    pos = 0
-    size = len(text)
-    for match in _DIGITS.finditer(text):
-        first, last = match.span()
-        if (last - first > 9 or (first and text[first - 1] in _CONTINUES)
-                or (last < size and text[last] in _CONTINUES)):
-            continue  # part of a name or a longer numeric token, or too big for ICONST
-        parts.append(text[pos:first])
-        parts.append("\x00i")
-        literals.append(first)
-        pos = last
-    parts.append(text[pos:])
-    return _Shape(("p" + "".join(parts)).encode("ascii"), start, end, tuple(literals))
+    return start, end
+
+
+def _plain_shape(text: str) -> _Shape | None:
+    span = _plain_span(text)
+    if span is None:
+        return None
+    key = ("p" + _PLAIN_INTEGER.sub("\x00i", text)).encode("ascii")
+    literals = tuple(match.start() for match in _PLAIN_INTEGER.finditer(text))
+    return _Shape(key, span[0], span[1], literals)
 
 
 def _scanned_shape(text: str) -> _Shape | None:
