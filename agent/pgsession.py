@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agent.protocols import postgres as pg
+from policy import Subject
+from policy.classify import statement_shape as _statement_shape
 
 if TYPE_CHECKING:
-    from policy import Policy, Subject
+    from policy import Policy
 
 # Sent to the server in place of a blocked statement. It fails in the server's
 # parser (nothing runs), so the server itself moves the session into the state
@@ -274,15 +276,12 @@ class PostgresSession:
         """
         if self.policy is None:
             return None
-        from policy import Subject
-        from policy.classify import statement_shape
-
         policy = self.policy()
         subject = self.subject
         if policy is not self._reused_policy or subject is not self._reused_subject:
             self._reused_policy, self._reused_subject = policy, subject
             self._reused.clear()
-        shape = statement_shape(sql) if policy.reuses_decisions else None
+        shape = _statement_shape(sql) if policy.reuses_decisions else None
         if shape is not None:
             known = self._reused.get(shape)
             if known is not None:
@@ -318,8 +317,6 @@ class PostgresSession:
         """The policy's decision on this connection (after the StartupMessage), or None."""
         if self.policy is None or self.startup is None:
             return None
-        from policy import Subject
-
         if self.subject_for is not None:
             self.subject = self.subject_for(self.identity)
         return self.policy().connection(self.subject or Subject(), self._resource())
