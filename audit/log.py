@@ -24,7 +24,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -161,7 +161,7 @@ class AuditLog:
         segment_max_age_seconds: float = 0.0,
         queue_size: int = 65_536,
         batch_max_records: int = 4096,
-        batch_max_delay_ms: float = 5.0,
+        batch_max_delay_ms: float = 20.0,
         retry_interval_ms: float = 500.0,
         on_health: Callable[[bool, str | None], None] | None = None,
     ) -> None:
@@ -339,6 +339,30 @@ class AuditLog:
         if type not in _PRODUCER_TYPES:
             raise UnknownEventType(f"{type!r} is not an event type producers may emit")
         self._enqueue(type, session_id, ts, data, waiter)
+
+    def emit_encoded_many(self, items: Sequence[Sequence[Any]]) -> None:
+        """Queue batched records already encoded, each ``(type, session_id, ts, data)``, under
+        one lock. While the store fails (or once closed) the rest are counted lost, not raised."""
+        for item in items:
+            if item[0] not in _PRODUCER_TYPES:
+                raise UnknownEventType(f"{item[0]!r} is not an event type producers may emit")
+        cond = self._cond
+        queue = self._queue
+        with cond:
+            for type, session_id, ts, data in items:
+                while len(queue) >= self.queue_size and self._healthy and not self._closing:
+                    self._blocked += 1
+                    cond.wait()
+                    self._blocked -= 1
+                if self._closing:
+                    return
+                if not self._healthy:
+                    self._count_lost(type, ts)
+                    continue
+                queue.append((type, session_id, ts, data, None))
+                self._accepted += 1
+            if self._writer_idle or len(queue) >= self.batch_max_records:
+                cond.notify_all()
 
     def _enqueue(
         self, type: str, session_id: str | None, ts: int, data: bytes, waiter: _Waiter | None

@@ -65,6 +65,15 @@ def _send(sock: socket.socket, message: Any) -> None:
     sock.sendall(_LENGTH.pack(len(data)) + data)
 
 
+def _array_header(count: int) -> bytes:
+    """msgpack's header of an array of ``count`` items."""
+    if count < 16:
+        return bytes((0x90 | count,))
+    if count < 0x10000:
+        return b"\xdc" + count.to_bytes(2, "big")
+    return b"\xdd" + count.to_bytes(4, "big")
+
+
 def _receive(sock: socket.socket) -> Any:
     """The next frame, or None at the end of the stream."""
     head = _read_exactly(sock, 4)
@@ -95,8 +104,12 @@ class AuditProcess:
         # Called (on a reader thread) if the writer ends while the trail is open.
         self.on_gone: Callable[[str], None] | None = None
         self._lock = threading.Lock()  # the outgoing buffer and the socket
-        self._buffer: list[list[Any]] = []
+        # Batched records not yet sent: their msgpack items back to back, and how many.
+        self._buffer = bytearray()
+        self._buffered = 0
         self._flush_scheduled = False
+        # The event loop whose thread emitted last, and that thread (see _loop_of_caller).
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._healthy = True
         self._closing = False
@@ -152,17 +165,18 @@ class AuditProcess:
     def emit(self, type: str, event: Mapping[str, Any], *, session_id: str | None = None) -> None:
         """Queue a record (batched durability); raises AuditUnavailable while the store fails."""
         data = self._encode(type, event)
-        item = [type, session_id, time.time_ns(), data]
-        in_loop = self._in_loop()
+        item = self._tls.packer.pack((type, session_id, time.time_ns(), data))
+        loop = self._loop_of_caller()
         with self._lock:
             if self._closing:
                 raise AuditUnavailable("audit log is closed")
-            self._buffer.append(item)
-            if not in_loop:
+            self._buffer += item
+            self._buffered += 1
+            if loop is None:
                 self._send_buffer()
             elif not self._flush_scheduled:
                 self._flush_scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush_buffer)
+                loop.call_soon(self._flush_buffer)
             healthy, failure = self._healthy, self.failure
         if not healthy:
             # The writer counts it as lost (an audit.loss record follows on recovery).
@@ -227,13 +241,18 @@ class AuditProcess:
     def _encode(self, type: str, event: Mapping[str, Any]) -> bytes:
         return encode_producer_event(self._tls, type, event)
 
-    def _in_loop(self) -> bool:
-        """Whether this is the event loop's thread (its records go out once per loop turn)."""
+    def _loop_of_caller(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop running in this thread, if any (its records go out once per loop
+        turn). Remembered by thread, since asking asyncio costs a system call each time."""
+        loop = self._loop
+        if loop is not None and threading.get_ident() == self._loop_thread and loop.is_running():
+            return loop
         try:
-            asyncio.get_running_loop()
+            loop = asyncio.get_running_loop()
         except RuntimeError:
-            return False
-        return True
+            return None
+        self._loop, self._loop_thread = loop, threading.get_ident()
+        return loop
 
     def _strict(
         self, type: str, event: Mapping[str, Any], session_id: str | None, waiter: _Waiter
@@ -260,16 +279,23 @@ class AuditProcess:
 
     def _send_buffer(self) -> None:
         """Send the buffered records (the caller holds the lock)."""
-        if self._buffer:
-            items, self._buffer = self._buffer, []
-            self._send_locked(["b", items])
+        if self._buffered:
+            # The frame ["b", [item, ...]], assembled from the items packed at emit.
+            body = b"\x92\xa1b" + _array_header(self._buffered) + self._buffer
+            self._buffer = bytearray()
+            self._buffered = 0
+            self._send_frame(body)
 
     def _send_locked(self, message: Any) -> None:
         """Send a frame (the caller holds the lock)."""
+        self._send_frame(msgpack.packb(message, use_bin_type=True))
+
+    def _send_frame(self, body: bytes | bytearray) -> None:
+        """Send an encoded frame (the caller holds the lock)."""
         if self._gone:
             return
         try:
-            _send(self._sock, message)
+            self._sock.sendall(_LENGTH.pack(len(body)) + body)
         except OSError as e:
             self._writer_gone(f"audit writer process unreachable: {e}")
 
@@ -378,9 +404,7 @@ def serve(sock: socket.socket) -> int:
                 break
             kind = message[0]
             if kind == "b":
-                for type, session_id, ts, data in message[1]:
-                    with contextlib.suppress(AuditUnavailable):  # counted lost by the log
-                        audit_log.emit_encoded(type, data, session_id, ts)
+                audit_log.emit_encoded_many(message[1])  # counts them lost while failing
             elif kind == "d":
                 _, number, type, session_id, ts, data = message
 

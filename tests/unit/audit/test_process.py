@@ -61,6 +61,22 @@ def test_records_from_the_loop_and_from_threads_keep_their_order_and_verify(tmp_
     assert report.problem is None and report.records >= 6
 
 
+@pytest.mark.parametrize("count", [15, 16, 65_535, 65_536])
+def test_a_loop_turn_of_any_size_arrives_whole_and_in_order(tmp_path: Path, count: int) -> None:
+    """All records emitted in one loop turn travel as one batch, whatever its size (the batch's
+    header changes form at 16 and at 65,536 records): none lost, none reordered."""
+    trail = start(tmp_path)
+
+    async def turn() -> None:
+        for n in range(count):
+            trail.emit("query", {"n": n}, session_id="s1")
+
+    asyncio.run(turn())
+    assert trail.flush(timeout=120)
+    trail.close()
+    assert [event["n"] for _, _, event in read_types(tmp_path)] == list(range(count))
+
+
 def test_records_sent_before_the_agent_dies_are_committed(tmp_path: Path) -> None:
     """The agent's end of the socket closes without a goodbye (kill -9): the writer commits
     what it received, then exits."""
