@@ -91,7 +91,7 @@ class AuditSettings:
     segment_max_age_seconds: float = 0.0
     queue_size: int = 65_536
     batch_max_records: int = 4096
-    batch_max_delay_ms: float = 5.0
+    batch_max_delay_ms: float = 20.0
     # While the store fails, how often the writer tries to write again.
     retry_interval_ms: float = 500.0
 
