@@ -4,9 +4,11 @@
 (``emit``, ``emit_durable``, ``emit_durable_sync``, ``flush``, ``close``,
 ``healthy``, ``failure``) and runs the :class:`AuditLog` itself in a child
 (``python -m audit.process``). The agent encodes each event with msgpack as
-before; records emitted on the event loop thread are sent together once per
-loop turn, others at once. Over a Unix socket pair, each frame is a 4-byte
-big-endian length and a msgpack array:
+before; records emitted on the event loop thread are sent together at most
+``SEND_DELAY`` (1 ms) after the first of them, so that the writer wakes once
+per batch rather than once per loop turn; records from other threads, and
+strict records (with everything batched before them), go at once. Over a Unix
+socket pair, each frame is a 4-byte big-endian length and a msgpack array:
 
 agent → writer: ``["b", [[type, session_id, ts_ns, event], ...]]`` batched
 records; ``["d", id, type, session_id, ts_ns, event]`` a strict record;
@@ -58,6 +60,9 @@ log = logging.getLogger("ringfence.audit")
 _LENGTH = struct.Struct(">I")
 START_TIMEOUT = 120.0  # opening a large store, or waiting for the previous writer
 LOCK_NAME = ".writer.lock"
+# How long batched records from the event loop wait in the agent before they are sent to
+# the writer (which commits them at most batch_max_delay_ms later).
+SEND_DELAY = 0.001
 
 
 def _send(sock: socket.socket, message: Any) -> None:
@@ -107,7 +112,7 @@ class AuditProcess:
         # Batched records not yet sent: their msgpack items back to back, and how many.
         self._buffer = bytearray()
         self._buffered = 0
-        self._flush_scheduled = False
+        self._flush_loop: asyncio.AbstractEventLoop | None = None  # where a send is scheduled
         # The event loop whose thread emitted last, and that thread (see _loop_of_caller).
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -174,9 +179,9 @@ class AuditProcess:
             self._buffered += 1
             if loop is None:
                 self._send_buffer()
-            elif not self._flush_scheduled:
-                self._flush_scheduled = True
-                loop.call_soon(self._flush_buffer)
+            elif self._flush_loop is not loop:  # (a loop that ended may have left one unsent)
+                self._flush_loop = loop
+                loop.call_later(SEND_DELAY, self._flush_buffer)
             healthy, failure = self._healthy, self.failure
         if not healthy:
             # The writer counts it as lost (an audit.loss record follows on recovery).
@@ -274,7 +279,7 @@ class AuditProcess:
 
     def _flush_buffer(self) -> None:
         with self._lock:
-            self._flush_scheduled = False
+            self._flush_loop = None
             self._send_buffer()
 
     def _send_buffer(self) -> None:

@@ -77,6 +77,31 @@ def test_a_loop_turn_of_any_size_arrives_whole_and_in_order(tmp_path: Path, coun
     assert [event["n"] for _, _, event in read_types(tmp_path)] == list(range(count))
 
 
+def test_batched_records_reach_the_trail_without_a_flush_from_each_loop(tmp_path: Path) -> None:
+    """Records from the event loop go to the writer shortly after, on their own: also when an
+    earlier loop ended before its send was due (that record goes with the next loop's)."""
+    trail = start(tmp_path)
+
+    async def first() -> None:
+        trail.emit("query", {"n": 0}, session_id="s1")
+
+    async def second() -> list[int]:
+        trail.emit("query", {"n": 1}, session_id="s1")
+        seen: list[int] = []
+        for _ in range(200):
+            await asyncio.sleep(0.05)
+            seen = [event["n"] for _, _, event in read_types(tmp_path)]
+            if len(seen) == 2:
+                break
+        return seen
+
+    asyncio.run(first())
+    try:
+        assert asyncio.run(second()) == [0, 1]
+    finally:
+        trail.close()
+
+
 def test_records_sent_before_the_agent_dies_are_committed(tmp_path: Path) -> None:
     """The agent's end of the socket closes without a goodbye (kill -9): the writer commits
     what it received, then exits."""
