@@ -49,8 +49,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from audit.errors import AuditUnavailable
-from audit.log import AuditLog, _Waiter, encode_producer_event
+from audit.errors import AuditUnavailable, InvalidEvent, UnknownEventType
+from audit.log import _PRODUCER_TYPES, AuditLog, _Waiter, encode_producer_event
 
 if TYPE_CHECKING:
     from agent.config import AuditSettings
@@ -68,6 +68,21 @@ SEND_DELAY = 0.001
 def _send(sock: socket.socket, message: Any) -> None:
     data = msgpack.packb(message, use_bin_type=True)
     sock.sendall(_LENGTH.pack(len(data)) + data)
+
+
+def _encodable(value: Any) -> Any:
+    """``value`` with what msgpack cannot encode turned into text saying what it was."""
+    if isinstance(value, Mapping):
+        return {_encodable(k): _encodable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_encodable(v) for v in value]
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if -(1 << 63) <= value < (1 << 64) else str(value)
+    if value is None or isinstance(value, bool | float | bytes):
+        return value
+    return repr(value)
 
 
 def _array_header(count: int) -> bytes:
@@ -112,6 +127,8 @@ class AuditProcess:
         # Batched records not yet sent: their msgpack items back to back, and how many.
         self._buffer = bytearray()
         self._buffered = 0
+        # Records from the event loop's thread, encoded when their batch is sent.
+        self._unencoded: list[tuple[str, str | None, int, Mapping[str, Any]]] = []
         self._flush_loop: asyncio.AbstractEventLoop | None = None  # where a send is scheduled
         # The event loop whose thread emitted last, and that thread (see _loop_of_caller).
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -168,21 +185,35 @@ class AuditProcess:
         return self._healthy and not self._closing
 
     def emit(self, type: str, event: Mapping[str, Any], *, session_id: str | None = None) -> None:
-        """Queue a record (batched durability); raises AuditUnavailable while the store fails."""
-        data = self._encode(type, event)
-        item = self._tls.packer.pack((type, session_id, time.time_ns(), data))
+        """Queue a record (batched durability); raises AuditUnavailable while the store fails.
+
+        On the event loop's thread the event is kept as it is and encoded together with the
+        rest of its batch when that is sent (at most ``SEND_DELAY`` later), which on a busy
+        host costs far less than encoding each record as it comes; the caller must not change
+        an event after emitting it. Values msgpack cannot encode are recorded as text (and
+        logged) rather than losing the record.
+        """
+        if type not in _PRODUCER_TYPES:
+            raise UnknownEventType(f"{type!r} is not an event type producers may emit")
         loop = self._loop_of_caller()
-        with self._lock:
+        if loop is not None:
             if self._closing:
                 raise AuditUnavailable("audit log is closed")
-            self._buffer += item
-            self._buffered += 1
-            if loop is None:
-                self._send_buffer()
-            elif self._flush_loop is not loop:  # (a loop that ended may have left one unsent)
+            self._unencoded.append((type, session_id, time.time_ns(), event))
+            if self._flush_loop is not loop:  # (a loop that ended may have left one unsent)
                 self._flush_loop = loop
                 loop.call_later(SEND_DELAY, self._flush_buffer)
             healthy, failure = self._healthy, self.failure
+        else:
+            item = self._item(type, session_id, time.time_ns(), event)
+            with self._lock:
+                if self._closing:
+                    raise AuditUnavailable("audit log is closed")
+                self._encode_unencoded()  # the loop's records before this one
+                self._buffer += item
+                self._buffered += 1
+                self._send_buffer()
+                healthy, failure = self._healthy, self.failure
         if not healthy:
             # The writer counts it as lost (an audit.loss record follows on recovery).
             raise AuditUnavailable(f"audit store is failing: {failure}")
@@ -246,9 +277,20 @@ class AuditProcess:
     def _encode(self, type: str, event: Mapping[str, Any]) -> bytes:
         return encode_producer_event(self._tls, type, event)
 
+    def _item(self, type: str, session_id: str | None, ts: int, event: Mapping[str, Any]) -> bytes:
+        """One record of a batch frame, ``[type, session_id, ts, event]`` packed."""
+        try:
+            data = self._encode(type, event)
+        except InvalidEvent as e:
+            log.error("audit record %r of session %s holds values msgpack cannot encode (%s); "
+                      "they are recorded as text", type, session_id, e)
+            data = self._encode(type, _encodable(event))
+        item: bytes = self._tls.packer.pack((type, session_id, ts, data))
+        return item
+
     def _loop_of_caller(self) -> asyncio.AbstractEventLoop | None:
-        """The event loop running in this thread, if any (its records go out once per loop
-        turn). Remembered by thread, since asking asyncio costs a system call each time."""
+        """The event loop running in this thread, if any (its records are sent in batches).
+        Remembered by thread, since asking asyncio costs a system call each time."""
         loop = self._loop
         if loop is not None and threading.get_ident() == self._loop_thread and loop.is_running():
             return loop
@@ -282,8 +324,21 @@ class AuditProcess:
             self._flush_loop = None
             self._send_buffer()
 
+    def _encode_unencoded(self) -> None:
+        """Move the event loop's records into the buffer (the caller holds the lock)."""
+        unencoded = self._unencoded
+        if unencoded:
+            # The loop's thread may append meanwhile (without the lock): take a prefix.
+            count = len(unencoded)
+            taken = unencoded[:count]
+            del unencoded[:count]
+            for type, session_id, ts, event in taken:
+                self._buffer += self._item(type, session_id, ts, event)
+            self._buffered += count
+
     def _send_buffer(self) -> None:
         """Send the buffered records (the caller holds the lock)."""
+        self._encode_unencoded()
         if self._buffered:
             # The frame ["b", [item, ...]], assembled from the items packed at emit.
             body = b"\x92\xa1b" + _array_header(self._buffered) + self._buffer

@@ -102,6 +102,29 @@ def test_batched_records_reach_the_trail_without_a_flush_from_each_loop(tmp_path
         trail.close()
 
 
+def test_values_msgpack_cannot_encode_are_recorded_as_text(tmp_path: Path) -> None:
+    """A record holding a lone surrogate, an integer too big for msgpack or an object of no
+    msgpack type is still written, those values as text; its neighbours are untouched."""
+    trail = start(tmp_path)
+    odd = {"text": "x\ud800y", "big": 1 << 70, "things": [frozenset({1})], "n": 1}
+
+    async def loop() -> None:
+        trail.emit("query", {"n": 0}, session_id="s1")
+        trail.emit("query", odd, session_id="s1")
+        trail.emit("query", {"n": 2}, session_id="s1")
+
+    asyncio.run(loop())
+    trail.emit("result", odd, session_id="s1")  # outside the loop
+    assert trail.flush(timeout=30)
+    trail.close()
+    records = read_types(tmp_path)
+    assert [event["n"] for _, _, event in records] == [0, 1, 2, 1]
+    for _, _, event in (records[1], records[3]):
+        assert event["text"] == "x\\ud800y"
+        assert event["big"] == str(1 << 70)
+        assert event["things"] == ["frozenset({1})"]
+
+
 def test_records_sent_before_the_agent_dies_are_committed(tmp_path: Path) -> None:
     """The agent's end of the socket closes without a goodbye (kill -9): the writer commits
     what it received, then exits."""
