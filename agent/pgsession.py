@@ -91,6 +91,10 @@ _PASSIVE = frozenset({
     pg.RowDescription, pg.ParameterStatus, pg.NoticeResponse, pg.ParseComplete, pg.BindComplete,
     pg.NoData, pg.NotificationResponse,
 })
+# Client messages each answered up to their own ReadyForQuery.
+_SEGMENT_STARTS = (pg.Query, pg.FunctionCall)
+# Server messages that end an Execute without a CommandComplete.
+_EXECUTE_ENDS = (pg.EmptyQueryResponse, pg.PortalSuspended)
 REUSED_SHAPES = 1024  # allow decisions remembered per session
 
 
@@ -177,7 +181,7 @@ class PostgresSession:
         return actions
 
     def _client_event(self, event: pg.FrontendEvent, actions: Actions) -> None:
-        if isinstance(event, pg.Query | pg.FunctionCall):
+        if isinstance(event, _SEGMENT_STARTS):
             self._segments_sent += 1  # each is answered up to its own ReadyForQuery
         if isinstance(event, pg.Query):
             decision = self._judge(event.sql)
@@ -545,7 +549,7 @@ class PostgresSession:
                 head.command_rows = 0
                 if head.kind == "execute":
                     self._finish(pending.popleft(), actions)
-        elif isinstance(event, pg.EmptyQueryResponse | pg.PortalSuspended):
+        elif isinstance(event, _EXECUTE_ENDS):
             if head is not None and head.kind == "execute":
                 if isinstance(event, pg.PortalSuspended):
                     head.commands.append("(portal suspended)")

@@ -38,7 +38,7 @@ SSL_REFUSED: Final = b"N"
 SSL_ACCEPTED: Final = b"S"
 
 _INT32 = struct.Struct("!i")
-_HEADER = struct.Struct("!ci")
+_HEADER = struct.Struct("!Bi")
 _INT16 = struct.Struct("!h")
 
 FRONTEND_TYPES: Final = frozenset(b"BCcDdEFfHPpQSX")
@@ -346,6 +346,12 @@ class FrontendParser:
 
     def feed(self, data: bytes) -> list[FrontendEvent]:
         buf = self._buffer
+        if not buf and not self._startup and len(data) >= 5:
+            # The common case, one whole message and nothing held: no buffering.
+            kind = data[0]
+            length = _INT32.unpack_from(data, 1)[0]
+            if len(data) == length + 1 and kind in FRONTEND_TYPES and 4 <= length <= self.max_message:
+                return [_decode_frontend(kind, data)]
         buf += data
         events: list[FrontendEvent] = []
         pos = 0
@@ -647,12 +653,11 @@ class BackendScanner:
                 pos += min(need, size - pos)
                 if len(self._header) < 5:
                     break
-                kind_b, length = unpack_header(self._header)
+                kind, length = unpack_header(self._header)
                 self._header.clear()
             else:
-                kind_b, length = unpack_header(chunk, pos)
+                kind, length = unpack_header(chunk, pos)
                 pos += 5
-            kind = kind_b[0]
             if kind == 0x64 and length >= 4:  # CopyData (COPY TO STDOUT): counted, not held
                 self._copy_messages += 1
                 self._copy_bytes += length - 4
