@@ -534,8 +534,13 @@ BackendEvent = (
 
 # Backend message types whose body a record needs; everything else is skipped.
 _DECODED = frozenset(b"RSKZCEINATt")
-# ReadyForQuery for each transaction status (events are immutable, so shared).
+# Events are immutable, so the commonest are made once and shared: ReadyForQuery for
+# each transaction status, and (up to MAX_SHARED_EVENTS each) CommandComplete by body
+# and RowDescription by column count.
 _READY = {status: ReadyForQuery(status.decode()) for status in (b"I", b"T", b"E")}
+MAX_SHARED_EVENTS = 512
+_COMPLETIONS: dict[bytes, CommandComplete] = {}
+_DESCRIPTIONS: dict[int, RowDescription] = {}
 # Types that only need a marker event (no body).
 _MARKERS: dict[int, BackendEvent] = {
     ord("1"): ParseComplete(),
@@ -565,12 +570,23 @@ def _decode_backend(kind: int, body: bytes) -> BackendEvent:
         if ready is not None:
             return ready
     elif kind == 0x43:  # C
-        end = body.find(b"\x00")
-        if end < 0:
-            raise ServerProtocolError("string field is not NUL-terminated")
-        return CommandComplete(body[:end].decode("utf-8", "replace"))
+        complete = _COMPLETIONS.get(body)
+        if complete is None:
+            end = body.find(b"\x00")
+            if end < 0:
+                raise ServerProtocolError("string field is not NUL-terminated")
+            complete = CommandComplete(body[:end].decode("utf-8", "replace"))
+            if len(_COMPLETIONS) < MAX_SHARED_EVENTS:
+                _COMPLETIONS[body] = complete
+        return complete
     elif kind == 0x54 and len(body) >= 2:  # T
-        return RowDescription(_INT16.unpack_from(body)[0])
+        columns = _INT16.unpack_from(body)[0]
+        description = _DESCRIPTIONS.get(columns)
+        if description is None:
+            description = RowDescription(columns)
+            if len(_DESCRIPTIONS) < MAX_SHARED_EVENTS:
+                _DESCRIPTIONS[columns] = description
+        return description
     r = _Reader(body, ServerProtocolError)
     if kind == 0x44:
         raise AssertionError("DataRow bodies are never decoded")
