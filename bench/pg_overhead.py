@@ -110,18 +110,24 @@ def scan(ns: NetNS, server: PgServer, port: int, rows: int, repeat: int = 3) -> 
 def cpu_ticks(pid: int | None) -> int:
     """User plus system clock ticks of every thread of ``pid`` and of its child processes (the
     agent's audit writer) so far; 0 without a pid."""
+    own, children = cpu_ticks_split(pid)
+    return own + children
+
+
+def cpu_ticks_split(pid: int | None) -> tuple[int, int]:
+    """Clock ticks of ``pid``'s own threads, and of its child processes with theirs."""
     if pid is None:
-        return 0
-    ticks = 0
+        return 0, 0
+    own = descendants = 0
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
             children = (task / "children").read_text().split()
         except OSError:
             continue  # a thread that just ended
-        ticks += int(fields[11]) + int(fields[12])
-        ticks += sum(cpu_ticks(int(child)) for child in children)
-    return ticks
+        own += int(fields[11]) + int(fields[12])
+        descendants += sum(cpu_ticks(int(child)) for child in children)
+    return own, descendants
 
 
 def measure(ns: NetNS, server: PgServer, port: int, args: argparse.Namespace,
@@ -130,10 +136,13 @@ def measure(ns: NetNS, server: PgServer, port: int, args: argparse.Namespace,
     result: dict[Any, Any] = {}
     hz = os.sysconf("SC_CLK_TCK")
     for clients in CLIENT_COUNTS:
-        before = cpu_ticks(proxy_pid)
+        before = cpu_ticks_split(proxy_pid)
         result[clients] = run = pgbench(ns, server, port, clients, args.seconds, logdir)
-        used = (cpu_ticks(proxy_pid) - before) / hz
-        run["agent_cpu_us"] = used / (run["tps"] * args.seconds) * 1e6 if proxy_pid else float("nan")
+        after = cpu_ticks_split(proxy_pid)
+        transactions = run["tps"] * args.seconds
+        own, children = ((a - b) / hz / transactions * 1e6 for a, b in zip(after, before))
+        run["agent_cpu_us"] = own + children if proxy_pid else float("nan")
+        run["child_cpu_us"] = children if proxy_pid else float("nan")
     result["scan"] = scan(ns, server, port, args.rows)
     return result
 
@@ -246,9 +255,11 @@ def table(rounds: list[dict[str, dict[Any, Any]]]) -> str:
         per = {c: statistics.median(r["ringfence"][c]["agent_cpu_us"] for r in rounds)
                for c in CLIENT_COUNTS}
         ha = {c: statistics.median(r["haproxy"][c]["agent_cpu_us"] for r in rounds) for c in CLIENT_COUNTS}
+        writer = {c: statistics.median(r["ringfence"][c]["child_cpu_us"] for r in rounds)
+                  for c in CLIENT_COUNTS}
         lines.append("proxy CPU per transaction (user+system, all threads and child processes): "
-                     + "   ".join(f"c{c} ringfence {per[c]:.0f} us, haproxy {ha[c]:.0f} us"
-                                  for c in CLIENT_COUNTS))
+                     + "   ".join(f"c{c} ringfence {per[c]:.0f} us (audit writer {writer[c]:.0f}), "
+                                  f"haproxy {ha[c]:.0f} us" for c in CLIENT_COUNTS))
     lines.append("goals: TPS >= 0.75x HAProxy at 1 and 8 clients; scan >= 0.8x direct")
     failed = {f"{name} c{c}": r[name][c]["failed"] for r in rounds for name in r for c in CLIENT_COUNTS
               if r[name][c]["failed"]}
