@@ -140,7 +140,7 @@ def measure(ns: NetNS, server: PgServer, port: int, args: argparse.Namespace,
         result[clients] = run = pgbench(ns, server, port, clients, args.seconds, logdir)
         after = cpu_ticks_split(proxy_pid)
         transactions = run["tps"] * args.seconds
-        own, children = ((a - b) / hz / transactions * 1e6 for a, b in zip(after, before))
+        own, children = ((a - b) / hz / transactions * 1e6 for a, b in zip(after, before, strict=True))
         run["agent_cpu_us"] = own + children if proxy_pid else float("nan")
         run["child_cpu_us"] = children if proxy_pid else float("nan")
     result["scan"] = scan(ns, server, port, args.rows)
