@@ -340,7 +340,7 @@ class AuditProcess:
         """Send the buffered records (the caller holds the lock)."""
         self._encode_unencoded()
         if self._buffered:
-            # The frame ["b", [item, ...]], assembled from the items packed at emit.
+            # The frame ["b", [item, ...]], assembled from the packed items.
             body = b"\x92\xa1b" + _array_header(self._buffered) + self._buffer
             self._buffer = bytearray()
             self._buffered = 0
