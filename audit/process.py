@@ -4,10 +4,11 @@
 (``emit``, ``emit_durable``, ``emit_durable_sync``, ``flush``, ``close``,
 ``healthy``, ``failure``) and runs the :class:`AuditLog` itself in a child
 (``python -m audit.process``). The agent encodes each event with msgpack as
-before; records emitted on the event loop thread are sent together at most
-``SEND_DELAY`` (1 ms) after the first of them, so that the writer wakes once
-per batch rather than once per loop turn; records from other threads, and
-strict records (with everything batched before them), go at once. Over a Unix
+before; records emitted on the event loop thread are sent together, about
+1 ms after the first of them and at most 5 ms (see ``SEND_DELAY_NS``), so that
+the writer wakes once per batch rather than once per loop turn; records from
+other threads, and strict records (with everything batched before them), go
+at once. Over a Unix
 socket pair, each frame is a 4-byte big-endian length and a msgpack array:
 
 agent → writer: ``["b", [[type, session_id, ts_ns, event], ...]]`` batched
@@ -61,8 +62,11 @@ _LENGTH = struct.Struct(">I")
 START_TIMEOUT = 120.0  # opening a large store, or waiting for the previous writer
 LOCK_NAME = ".writer.lock"
 # How long batched records from the event loop wait in the agent before they are sent to
-# the writer (which commits them at most batch_max_delay_ms later).
-SEND_DELAY = 0.001
+# the writer (which commits them at most batch_max_delay_ms later): they go with the first
+# loop turn that emits a record SEND_DELAY_NS after the batch began, or, when none follows,
+# SEND_AT_THE_LATEST after it (a timer that busy loops then never need to wake for).
+SEND_DELAY_NS = 1_000_000
+SEND_AT_THE_LATEST = 0.005
 
 
 def _send(sock: socket.socket, message: Any) -> None:
@@ -130,6 +134,9 @@ class AuditProcess:
         # Records from the event loop's thread, encoded when their batch is sent.
         self._unencoded: list[tuple[str, str | None, int, Mapping[str, Any]]] = []
         self._flush_loop: asyncio.AbstractEventLoop | None = None  # where a send is scheduled
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._flush_soon = False  # a send is scheduled for this loop turn
+        self._batch_started = 0  # time.time_ns() of the batch's first record
         # The event loop whose thread emitted last, and that thread (see _loop_of_caller).
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -188,9 +195,9 @@ class AuditProcess:
         """Queue a record (batched durability); raises AuditUnavailable while the store fails.
 
         On the event loop's thread the event is kept as it is and encoded together with the
-        rest of its batch when that is sent (at most ``SEND_DELAY`` later), which on a busy
-        host costs far less than encoding each record as it comes; the caller must not change
-        an event after emitting it. Values msgpack cannot encode are recorded as text (and
+        rest of its batch when that is sent (at most ``SEND_AT_THE_LATEST`` later), which on
+        a busy host costs far less than encoding each record as it comes; the caller must
+        not change an event after emitting it. Values msgpack cannot encode are recorded as text (and
         logged) rather than losing the record.
         """
         if type not in _PRODUCER_TYPES:
@@ -199,10 +206,18 @@ class AuditProcess:
         if loop is not None:
             if self._closing:
                 raise AuditUnavailable("audit log is closed")
-            self._unencoded.append((type, session_id, time.time_ns(), event))
+            ts = time.time_ns()
+            self._unencoded.append((type, session_id, ts, event))
             if self._flush_loop is not loop:  # (a loop that ended may have left one unsent)
+                # A new batch: sent by the first loop turn that emits after SEND_DELAY_NS,
+                # or by a timer when no record follows.
                 self._flush_loop = loop
-                loop.call_later(SEND_DELAY, self._flush_buffer)
+                self._flush_soon = False
+                self._batch_started = ts
+                self._flush_timer = loop.call_later(SEND_AT_THE_LATEST, self._flush_buffer)
+            elif not self._flush_soon and ts - self._batch_started >= SEND_DELAY_NS:
+                self._flush_soon = True
+                loop.call_soon(self._flush_buffer)
             healthy, failure = self._healthy, self.failure
         else:
             item = self._item(type, session_id, time.time_ns(), event)
@@ -320,6 +335,10 @@ class AuditProcess:
         return self._next_id
 
     def _flush_buffer(self) -> None:
+        timer, self._flush_timer = self._flush_timer, None
+        if timer is not None:
+            timer.cancel()
+        self._flush_soon = False
         with self._lock:
             self._flush_loop = None
             self._send_buffer()

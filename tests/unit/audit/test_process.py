@@ -102,6 +102,28 @@ def test_batched_records_reach_the_trail_without_a_flush_from_each_loop(tmp_path
         trail.close()
 
 
+def test_a_busy_loop_sends_its_batch_with_the_first_record_after_a_millisecond(
+    tmp_path: Path,
+) -> None:
+    """A batch goes to the writer with the loop turn that emits a record 1 ms after the
+    batch began, without waiting for the 5 ms timer meant for a batch no record follows."""
+    trail = start(tmp_path)
+
+    async def busy() -> tuple[int, int]:
+        trail.emit("query", {"n": 0}, session_id="s1")
+        await asyncio.sleep(0.0015)
+        trail.emit("result", {"n": 1}, session_id="s1")
+        await asyncio.sleep(0)  # the turn after the emit
+        return trail._buffered, len(trail._unencoded)
+
+    try:
+        assert asyncio.run(busy()) == (0, 0)
+        assert trail.flush(timeout=30)
+    finally:
+        trail.close()
+    assert [event["n"] for _, _, event in read_types(tmp_path)] == [0, 1]
+
+
 def test_values_msgpack_cannot_encode_are_recorded_as_text(tmp_path: Path) -> None:
     """A record holding a lone surrogate, an integer too big for msgpack or an object of no
     msgpack type is still written, those values as text; its neighbours are untouched."""
