@@ -702,10 +702,17 @@ class _Shape:
     key: bytes
     start: int  # offset (in characters) of the first token that is not a comment
     end: int  # offset of the closing ';', or the text's length
-    literals: tuple[int, ...]  # offsets of the literals cut out
+    # Offsets of the literals cut out; None for a plain text, whose integer literals are
+    # found again only when a new shape is checked (the key needs one regex pass, not two).
+    literals: tuple[int, ...] | None
 
     def statement_text(self, text: str) -> str:
         return text[self.start : self.end].strip()
+
+    def literal_offsets(self, text: str) -> tuple[int, ...]:
+        if self.literals is not None:
+            return self.literals
+        return tuple(match.start() for match in _PLAIN_INTEGER.finditer(text))
 
 
 def _shape(text: str) -> _Shape | None:
@@ -729,14 +736,10 @@ def _shape(text: str) -> _Shape | None:
     """
     if "\x00" in text:
         return None
-    if _is_plain(text):
+    if (text.isascii() and "'" not in text and '"' not in text and "$" not in text
+            and "\\" not in text and "--" not in text and "/*" not in text):
         return _plain_shape(text)
     return _scanned_shape(text)
-
-
-def _is_plain(text: str) -> bool:
-    return (text.isascii() and "'" not in text and '"' not in text and "$" not in text
-            and "\\" not in text and "--" not in text and "/*" not in text)
 
 
 def statement_shape(text: str) -> bytes | None:
@@ -745,20 +748,13 @@ def statement_shape(text: str) -> bytes | None:
     Only a key that a :class:`Classification` carries as ``shape`` was checked
     to stand for all its texts.
     """
-    if len(text) > MAX_CACHED_TEXT or "\x00" in text:
+    if len(text) > MAX_CACHED_TEXT:
         return None
-    if _is_plain(text):
-        # The key alone, as _plain_shape builds it (the hot path of every statement).
-        if _plain_span(text) is None:
-            return None
-        return ("p" + _PLAIN_INTEGER.sub("\x00i", text)).encode("ascii")
-    shape = _scanned_shape(text)
+    shape = _shape(text)
     return shape.key if shape is not None else None
 
 
-def _plain_span(text: str) -> tuple[int, int] | None:
-    """Where a plain text's one statement lies (start, end before any ';'); None when it
-    holds more than one statement or none."""
+def _plain_shape(text: str) -> _Shape | None:
     body = text.rstrip()
     end = len(body)
     if body.endswith(";"):
@@ -768,16 +764,7 @@ def _plain_span(text: str) -> tuple[int, int] | None:
     start = len(text) - len(text.lstrip())
     if start >= end:
         return None
-    return start, end
-
-
-def _plain_shape(text: str) -> _Shape | None:
-    span = _plain_span(text)
-    if span is None:
-        return None
-    key = ("p" + _PLAIN_INTEGER.sub("\x00i", text)).encode("ascii")
-    literals = tuple(match.start() for match in _PLAIN_INTEGER.finditer(text))
-    return _Shape(key, span[0], span[1], literals)
+    return _Shape(("p" + _PLAIN_INTEGER.sub("\x00i", text)).encode("ascii"), start, end, None)
 
 
 def _scanned_shape(text: str) -> _Shape | None:
@@ -834,7 +821,7 @@ def _shape_holds(tree: dict[str, Any], shape: _Shape, statements: list[Statement
         for wrapper, node in _nodes(tree)
         if wrapper == "A_Const" and isinstance(node.get("location"), int)
     }
-    return all(offset in constants for offset in shape.literals)
+    return all(offset in constants for offset in shape.literal_offsets(text))
 
 
 class Classifier:
