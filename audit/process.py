@@ -128,14 +128,11 @@ class AuditProcess:
         # Called (on a reader thread) if the writer ends while the trail is open.
         self.on_gone: Callable[[str], None] | None = None
         self._lock = threading.Lock()  # the outgoing buffer and the socket
-        # Batched records not yet sent: their msgpack items back to back, and how many.
-        self._buffer = bytearray()
-        self._buffered = 0
-        # Records from the event loop's thread, encoded when their batch is sent.
+        # Batched records not yet sent, encoded when their batch is.
         self._unencoded: list[tuple[str, str | None, int, Mapping[str, Any]]] = []
         self._flush_loop: asyncio.AbstractEventLoop | None = None  # where a send is scheduled
+        # The timer that sends the batch if no later record does (None once a send is due).
         self._flush_timer: asyncio.TimerHandle | None = None
-        self._flush_soon = False  # a send is scheduled for this loop turn
         self._batch_started = 0  # time.time_ns() of the batch's first record
         # The event loop whose thread emitted last, and that thread (see _loop_of_caller).
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -212,21 +209,19 @@ class AuditProcess:
                 # A new batch: sent by the first loop turn that emits after SEND_DELAY_NS,
                 # or by a timer when no record follows.
                 self._flush_loop = loop
-                self._flush_soon = False
                 self._batch_started = ts
                 self._flush_timer = loop.call_later(SEND_AT_THE_LATEST, self._flush_buffer)
-            elif not self._flush_soon and ts - self._batch_started >= SEND_DELAY_NS:
-                self._flush_soon = True
+            elif self._flush_timer is not None and ts - self._batch_started >= SEND_DELAY_NS:
+                self._flush_timer.cancel()
+                self._flush_timer = None
                 loop.call_soon(self._flush_buffer)
             healthy, failure = self._healthy, self.failure
         else:
-            item = self._item(type, session_id, time.time_ns(), event)
             with self._lock:
                 if self._closing:
                     raise AuditUnavailable("audit log is closed")
-                self._encode_unencoded()  # the loop's records before this one
-                self._buffer += item
-                self._buffered += 1
+                # Sent at once, after the loop's records queued before it.
+                self._unencoded.append((type, session_id, time.time_ns(), event))
                 self._send_buffer()
                 healthy, failure = self._healthy, self.failure
         if not healthy:
@@ -338,32 +333,21 @@ class AuditProcess:
         timer, self._flush_timer = self._flush_timer, None
         if timer is not None:
             timer.cancel()
-        self._flush_soon = False
         with self._lock:
             self._flush_loop = None
             self._send_buffer()
 
-    def _encode_unencoded(self) -> None:
-        """Move the event loop's records into the buffer (the caller holds the lock)."""
+    def _send_buffer(self) -> None:
+        """Send the records not yet sent as one frame (the caller holds the lock)."""
         unencoded = self._unencoded
         if unencoded:
             # The loop's thread may append meanwhile (without the lock): take a prefix.
             count = len(unencoded)
             taken = unencoded[:count]
             del unencoded[:count]
-            for type, session_id, ts, event in taken:
-                self._buffer += self._item(type, session_id, ts, event)
-            self._buffered += count
-
-    def _send_buffer(self) -> None:
-        """Send the buffered records (the caller holds the lock)."""
-        self._encode_unencoded()
-        if self._buffered:
             # The frame ["b", [item, ...]], assembled from the packed items.
-            body = b"\x92\xa1b" + _array_header(self._buffered) + self._buffer
-            self._buffer = bytearray()
-            self._buffered = 0
-            self._send_frame(body)
+            items = b"".join(self._item(*record) for record in taken)
+            self._send_frame(b"\x92\xa1b" + _array_header(count) + items)
 
     def _send_locked(self, message: Any) -> None:
         """Send a frame (the caller holds the lock)."""
