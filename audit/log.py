@@ -118,11 +118,16 @@ class _Waiter:
             fut.set_result(self.seq)
 
 
+def require_producer_type(type: str) -> None:
+    """Raise UnknownEventType for a type producers may not emit (store-only, or unknown)."""
+    if type not in _PRODUCER_TYPES:
+        raise UnknownEventType(f"{type!r} is not an event type producers may emit")
+
+
 def encode_producer_event(tls: threading.local, type: str, event: Mapping[str, Any]) -> bytes:
     """A producer's event as msgpack (one Packer per thread in ``tls``); refuses store-only
     types (UnknownEventType) and what msgpack cannot encode (InvalidEvent)."""
-    if type not in _PRODUCER_TYPES:
-        raise UnknownEventType(f"{type!r} is not an event type producers may emit")
+    require_producer_type(type)
     try:
         packer = tls.packer
     except AttributeError:
@@ -336,16 +341,14 @@ class AuditLog:
         waiter: _Waiter | None = None,
     ) -> None:
         """Queue a record whose event is already msgpack-encoded (by the agent process)."""
-        if type not in _PRODUCER_TYPES:
-            raise UnknownEventType(f"{type!r} is not an event type producers may emit")
+        require_producer_type(type)
         self._enqueue(type, session_id, ts, data, waiter)
 
     def emit_encoded_many(self, items: Sequence[Sequence[Any]]) -> None:
         """Queue batched records already encoded, each ``(type, session_id, ts, data)``, under
         one lock. While the store fails (or once closed) the rest are counted lost, not raised."""
         for item in items:
-            if item[0] not in _PRODUCER_TYPES:
-                raise UnknownEventType(f"{item[0]!r} is not an event type producers may emit")
+            require_producer_type(item[0])
         cond = self._cond
         queue = self._queue
         with cond:

@@ -50,8 +50,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from audit.errors import AuditUnavailable, InvalidEvent, UnknownEventType
-from audit.log import _PRODUCER_TYPES, AuditLog, _Waiter, encode_producer_event
+from audit.errors import AuditUnavailable, InvalidEvent
+from audit.log import AuditLog, _Waiter, encode_producer_event, require_producer_type
 
 if TYPE_CHECKING:
     from agent.config import AuditSettings
@@ -194,11 +194,10 @@ class AuditProcess:
         On the event loop's thread the event is kept as it is and encoded together with the
         rest of its batch when that is sent (at most ``SEND_AT_THE_LATEST`` later), which on
         a busy host costs far less than encoding each record as it comes; the caller must
-        not change an event after emitting it. Values msgpack cannot encode are recorded as text (and
-        logged) rather than losing the record.
+        not change an event after emitting it. Values msgpack cannot encode are recorded as
+        text (and logged) rather than losing the record.
         """
-        if type not in _PRODUCER_TYPES:
-            raise UnknownEventType(f"{type!r} is not an event type producers may emit")
+        require_producer_type(type)
         loop = self._loop_of_caller()
         if loop is not None:
             if self._closing:
