@@ -261,7 +261,10 @@ def test_kill_restart_and_clean_stop(host: tuple[NetNS, PgServer], agent: AgentP
     rules_running = ringfence_rules(ns)
     assert rules_running, "the running agent has installed its chains"
     first = attached_ids(agent)
-    assert len(first) == 3 and first <= {p["id"] for p in ringfence_programs()}
+    present = {p["id"] for p in ringfence_programs()}
+    assert len(first) == 3 and first <= present
+    # Programs a killed agent elsewhere on the host left attached are not this agent's to remove.
+    others = present - first
     agent.kill()
     assert ringfence_rules(ns), "a killed agent cannot remove its rules"
     assert first <= {p["id"] for p in ringfence_programs()}, "a killed agent leaves its programs"
@@ -276,10 +279,7 @@ def test_kill_restart_and_clean_stop(host: tuple[NetNS, PgServer], agent: AgentP
 
     assert agent.stop(signal.SIGTERM) == 0
     assert ringfence_rules(ns) == []
-    assert not second & {p["id"] for p in ringfence_programs()}
-    if os.environ.get("CI"):
-        # CI runs nothing else that attaches ringfence programs.
-        assert ringfence_programs() == []
+    assert {p["id"] for p in ringfence_programs()} <= others, "nothing this agent attached remains"
     done = ns.run(as_nobody(psql_argv(server, "select 'direct'")))
     assert "direct" in done.stdout
     records = [r for r in agent.records() if r["type"] != "checkpoint"]
