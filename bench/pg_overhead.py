@@ -11,8 +11,10 @@ measures, in each of ``--rounds`` rounds (3)
   seconds and MB/s of result text;
 
 directly (TCP to 127.0.0.1:5432), through HAProxy in plain TCP mode
-(127.0.0.1:6432) and through ringfence with full statement recording
-(127.0.0.1:5432, redirected). Direct and HAProxy run before the agent starts,
+(127.0.0.1:6432), through ``relay_floor.py`` (127.0.0.1:7432: the agent's event
+loop and shape of code relaying bytes without reading them, the floor under any
+Python session) and through ringfence with full statement recording
+(127.0.0.1:5432, redirected). The others run before the agent starts,
 since once it runs every TCP connection to port 5432 in the namespace is
 redirected to it; it is started afresh in each round. The table shows the median of
 each figure over the rounds, the ratios are taken within each round (their median
@@ -46,6 +48,7 @@ from tests.support.netns import NetNS, netns  # noqa: E402
 from tests.support.pgserver import PgServer, pgserver  # noqa: E402
 
 HAPROXY_PORT = 6432
+FLOOR_PORT = 7432
 CLIENT_COUNTS = (1, 8)
 
 
@@ -250,6 +253,12 @@ def table(rounds: list[dict[str, dict[Any, Any]]]) -> str:
             spread = f" ({values[0]:.2f}-{values[-1]:.2f})" if len(values) > 1 else ""
             parts.append(f"{label} {statistics.median(values):.2f}x{spread}")
         lines.append(f"ringfence/{base:<8} " + "   ".join(parts))
+    floor = []
+    for c in CLIENT_COUNTS:
+        values = sorted(r["pyrelay"][c]["tps"] / r["haproxy"][c]["tps"] for r in rounds)
+        floor.append(f"TPS c{c} {statistics.median(values):.2f}x")
+    lines.append("pyrelay/haproxy    " + "   ".join(floor)
+                 + "   (bytes relayed by the agent's event loop, nothing read: the Python floor)")
     cpu = [r["ringfence"][c]["agent_cpu_us"] for r in rounds for c in CLIENT_COUNTS]
     if all(v == v for v in cpu):  # not NaN
         per = {c: statistics.median(r["ringfence"][c]["agent_cpu_us"] for r in rounds)
@@ -257,9 +266,12 @@ def table(rounds: list[dict[str, dict[Any, Any]]]) -> str:
         ha = {c: statistics.median(r["haproxy"][c]["agent_cpu_us"] for r in rounds) for c in CLIENT_COUNTS}
         writer = {c: statistics.median(r["ringfence"][c]["child_cpu_us"] for r in rounds)
                   for c in CLIENT_COUNTS}
+        relay = {c: statistics.median(r["pyrelay"][c]["agent_cpu_us"] for r in rounds)
+                 for c in CLIENT_COUNTS}
         lines.append("proxy CPU per transaction (user+system, all threads and child processes): "
                      + "   ".join(f"c{c} ringfence {per[c]:.0f} us (audit writer {writer[c]:.0f}), "
-                                  f"haproxy {ha[c]:.0f} us" for c in CLIENT_COUNTS))
+                                  f"pyrelay {relay[c]:.0f} us, haproxy {ha[c]:.0f} us"
+                                  for c in CLIENT_COUNTS))
     lines.append("goals: TPS >= 0.75x HAProxy at 1 and 8 clients; scan >= 0.8x direct")
     failed = {f"{name} c{c}": r[name][c]["failed"] for r in rounds for name in r for c in CLIENT_COUNTS
               if r[name][c]["failed"]}
@@ -307,6 +319,14 @@ def main() -> int:
                 finally:
                     proxy.terminate()
                     proxy.wait(30)
+                relay = ns.popen([sys.executable, str(ROOT / "bench" / "relay_floor.py"),
+                                  str(FLOOR_PORT), "5432"])
+                try:
+                    time.sleep(1)
+                    result["pyrelay"] = measure(ns, server, FLOOR_PORT, args, work, relay.pid)
+                finally:
+                    relay.terminate()
+                    relay.wait(30)
                 agent = AgentProcess(ns, work / "agent")
                 agent.start()
                 try:
