@@ -150,6 +150,18 @@ def measure(ns: NetNS, server: PgServer, port: int, args: argparse.Namespace,
     return result
 
 
+def measure_proxy(ns: NetNS, server: PgServer, argv: list[str], port: int,
+                  args: argparse.Namespace, logdir: Path) -> dict[str, Any]:
+    """Start a proxy listening on ``port``, :func:`measure` through it, stop it."""
+    proxy = ns.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1)
+        return measure(ns, server, port, args, logdir, proxy.pid)
+    finally:
+        proxy.terminate()
+        proxy.wait(30)
+
+
 def profile(ns: NetNS, server: PgServer, agent: AgentProcess, args: argparse.Namespace) -> str:
     """py-spy samples the agent while pgbench -S -c 8 runs; returns a summary of the hot functions.
 
@@ -311,22 +323,12 @@ def main() -> int:
             for number in range(1, args.rounds + 1):
                 result: dict[str, dict[Any, Any]] = {}
                 result["direct"] = measure(ns, server, 5432, args, work)
-                proxy = ns.popen([haproxy, "-db", "-f", str(work / "haproxy.cfg")],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                try:
-                    time.sleep(1)
-                    result["haproxy"] = measure(ns, server, HAPROXY_PORT, args, work, proxy.pid)
-                finally:
-                    proxy.terminate()
-                    proxy.wait(30)
-                relay = ns.popen([sys.executable, str(ROOT / "bench" / "relay_floor.py"),
-                                  str(FLOOR_PORT), "5432"])
-                try:
-                    time.sleep(1)
-                    result["pyrelay"] = measure(ns, server, FLOOR_PORT, args, work, relay.pid)
-                finally:
-                    relay.terminate()
-                    relay.wait(30)
+                result["haproxy"] = measure_proxy(
+                    ns, server, [haproxy, "-db", "-f", str(work / "haproxy.cfg")], HAPROXY_PORT,
+                    args, work)
+                result["pyrelay"] = measure_proxy(
+                    ns, server, [sys.executable, str(ROOT / "bench" / "relay_floor.py"),
+                                 str(FLOOR_PORT), "5432"], FLOOR_PORT, args, work)
                 agent = AgentProcess(ns, work / "agent")
                 agent.start()
                 try:
