@@ -221,61 +221,6 @@ def ringfence_programs(cgroup_root: Path) -> list[tuple[int, int, str]]:
     return found
 
 
-def program_holders() -> dict[int, list[int]]:
-    """Program id -> pids of the processes holding a descriptor of that BPF program.
-
-    A running agent keeps the descriptors of its programs open for as long as
-    they are attached (and detaches them before it closes them), so an attached
-    ``ringfence_*`` program that no process holds was left by an agent that
-    was killed.
-    """
-    holders: dict[int, list[int]] = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue  # exited meanwhile
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:bpf-prog":
-                    continue
-                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                    info = f.read()
-            except OSError:
-                continue  # closed meanwhile
-            for line in info.splitlines():
-                if line.startswith("prog_id:"):
-                    holders.setdefault(int(line.split()[1]), []).append(int(pid))
-    return holders
-
-
-def orphaned_programs(cgroup_root: Path) -> list[tuple[int, int, str]]:
-    """The ``ringfence_*`` programs on ``cgroup_root`` that no process holds (see
-    :func:`program_holders`): those of killed agents, whatever their state directory."""
-    attached = ringfence_programs(cgroup_root)
-    if not attached:
-        return []
-    holders = program_holders()
-    return [p for p in attached if p[1] not in holders]
-
-
-def detach_orphaned(cgroup_root: Path) -> int:
-    """Detach the programs :func:`orphaned_programs` finds; how many were detached.
-
-    Safe while other agents run: each holds its own programs. An orphan cannot
-    be taken up again by anyone, so nothing changes between the look and the detach.
-    """
-    orphans = orphaned_programs(cgroup_root)
-    count = 0
-    if orphans:
-        with bpfsys.open_cgroup(cgroup_root) as cg:
-            for attach_type, prog_id, _ in orphans:
-                count += _detach(cg, prog_id, attach_type)
-    return count
-
-
 def _detach(cg: int, prog_id: int, attach_type: int, load_time: int | None = None) -> bool:
     """Detach one ``ringfence_*`` program; False when it is gone or not the one meant.
 
@@ -585,23 +530,6 @@ def sock_diag_lookup(src: tuple[str, int], dst: tuple[str, int]) -> DiagSocketIn
 # --------------------------------------------------------------------------- Attributor
 
 
-def _detach_orphans_of_other_runs(cgroup_root: Path) -> None:
-    """Detach what killed agents of any configuration left on ``cgroup_root``: their
-    connect and sock_ops programs would otherwise run on every connection forever."""
-    try:
-        count = detach_orphaned(cgroup_root)
-    except OSError as e:
-        log.warning("cannot look for BPF programs left by killed agents on %s: %s", cgroup_root, e)
-        return
-    if count:
-        log.warning(
-            "detached %d ringfence BPF program(s) from %s that no process held "
-            "(left by a killed agent with another state_dir)",
-            count,
-            cgroup_root,
-        )
-
-
 class Attributor:
     """Attributes accepted connections to local processes."""
 
@@ -631,7 +559,6 @@ class Attributor:
             try:
                 detach_stale(self.state_dir)
                 kernel = _KernelAttribution(self.settings, self.ports, self.state_dir)
-                _detach_orphans_of_other_runs(kernel.cgroup_root)
                 kernel.load()
             except (AttributionError, kheaders.KernelHeadersError, OSError) as e:
                 if self.settings.mode == "required":
@@ -851,7 +778,6 @@ class Check:
     ok: bool
     detail: str
     fix: str | None = None
-    advisory: bool = False  # when it fails, a warning even where BPF is required
 
 
 def doctor_checks(settings: BpfSettings, state_dir: Path) -> list[Check]:
@@ -948,31 +874,12 @@ def _check_attach(root: Path) -> Check:
 def _check_attached(root: Path) -> Check:
     try:
         found = ringfence_programs(root)
-        holders = program_holders() if found else {}
     except OSError as e:
-        return Check("ringfence programs", False, f"cannot query {root}: {e.strerror or e}",
-                     advisory=True)
+        return Check("ringfence programs", False, f"cannot query {root}: {e.strerror or e}")
     if not found:
         return Check("ringfence programs", True, f"none attached to {root}")
-    shown = ", ".join(describe_program(name, prog_id, holders) for _, prog_id, name in found)
-    orphans = [prog_id for _, prog_id, _ in found if prog_id not in holders]
-    if orphans:
-        return Check(
-            "ringfence programs",
-            False,
-            f"{len(orphans)} of {len(found)} attached to {root} held by no process "
-            f"(left by a killed agent): {shown}",
-            "ringfence bpf clean (an agent starting detaches them too)",
-            advisory=True,
-        )
+    shown = ", ".join(f"{name} (id {pid})" for _, pid, name in found)
     return Check("ringfence programs", True, f"{len(found)} attached to {root}: {shown}")
-
-
-def describe_program(name: str, prog_id: int, holders: dict[int, list[int]]) -> str:
-    """``name (id N)`` and who holds it, for ``bpf status`` and the doctor."""
-    pids = holders.get(prog_id)
-    owner = f"held by pid {', '.join(map(str, pids))}" if pids else "held by no process"
-    return f"{name} (id {prog_id}, {owner})"
 
 
 def _check_compile(settings: BpfSettings, state_dir: Path) -> Check:

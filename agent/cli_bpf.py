@@ -4,9 +4,8 @@
 or a kill (the systemd unit's ``ExecStopPost``): it removes the redirect
 rules, so that no protected port stays redirected to a listener that is gone,
 unless ``[agent] fail_closed = true`` says that a port without its agent must
-refuse connections; and it detaches the BPF programs that stopped agents left
-attached: this configuration's last run's, and any ringfence program that no
-process holds any more (a running agent holds its own). ``--all`` removes every ringfence chain
+refuse connections; and it detaches the BPF programs that the stopped agent
+of this configuration left attached. ``--all`` removes every ringfence chain
 and program on the host, whatever the configuration says (package removal).
 """
 
@@ -63,21 +62,16 @@ def bpf() -> None:
 @bpf.command("status")
 @config_option
 def bpf_status(config_path: str | None) -> None:
-    """List the ringfence_* programs attached to the cgroup v2 root, and who holds them.
-
-    A program held by no process was left by a killed agent; `ringfence bpf clean`
-    detaches it.
-    """
-    from agent.attribution import describe_program, program_holders, ringfence_programs
+    """List the ringfence_* programs attached to the cgroup v2 root."""
+    from agent.attribution import ringfence_programs
 
     root = _cgroup_root(_config(config_path, tolerant=True))
     found = ringfence_programs(root)
     if not found:
         click.echo(f"no ringfence BPF programs attached to {root}")
         return
-    holders = program_holders()
     for _, prog_id, name in found:
-        click.echo(f"{root}: {describe_program(name, prog_id, holders)}")
+        click.echo(f"{root}: {name} (id {prog_id})")
 
 
 @bpf.command("clean")
@@ -89,8 +83,7 @@ def bpf_status(config_path: str | None) -> None:
     help="Every ringfence_* program on the cgroup root, also those of agents still running.",
 )
 def bpf_clean(config_path: str | None, everything: bool) -> None:
-    """Detach the programs stopped agents left attached: those of this configuration's
-    last run, and any ringfence_* program no process holds any more."""
+    """Detach the programs a stopped agent of this configuration left attached."""
     _quiet_logging()
     config = _config(config_path, tolerant=True)
     click.echo(f"detached {_detach(config, everything)} ringfence BPF program(s)")
@@ -100,19 +93,17 @@ def _detach(config: Config, everything: bool) -> int:
     from agent.attribution import (
         AttributionError,
         detach_all_ringfence_programs,
-        detach_orphaned,
         detach_stale,
         resolve_cgroup_root,
     )
 
-    count = 0 if everything else detach_stale(config.agent.state_dir)
+    if not everything:
+        return detach_stale(config.agent.state_dir)
     try:
         root = resolve_cgroup_root(config.bpf.cgroup_root)
     except AttributionError:
-        return count  # no cgroup v2 mount: nothing can be attached
-    if everything:
-        return detach_all_ringfence_programs(root)
-    return count + detach_orphaned(root)
+        return 0  # no cgroup v2 mount: nothing can be attached
+    return detach_all_ringfence_programs(root)
 
 
 @click.command()

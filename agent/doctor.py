@@ -180,7 +180,7 @@ def collect_checks(config_path: str | None) -> list[tuple[Check, bool]]:
         checks.append((_redirect_check(IPV6, port), False))
     bpf_fatal = config.bpf.mode == "required"
     if config.bpf.mode != "off":
-        checks += [(c, bpf_fatal and not c.advisory) for c in _bpf_checks(config)]
+        checks += [(c, bpf_fatal) for c in _bpf_checks(config)]
     extra: list[Callable[[Config], Check | None]] = [
         _state_dir_check, _audit_key_check, _ports_check, _policy_check,
     ]

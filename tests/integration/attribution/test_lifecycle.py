@@ -111,67 +111,6 @@ def test_programs_of_other_state_dirs_are_left_alone(cgroup_root: Path, tmp_path
         first.stop()
 
 
-def _ringfence(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True,
-                          text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
-
-
-def test_killed_run_of_another_state_dir_is_found_and_detached(
-    cgroup_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A running agent's programs are held by its process and left alone; once it is
-    killed, `bpf status` and the doctor say no process holds them, and the next agent
-    to start, whatever its state_dir, detaches them (so does `bpf clean`)."""
-    config = tmp_path / "other.toml"
-    config.write_text(f'[agent]\nstate_dir = "{tmp_path / "other"}"\n')
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    children = [
-        subprocess.Popen([sys.executable, "-c", ABANDONED_RUN, str(tmp_path / name), str(PORT)],
-                         stdout=subprocess.PIPE, text=True, env=env)
-        for name in ("a", "b")
-    ]
-    try:
-        assert children[0].stdout is not None and children[1].stdout is not None
-        left = set(json.loads(children[0].stdout.readline()))
-        held = set(json.loads(children[1].stdout.readline()))
-        status = _ringfence("bpf", "status", "--config", str(config)).stdout
-        for prog_id in left:
-            assert f"id {prog_id}, held by pid {children[0].pid})" in status, status
-        children[0].send_signal(signal.SIGKILL)
-        children[0].wait(timeout=10)
-        assert left | held <= attached_ids(cgroup_root)
-        status = _ringfence("bpf", "status", "--config", str(config)).stdout
-        for prog_id in left:
-            assert f"id {prog_id}, held by no process)" in status, status
-        check = next(c for c in doctor_checks(BpfSettings(), tmp_path / "d")
-                     if c.name == "ringfence programs")
-        assert not check.ok and check.advisory and "held by no process" in check.detail
-        assert check.fix is not None and "ringfence bpf clean" in check.fix
-
-        attributor = Attributor(BpfSettings(mode="required"), [PORT], tmp_path / "c")
-        with caplog.at_level("WARNING", logger="agent.attribution"):
-            attributor.start()
-        try:
-            attached = attached_ids(cgroup_root)
-            assert not left & attached, "the killed agent's programs were detached"
-            assert held <= attached, "the running agent's programs stay"
-            assert "that no process held" in caplog.text
-        finally:
-            attributor.stop()
-
-        children[1].send_signal(signal.SIGKILL)
-        children[1].wait(timeout=10)
-        assert held <= attached_ids(cgroup_root)
-        clean = _ringfence("bpf", "clean", "--config", str(config))
-        assert clean.returncode == 0, clean.stderr
-        assert int(clean.stdout.split("detached ")[1].split()[0]) >= 3, clean.stdout
-        assert not held & attached_ids(cgroup_root)
-    finally:
-        for child in children:
-            child.kill()
-            child.wait(timeout=10)
-
-
 def test_abandoned_attributor_in_this_process_is_stale(cgroup_root: Path, tmp_path: Path) -> None:
     """A state file naming this very process but no running Attributor is treated as stale."""
     abandoned = Attributor(BpfSettings(mode="required"), [PORT], tmp_path)
