@@ -4,7 +4,7 @@ Two sources, chosen once at :meth:`Attributor.start`:
 
 ``bpf``
     ``bpf/attribution.bpf.c`` (cgroup connect4/connect6 + sock_ops), compiled
-    with BCC and attached with ``BPF_F_ALLOW_MULTI`` to the cgroup v2 root,
+    with BCC and attached to the cgroup v2 root alongside other programs,
     fills an LRU map keyed by (netns cookie, family, client address, client
     port) while the client is still inside ``connect()``. A lookup is one map
     read plus a few /proc reads.
@@ -17,10 +17,16 @@ Two sources, chosen once at :meth:`Attributor.start`:
 Peers whose address does not belong to the agent's network namespace are
 ``remote``: no process on this host can be named.
 
-Attached program ids are recorded in ``<state_dir>/bpf-attachments.json``
-before they are attached, so a run killed without :meth:`Attributor.stop` is
-cleaned up by the next run with the same state directory, without touching
-the programs of other agents sharing the cgroup root.
+The programs are attached through BPF links (Linux 5.7 and later): the kernel
+releases a link when the last descriptor of it closes, so the programs of an
+agent that dies, even by SIGKILL, stop running with it. On older kernels the
+programs themselves are attached (``BPF_F_ALLOW_MULTI``) and stay after a
+kill. Either way the program ids are recorded in
+``<state_dir>/bpf-attachments.json`` before they are attached (the link ids once
+the links exist), so whatever a run
+stopped without :meth:`Attributor.stop` left is detached by the next run with
+the same state directory (or ``ringfence cleanup``), without touching the
+programs of other agents sharing the cgroup root.
 """
 
 from __future__ import annotations
@@ -249,6 +255,47 @@ def _detach(cg: int, prog_id: int, attach_type: int, load_time: int | None = Non
         os.close(fd)
 
 
+def _detach_link(link_id: int, prog_id: int, load_time: int | None) -> bool:
+    """Detach one link to a ``ringfence_*`` program; False when it is gone or not the
+    one meant (another link or program given the same id since)."""
+    try:
+        fd = bpfsys.link_get_fd_by_id(link_id)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    try:
+        if bpfsys.link_info(fd).prog_id != prog_id:
+            return False
+        info = bpfsys.prog_info_by_id(prog_id)
+        if not info.name.startswith(PROGRAM_PREFIX):
+            return False
+        if load_time is not None and info.load_time != load_time:
+            return False
+        bpfsys.link_detach(fd)
+        return True
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    finally:
+        os.close(fd)
+
+
+def _ringfence_links(prog_ids: set[int]) -> list[tuple[int, int]]:
+    """(link id, program id) of every link that attaches one of ``prog_ids``."""
+    found = []
+    for link_id in bpfsys.link_ids():
+        try:
+            with bpfsys.closing(bpfsys.link_get_fd_by_id(link_id)) as fd:
+                info = bpfsys.link_info(fd)
+        except OSError:
+            continue  # released meanwhile
+        if info.prog_id in prog_ids:
+            found.append((link_id, info.prog_id))
+    return found
+
+
 def detach_all_ringfence_programs(cgroup_root: Path | str) -> int:
     """Detach every ``ringfence_*`` program from ``cgroup_root``; how many were detached.
 
@@ -257,9 +304,12 @@ def detach_all_ringfence_programs(cgroup_root: Path | str) -> int:
     """
     root = Path(cgroup_root)
     count = 0
+    attached = ringfence_programs(root)
+    for link_id, prog_id in _ringfence_links({prog_id for _, prog_id, _ in attached}):
+        count += _detach_link(link_id, prog_id, None)
     with bpfsys.open_cgroup(root) as cg:
-        for attach_type, prog_id, _ in ringfence_programs(root):
-            count += _detach(cg, prog_id, attach_type)
+        for attach_type, prog_id, _ in attached:
+            count += _detach(cg, prog_id, attach_type)  # False for those the links held
     return count
 
 
@@ -292,6 +342,7 @@ def detach_stale(state_dir: Path) -> int:
         programs = [
             (int(p["id"]), int(p["attach_type"]), p.get("load_time")) for p in state["programs"]
         ]
+        links = [(int(link["id"]), int(link["prog_id"])) for link in state.get("links", [])]
         recorded_boot = str(state.get("boot_id", ""))
     except FileNotFoundError:
         return 0
@@ -314,6 +365,10 @@ def detach_stale(state_dir: Path) -> int:
         )
         return 0
     count = 0
+    load_times = {prog_id: load_time for prog_id, _, load_time in programs}
+    for link_id, prog_id in links:
+        # Gone with the process that held it, unless that was this very process.
+        count += _detach_link(link_id, prog_id, load_times.get(prog_id))
     try:
         with bpfsys.open_cgroup(cgroup_root) as cg:
             for prog_id, attach_type, load_time in programs:
@@ -330,6 +385,10 @@ def detach_stale(state_dir: Path) -> int:
 # --------------------------------------------------------------------------- BPF loader
 
 
+# What BPF_LINK_CREATE fails with where cgroup links do not exist (before Linux 5.7).
+_NO_CGROUP_LINKS = frozenset({errno.EINVAL, errno.EOPNOTSUPP, 524})  # 524: ENOTSUPP
+
+
 class _KernelAttribution:
     """The compiled, attached attribution programs and their map."""
 
@@ -341,6 +400,8 @@ class _KernelAttribution:
         self.headers: kheaders.KernelHeaders | None = None
         self._fds: list[int] = []  # the map's and the programs' descriptors
         self._attached: list[tuple[int, int]] = []  # (prog fd, attach type)
+        self._links: list[int] = []  # with attach_mode "link": closing them detaches
+        self.attach_mode = ""  # "link", or "program" on kernels without cgroup links
         self._map_fd = -1
         self._lock = threading.Lock()
 
@@ -364,9 +425,8 @@ class _KernelAttribution:
         self._record(functions)
         with bpfsys.open_cgroup(self.cgroup_root) as cg:
             try:
-                for fd, attach_type in functions:
-                    bpfsys.prog_attach(fd, cg, attach_type, bpfsys.BPF_F_ALLOW_MULTI)
-                    self._attached.append((fd, attach_type))
+                self._attach(cg, functions)
+                self._record(functions)  # now with the mode, and the links' ids
             except OSError as e:
                 self._detach_all(cg)
                 self.close()
@@ -375,8 +435,33 @@ class _KernelAttribution:
                     f"cannot attach to cgroup {self.cgroup_root}: {e.strerror or e}"
                 ) from None
 
+    def _attach(self, cg: int, functions: list[tuple[int, int]]) -> None:
+        """Attach through BPF links (Linux 5.7 and later): the kernel detaches them when
+        this process ends, so even a killed agent leaves nothing running on every
+        connection of the host. Older kernels get the programs attached themselves,
+        which the state file, the next start and ``ringfence cleanup`` take care of."""
+        for fd, attach_type in functions:
+            try:
+                link = bpfsys.link_create(fd, cg, attach_type)
+            except OSError as e:
+                if self._links or e.errno not in _NO_CGROUP_LINKS:
+                    raise
+                log.info("no BPF links for cgroups on this kernel (%s): attaching the "
+                         "programs themselves", e.strerror)
+                break
+            self._links.append(link)
+            self._attached.append((fd, attach_type))
+        else:
+            self.attach_mode = "link"
+            return
+        for fd, attach_type in functions:
+            bpfsys.prog_attach(fd, cg, attach_type, bpfsys.BPF_F_ALLOW_MULTI)
+            self._attached.append((fd, attach_type))
+        self.attach_mode = "program"
+
     def _record(self, functions: list[tuple[int, int]]) -> None:
-        """Write the ids about to be attached, so a killed run can be cleaned up."""
+        """Write the ids about to be attached (and the links, once made), so that what
+        a run left attached can be found and detached after it."""
         programs = []
         for fd, attach_type in functions:
             info = bpfsys.prog_info(fd)
@@ -388,12 +473,18 @@ class _KernelAttribution:
                     "load_time": info.load_time,
                 }
             )
+        links = []
+        for fd in self._links:
+            link = bpfsys.link_info(fd)
+            links.append({"id": link.id, "prog_id": link.prog_id})
         state = {
             "boot_id": boot_id(),
             "pid": os.getpid(),
             "pid_start": _pid_start_ticks(os.getpid()),
             "cgroup_root": str(self.cgroup_root),
+            "attach": self.attach_mode or "pending",
             "programs": programs,
+            "links": links,
         }
         self.state_dir.mkdir(parents=True, exist_ok=True)
         path = self.state_dir / STATE_FILE
@@ -413,6 +504,13 @@ class _KernelAttribution:
         return KernelEntry.unpack(raw) if raw is not None else None
 
     def _detach_all(self, cg: int) -> None:
+        if self._links:
+            links, self._links = self._links, []
+            for fd in links:
+                with suppress(OSError):
+                    os.close(fd)
+            self._attached = []
+            return
         while self._attached:
             fd, attach_type = self._attached.pop()
             try:
@@ -422,7 +520,9 @@ class _KernelAttribution:
 
     def stop(self) -> None:
         with self._lock:
-            if self._attached:
+            if self._links:
+                self._detach_all(-1)  # closing the links detaches; no cgroup needed
+            elif self._attached:
                 try:
                     with bpfsys.open_cgroup(self.cgroup_root) as cg:
                         self._detach_all(cg)
@@ -575,9 +675,10 @@ class Attributor:
             with _ACTIVE_LOCK:
                 _ACTIVE.add(state_dir)
             log.info(
-                "attribution: bpf, programs %s attached to %s for ports %s",
+                "attribution: bpf, programs %s attached to %s (%s) for ports %s",
                 kernel.program_ids,
                 kernel.cgroup_root,
+                "through links" if kernel.attach_mode == "link" else "without links",
                 ",".join(map(str, self.ports)),
             )
 
@@ -847,8 +948,10 @@ def _mount_type(path: Path) -> str | None:
 
 
 def _check_attach(root: Path) -> Check:
-    """Load, attach and detach a trivial program of each type the agent uses."""
+    """Load, attach and detach a trivial program of each type the agent uses, through a
+    link and without one (the agent's fallback on kernels without cgroup links)."""
     done: list[str] = []
+    links = True
     try:
         with bpfsys.open_cgroup(root) as cg:
             for _, prog_type, attach_type in PROGRAMS:
@@ -857,6 +960,12 @@ def _check_attach(root: Path) -> Check:
                 try:
                     bpfsys.prog_attach(fd, cg, attach_type, bpfsys.BPF_F_ALLOW_MULTI)
                     bpfsys.prog_detach(fd, cg, attach_type)
+                    try:
+                        os.close(bpfsys.link_create(fd, cg, attach_type))
+                    except OSError as e:
+                        if e.errno not in _NO_CGROUP_LINKS:
+                            raise
+                        links = False
                 finally:
                     os.close(fd)
                 done.append(bpfsys.ATTRIBUTION_ATTACH_TYPES[attach_type])
@@ -868,7 +977,11 @@ def _check_attach(root: Path) -> Check:
             "run the agent as root (or with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN); "
             "check kernel.unprivileged_bpf_disabled and lockdown",
         )
-    return Check("bpf attach", True, f"test programs attached and detached on {root}: {', '.join(done)}")
+    how = ("through links too: a killed agent's programs go with it" if links else
+           "no cgroup links (Linux before 5.7): a killed agent's programs stay attached "
+           "until `ringfence cleanup` or its next start")
+    return Check("bpf attach", True,
+                 f"test programs attached and detached on {root}: {', '.join(done)}; {how}")
 
 
 def _check_attached(root: Path) -> Check:

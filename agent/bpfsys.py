@@ -1,9 +1,12 @@
 """Thin ctypes wrappers around the bpf(2) commands the agent needs without BCC.
 
-BCC compiles and attaches the attribution programs; these helpers cover the
-rest: finding what is attached to a cgroup (``BPF_PROG_QUERY``), naming a
-program by id (``BPF_PROG_GET_FD_BY_ID`` + ``BPF_OBJ_GET_INFO_BY_FD``),
-detaching a program left by a killed run (``BPF_PROG_DETACH``), loading a
+BCC compiles the attribution programs; these helpers cover the rest:
+attaching them to a cgroup through BPF links, which the kernel releases when
+the agent's process ends however it ends (``BPF_LINK_CREATE``), or on kernels
+without cgroup links attaching the programs themselves (``BPF_PROG_ATTACH``);
+finding what is attached to a cgroup (``BPF_PROG_QUERY``), naming a program or
+link by id (``BPF_*_GET_FD_BY_ID`` + ``BPF_OBJ_GET_INFO_BY_FD``), detaching
+what a run left behind (``BPF_PROG_DETACH``, ``BPF_LINK_DETACH``), loading a
 two-instruction probe program for ``ringfence doctor`` (``BPF_PROG_LOAD``),
 and reading the attribution map by file descriptor (``BPF_MAP_LOOKUP_ELEM``).
 
@@ -29,6 +32,10 @@ BPF_PROG_DETACH = 9
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
+BPF_LINK_CREATE = 28
+BPF_LINK_GET_FD_BY_ID = 30
+BPF_LINK_GET_NEXT_ID = 31
+BPF_LINK_DETACH = 34
 
 # enum bpf_prog_type
 BPF_PROG_TYPE_SOCK_OPS = 13
@@ -133,7 +140,7 @@ def prog_info(prog_fd: int) -> ProgInfo:
 
 def prog_info_by_id(prog_id: int) -> ProgInfo:
     """Id, type and name of the program ``prog_id``."""
-    with _closing(prog_get_fd_by_id(prog_id)) as fd:
+    with closing(prog_get_fd_by_id(prog_id)) as fd:
         return prog_info(fd)
 
 
@@ -153,8 +160,69 @@ def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
 
 def prog_detach_by_id(prog_id: int, target_fd: int, attach_type: int) -> None:
     """Detach the program ``prog_id`` from the cgroup ``target_fd``."""
-    with _closing(prog_get_fd_by_id(prog_id)) as fd:
+    with closing(prog_get_fd_by_id(prog_id)) as fd:
         prog_detach(fd, target_fd, attach_type)
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """Attach ``prog_fd`` to the cgroup ``target_fd`` through a new link; returns the
+    link's descriptor. The attachment lasts as long as the link is open: closing the
+    last descriptor (also the kernel's closing it when the process dies) detaches it.
+    Other multi-attached programs on the cgroup are unaffected."""
+    attr = _attr()
+    # prog_fd u32, target_fd u32, attach_type u32, flags u32
+    struct.pack_into("=IIII", attr, 0, prog_fd, target_fd, attach_type, 0)
+    return _bpf(BPF_LINK_CREATE, attr)
+
+
+@dataclass(frozen=True, slots=True)
+class LinkInfo:
+    id: int
+    prog_id: int
+
+
+_LINK_INFO_SIZE = 64
+
+
+def link_info(link_fd: int) -> LinkInfo:
+    """The link's id and the id of the program it attaches."""
+    info = ctypes.create_string_buffer(_LINK_INFO_SIZE)
+    attr = _attr()
+    struct.pack_into("=IIQ", attr, 0, link_fd, _LINK_INFO_SIZE, _addr(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+    _type, link_id, prog_id = struct.unpack_from("=III", info, 0)
+    return LinkInfo(link_id, prog_id)
+
+
+def link_get_fd_by_id(link_id: int) -> int:
+    """A new file descriptor for the link ``link_id``; the caller closes it."""
+    attr = _attr()
+    struct.pack_into("=I", attr, 0, link_id)
+    return _bpf(BPF_LINK_GET_FD_BY_ID, attr)
+
+
+def link_ids() -> list[int]:
+    """Ids of every BPF link on the host."""
+    ids: list[int] = []
+    start = 0
+    while True:
+        attr = _attr()
+        struct.pack_into("=I", attr, 0, start)
+        try:
+            _bpf(BPF_LINK_GET_NEXT_ID, attr)
+        except OSError as e:
+            if e.errno == 2:  # ENOENT: no more
+                return ids
+            raise
+        (start,) = struct.unpack_from("=I", attr, 4)
+        ids.append(start)
+
+
+def link_detach(link_fd: int) -> None:
+    """Detach the link's program now, while descriptors of the link stay open elsewhere."""
+    attr = _attr()
+    struct.pack_into("=I", attr, 0, link_fd)
+    _bpf(BPF_LINK_DETACH, attr)
 
 
 def prog_load(
@@ -194,7 +262,7 @@ def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:
 
 
 @contextmanager
-def _closing(fd: int) -> Iterator[int]:
+def closing(fd: int) -> Iterator[int]:
     try:
         yield fd
     finally:
@@ -205,5 +273,5 @@ def _closing(fd: int) -> Iterator[int]:
 def open_cgroup(path: str | os.PathLike[str]) -> Iterator[int]:
     """A read-only directory fd for a cgroup v2 directory, closed on exit."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    with _closing(fd):
+    with closing(fd):
         yield fd

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,12 +24,18 @@ from agent.config import BpfSettings
 from tests.conftest import ROOT, require
 from tests.integration.attribution.conftest import PORT
 
-# Starts an Attributor, prints its program ids, then waits to be killed.
+# Starts an Attributor, prints its program ids, then waits to be killed. With
+# "program" it runs as on a kernel without cgroup links (before Linux 5.7).
 ABANDONED_RUN = """
-import json, sys, time
+import errno, json, sys, time
 from pathlib import Path
+from agent import bpfsys
 from agent.attribution import Attributor
 from agent.config import BpfSettings
+if sys.argv[3] == "program":
+    def no_cgroup_links(*args):
+        raise OSError(errno.EINVAL, "Invalid argument")
+    bpfsys.link_create = no_cgroup_links
 a = Attributor(BpfSettings(mode="required"), [int(sys.argv[2])], Path(sys.argv[1]))
 a.start()
 print(json.dumps(a.program_ids), flush=True)
@@ -58,6 +65,8 @@ def test_stop_detaches_this_runs_programs(cgroup_root: Path, tmp_path: Path) -> 
         state = json.loads((tmp_path / STATE_FILE).read_text())
         assert state["pid"] == os.getpid()
         assert {p["id"] for p in state["programs"]} == ids
+        assert state["attach"] == "link", "this kernel has cgroup links"
+        assert {link["prog_id"] for link in state["links"]} == ids
     finally:
         attributor.stop()
     assert not ids & attached_ids(cgroup_root)
@@ -66,20 +75,46 @@ def test_stop_detaches_this_runs_programs(cgroup_root: Path, tmp_path: Path) -> 
     assert attributor.mode == "off"
 
 
-def test_killed_run_is_cleaned_up_by_the_next_run(cgroup_root: Path, tmp_path: Path) -> None:
-    """Programs left by a SIGKILLed agent are detached by the next start with the same state_dir."""
+def kill_run(cgroup_root: Path, state_dir: Path, mode: str) -> set[int]:
+    """Start ABANDONED_RUN, SIGKILL it once attached; the ids of its programs."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     child = subprocess.Popen(
-        [sys.executable, "-c", ABANDONED_RUN, str(tmp_path), str(PORT)],
+        [sys.executable, "-c", ABANDONED_RUN, str(state_dir), str(PORT), mode],
         stdout=subprocess.PIPE, text=True, env=env,
     )
     try:
         assert child.stdout is not None
-        stale = set(json.loads(child.stdout.readline()))
+        ids = set(json.loads(child.stdout.readline()))
+        assert len(ids) == 3 and ids <= attached_ids(cgroup_root)
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=10)
-    assert len(stale) == 3
+    return ids
+
+
+def test_killed_run_leaves_no_program_attached(cgroup_root: Path, tmp_path: Path) -> None:
+    """Attached through links, a SIGKILLed agent's programs go with its process: nothing
+    keeps running on the host's connections until someone cleans up."""
+    killed = kill_run(cgroup_root, tmp_path, "link")
+    deadline = time.monotonic() + 5
+    while killed & attached_ids(cgroup_root) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not killed & attached_ids(cgroup_root)
+    attributor = Attributor(BpfSettings(mode="required"), [PORT], tmp_path)
+    attributor.start()
+    try:
+        assert set(attributor.program_ids) <= attached_ids(cgroup_root)
+    finally:
+        attributor.stop()
+
+
+def test_killed_run_without_links_is_cleaned_up_by_the_next_run(
+    cgroup_root: Path, tmp_path: Path
+) -> None:
+    """Without cgroup links (kernels before 5.7) the programs themselves are attached: a
+    SIGKILLed agent leaves them, and the next start with the same state_dir detaches them."""
+    stale = kill_run(cgroup_root, tmp_path, "program")
+    assert json.loads((tmp_path / STATE_FILE).read_text())["attach"] == "program"
     assert stale <= attached_ids(cgroup_root), "a killed run's programs stay attached"
 
     attributor = Attributor(BpfSettings(mode="required"), [PORT], tmp_path)
@@ -92,6 +127,25 @@ def test_killed_run_is_cleaned_up_by_the_next_run(cgroup_root: Path, tmp_path: P
     finally:
         attributor.stop()
     assert not (stale | fresh) & attached_ids(cgroup_root)
+
+
+def test_clean_all_detaches_running_and_left_programs(cgroup_root: Path, tmp_path: Path) -> None:
+    """`ringfence bpf clean --all` (what package removal runs) detaches every ringfence
+    program: a running agent's links and a killed link-less run's programs alike."""
+    left = kill_run(cgroup_root, tmp_path / "left", "program")
+    running = Attributor(BpfSettings(mode="required"), [PORT], tmp_path / "running")
+    running.start()
+    try:
+        held = set(running.program_ids)
+        assert left | held <= attached_ids(cgroup_root)
+        done = subprocess.run([sys.executable, "-m", "agent.cli", "bpf", "clean", "--all"],
+                              capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert done.returncode == 0, done.stderr
+        assert not (left | held) & attached_ids(cgroup_root)
+        assert "detached" in done.stdout and int(done.stdout.split()[1]) >= 6, done.stdout
+    finally:
+        running.stop()
 
 
 def test_programs_of_other_state_dirs_are_left_alone(cgroup_root: Path, tmp_path: Path) -> None:
@@ -116,7 +170,9 @@ def test_abandoned_attributor_in_this_process_is_stale(cgroup_root: Path, tmp_pa
     abandoned = Attributor(BpfSettings(mode="required"), [PORT], tmp_path)
     abandoned.start()
     stale = set(abandoned.program_ids)
-    abandoned._kernel = None  # forget it without stop(), as a crash would
+    # Forget it without stop(), as a crash would; its links stay open in this process.
+    kernel, abandoned._kernel = abandoned._kernel, None
+    assert kernel is not None and kernel.attach_mode == "link"
     from agent import attribution
 
     attribution._ACTIVE.discard(tmp_path.resolve())
@@ -126,18 +182,20 @@ def test_abandoned_attributor_in_this_process_is_stale(cgroup_root: Path, tmp_pa
         assert not stale & attached_ids(cgroup_root)
     finally:
         successor.stop()
+        kernel.stop()
 
 
 def test_recorded_program_replaced_under_the_same_id_is_kept(
     cgroup_root: Path, tmp_path: Path
 ) -> None:
     """A recorded id whose load time differs names another program: it is not detached."""
-    from agent import attribution, bpfsys
+    from agent import attribution
 
     abandoned = Attributor(BpfSettings(mode="required"), [PORT], tmp_path)
     abandoned.start()
     kept = set(abandoned.program_ids)
-    abandoned._kernel = None
+    kernel, abandoned._kernel = abandoned._kernel, None
+    assert kernel is not None
     attribution._ACTIVE.discard(tmp_path.resolve())
     path = tmp_path / STATE_FILE
     state = json.loads(path.read_text())
@@ -150,10 +208,7 @@ def test_recorded_program_replaced_under_the_same_id_is_kept(
         assert kept <= attached_ids(cgroup_root)
     finally:
         successor.stop()
-        with bpfsys.open_cgroup(cgroup_root) as cg:
-            for attach_type, prog_id, _ in ringfence_programs(cgroup_root):
-                if prog_id in kept:
-                    bpfsys.prog_detach_by_id(prog_id, cg, attach_type)
+        kernel.stop()  # closes its links
     assert not kept & attached_ids(cgroup_root)
 
 
@@ -184,6 +239,7 @@ def test_doctor_checks_pass_on_this_host(cgroup_root: Path, tmp_path: Path) -> N
     for name in ("kernel headers", "cgroup v2", "bpf attach", "bpf compile"):
         assert checks[name].ok, checks[name]
     assert str(cgroup_root) in checks["cgroup v2"].detail
+    assert "through links too" in checks["bpf attach"].detail
     # The probe programs are gone again.
     assert not any(name == "ringfence_probe" for _, _, name in ringfence_programs(cgroup_root))
 
