@@ -41,7 +41,7 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,59 +227,56 @@ def ringfence_programs(cgroup_root: Path) -> list[tuple[int, int, str]]:
     return found
 
 
-def _detach(cg: int, prog_id: int, attach_type: int, load_time: int | None = None) -> bool:
-    """Detach one ``ringfence_*`` program; False when it is gone or not the one meant.
+def _ours(prog: bpfsys.ProgInfo, load_time: int | None) -> bool:
+    """A ``ringfence_*`` program, and the recorded one: ``load_time`` (from the
+    attachment record) tells it apart from a later one given the same id."""
+    return prog.name.startswith(PROGRAM_PREFIX) and load_time in (None, prog.load_time)
 
-    ``load_time`` (from the attachment record) tells a program apart from a
-    later one that was given the same id.
-    """
+
+def _with_object(get_fd: Callable[[], int], act: Callable[[int], bool]) -> bool:
+    """``act`` on a new descriptor from ``get_fd`` (closed after); False when the
+    object is gone (ENOENT) before or meanwhile."""
     try:
-        fd = bpfsys.prog_get_fd_by_id(prog_id)
+        fd = get_fd()
     except OSError as e:
         if e.errno == errno.ENOENT:
             return False
         raise
     try:
-        info = bpfsys.prog_info(fd)
-        if not info.name.startswith(PROGRAM_PREFIX):
-            return False
-        if load_time is not None and info.load_time != load_time:
-            return False
-        bpfsys.prog_detach(fd, cg, attach_type)
-        return True
+        return act(fd)
     except OSError as e:
         if e.errno == errno.ENOENT:
             return False
         raise
     finally:
         os.close(fd)
+
+
+def _detach(cg: int, prog_id: int, attach_type: int, load_time: int | None = None) -> bool:
+    """Detach one attached ``ringfence_*`` program; False when it is gone or not the one meant."""
+
+    def detach(fd: int) -> bool:
+        if not _ours(bpfsys.prog_info(fd), load_time):
+            return False
+        bpfsys.prog_detach(fd, cg, attach_type)
+        return True
+
+    return _with_object(lambda: bpfsys.prog_get_fd_by_id(prog_id), detach)
 
 
 def _detach_link(link_id: int, prog_id: int, load_time: int | None) -> bool:
     """Detach one link to a ``ringfence_*`` program; False when it is gone or not the
     one meant (another link or program given the same id since)."""
-    try:
-        fd = bpfsys.link_get_fd_by_id(link_id)
-    except OSError as e:
-        if e.errno == errno.ENOENT:
-            return False
-        raise
-    try:
+
+    def detach(fd: int) -> bool:
         if bpfsys.link_info(fd).prog_id != prog_id:
             return False
-        info = bpfsys.prog_info_by_id(prog_id)
-        if not info.name.startswith(PROGRAM_PREFIX):
-            return False
-        if load_time is not None and info.load_time != load_time:
+        if not _ours(bpfsys.prog_info_by_id(prog_id), load_time):
             return False
         bpfsys.link_detach(fd)
         return True
-    except OSError as e:
-        if e.errno == errno.ENOENT:
-            return False
-        raise
-    finally:
-        os.close(fd)
+
+    return _with_object(lambda: bpfsys.link_get_fd_by_id(link_id), detach)
 
 
 def _ringfence_links(prog_ids: set[int]) -> list[tuple[int, int]]:
