@@ -481,9 +481,17 @@ def _inner_class(query: Any, facts: _Facts) -> str | None:
     return _kind_and_class(node_type, node, facts)[1]
 
 
+def _drops_a_column(node: dict[str, Any]) -> bool:
+    """ALTER TABLE … DROP COLUMN: the column's data goes with it."""
+    return any(
+        isinstance(cmd, dict) and cmd.get("AlterTableCmd", {}).get("subtype") == "AT_DropColumn"
+        for cmd in node.get("cmds") or ()
+    )
+
+
 def _flags(node_type: str, node: dict[str, Any], kind: str, facts: _Facts) -> None:
     flags = facts.flags
-    if kind.startswith("DROP"):
+    if kind.startswith("DROP") or (node_type == "AlterTableStmt" and _drops_a_column(node)):
         flags.add("drop")
     if node_type == "TruncateStmt":
         flags.add("truncate")

@@ -27,7 +27,7 @@ def _explain(*args: str) -> list[str]:
 def test_check_ok_and_error(tmp_path: Path) -> None:
     """check prints the version of a valid file and file:line:col for a broken one."""
     code, out = _run("check", POLICY)
-    assert code == 0 and "ok, 8 rule(s)" in out
+    assert code == 0 and "ok, 10 rule(s)" in out
     bad = tmp_path / "p.toml"
     bad.write_text('[[rule]]\nid = "a"\neffect = "nope"\n')
     code, out = _run("check", str(bad))
