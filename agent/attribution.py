@@ -273,7 +273,15 @@ def _detach_link(link_id: int, prog_id: int, load_time: int | None) -> bool:
             return False
         if not _ours(bpfsys.prog_info_by_id(prog_id), load_time):
             return False
-        bpfsys.link_detach(fd)
+        try:
+            bpfsys.link_detach(fd)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            # Linux 5.7 and 5.8 have links but no BPF_LINK_DETACH: it goes when its
+            # holder closes it.
+            log.warning("cannot detach BPF link %d on this kernel: %s", link_id, e.strerror)
+            return False
         return True
 
     return _with_object(lambda: bpfsys.link_get_fd_by_id(link_id), detach)
@@ -281,8 +289,14 @@ def _detach_link(link_id: int, prog_id: int, load_time: int | None) -> bool:
 
 def _ringfence_links(prog_ids: set[int]) -> list[tuple[int, int]]:
     """(link id, program id) of every link that attaches one of ``prog_ids``."""
-    found = []
-    for link_id in bpfsys.link_ids():
+    found: list[tuple[int, int]] = []
+    try:
+        ids = bpfsys.link_ids()
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return found  # before Linux 5.8 links cannot be listed (they go with their holders)
+        raise
+    for link_id in ids:
         try:
             with bpfsys.closing(bpfsys.link_get_fd_by_id(link_id)) as fd:
                 info = bpfsys.link_info(fd)
