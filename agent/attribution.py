@@ -514,13 +514,17 @@ class _KernelAttribution:
             raw = bpfsys.map_lookup(self._map_fd, key, VALUE_FORMAT.size)
         return KernelEntry.unpack(raw) if raw is not None else None
 
+    def _close_links(self) -> None:
+        """Closing the links detaches their programs; no cgroup descriptor is needed."""
+        links, self._links = self._links, []
+        for fd in links:
+            with suppress(OSError):
+                os.close(fd)
+        self._attached = []
+
     def _detach_all(self, cg: int) -> None:
         if self._links:
-            links, self._links = self._links, []
-            for fd in links:
-                with suppress(OSError):
-                    os.close(fd)
-            self._attached = []
+            self._close_links()
             return
         while self._attached:
             fd, attach_type = self._attached.pop()
@@ -532,7 +536,7 @@ class _KernelAttribution:
     def stop(self) -> None:
         with self._lock:
             if self._links:
-                self._detach_all(-1)  # closing the links detaches; no cgroup needed
+                self._close_links()
             elif self._attached:
                 try:
                     with bpfsys.open_cgroup(self.cgroup_root) as cg:

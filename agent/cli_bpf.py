@@ -6,8 +6,9 @@ rules, so that no protected port stays redirected to a listener that is gone,
 unless ``[agent] fail_closed = true`` says that a port without its agent must
 refuse connections; and it detaches the BPF programs that the stopped agent
 of this configuration left attached (only on kernels without cgroup BPF links:
-with them, the kernel detached them when the agent's process ended). ``--all`` removes every ringfence chain
-and program on the host, whatever the configuration says (package removal).
+with them, the kernel detached them when the agent's process ended). ``--all``
+removes every ringfence chain and program on the host, whatever the
+configuration says (package removal).
 """
 
 from __future__ import annotations
