@@ -231,7 +231,8 @@ def summarize(raw: Path, top: int = 12) -> str:
 
 
 METRICS = [(1, "tps"), (1, "p50"), (1, "p99"), (8, "tps"), (8, "p50"), (8, "p99"),
-           ("scan", "seconds"), ("scan", "mbps")]
+           ("scan", "seconds"), ("scan", "mbps"),
+           *((c, m) for c in CLIENT_COUNTS for m in ("agent_cpu_us", "child_cpu_us"))]
 RATIOS = [("TPS c1", 1, "tps"), ("TPS c8", 8, "tps"), ("p99 c1", 1, "p99"), ("p99 c8", 8, "p99"),
           ("scan MB/s", "scan", "mbps")]
 
@@ -244,6 +245,12 @@ def median_of(rounds: list[dict[str, dict[Any, Any]]]) -> dict[str, dict[Any, An
         for key, metric in METRICS:
             out[name].setdefault(key, {})[metric] = statistics.median(r[name][key][metric] for r in rounds)
     return out
+
+
+def ratios(rounds: list[dict[str, dict[Any, Any]]], name: str, base: str, key: Any,
+           metric: str) -> list[float]:
+    """``name``'s figure over ``base``'s, within each round, sorted."""
+    return sorted(r[name][key][metric] / r[base][key][metric] for r in rounds)
 
 
 def table(rounds: list[dict[str, dict[Any, Any]]]) -> str:
@@ -261,28 +268,22 @@ def table(rounds: list[dict[str, dict[Any, Any]]]) -> str:
     for base in ("direct", "haproxy"):
         parts = []
         for label, key, metric in RATIOS:
-            values = sorted(r["ringfence"][key][metric] / r[base][key][metric] for r in rounds)
+            values = ratios(rounds, "ringfence", base, key, metric)
             spread = f" ({values[0]:.2f}-{values[-1]:.2f})" if len(values) > 1 else ""
             parts.append(f"{label} {statistics.median(values):.2f}x{spread}")
         lines.append(f"ringfence/{base:<8} " + "   ".join(parts))
-    floor = []
-    for c in CLIENT_COUNTS:
-        values = sorted(r["pyrelay"][c]["tps"] / r["haproxy"][c]["tps"] for r in rounds)
-        floor.append(f"TPS c{c} {statistics.median(values):.2f}x")
+    floor = (f"TPS c{c} {statistics.median(ratios(rounds, 'pyrelay', 'haproxy', c, 'tps')):.2f}x"
+             for c in CLIENT_COUNTS)
     lines.append("pyrelay/haproxy    " + "   ".join(floor)
                  + "   (bytes relayed by the agent's event loop, nothing read: the Python floor)")
     cpu = [r["ringfence"][c]["agent_cpu_us"] for r in rounds for c in CLIENT_COUNTS]
     if all(v == v for v in cpu):  # not NaN
-        per = {c: statistics.median(r["ringfence"][c]["agent_cpu_us"] for r in rounds)
-               for c in CLIENT_COUNTS}
-        ha = {c: statistics.median(r["haproxy"][c]["agent_cpu_us"] for r in rounds) for c in CLIENT_COUNTS}
-        writer = {c: statistics.median(r["ringfence"][c]["child_cpu_us"] for r in rounds)
-                  for c in CLIENT_COUNTS}
-        relay = {c: statistics.median(r["pyrelay"][c]["agent_cpu_us"] for r in rounds)
-                 for c in CLIENT_COUNTS}
+        rf, relay, ha = results["ringfence"], results["pyrelay"], results["haproxy"]
         lines.append("proxy CPU per transaction (user+system, all threads and child processes): "
-                     + "   ".join(f"c{c} ringfence {per[c]:.0f} us (audit writer {writer[c]:.0f}), "
-                                  f"pyrelay {relay[c]:.0f} us, haproxy {ha[c]:.0f} us"
+                     + "   ".join(f"c{c} ringfence {rf[c]['agent_cpu_us']:.0f} us "
+                                  f"(audit writer {rf[c]['child_cpu_us']:.0f}), "
+                                  f"pyrelay {relay[c]['agent_cpu_us']:.0f} us, "
+                                  f"haproxy {ha[c]['agent_cpu_us']:.0f} us"
                                   for c in CLIENT_COUNTS))
     lines.append("goals: TPS >= 0.75x HAProxy at 1 and 8 clients; scan >= 0.8x direct")
     failed = {f"{name} c{c}": r[name][c]["failed"] for r in rounds for name in r for c in CLIENT_COUNTS
