@@ -699,7 +699,9 @@ _LITERAL_TOKENS = {
 _COMMENT_TOKENS = frozenset({"C_COMMENT", "SQL_COMMENT"})
 # In a plain text, an integer literal: a run of at most nine digits with no character
 # on either side that would continue a token with it (names, numerics like 1.5 and 1e5).
-_PLAIN_INTEGER = re.compile(r"(?<![A-Za-z0-9_.])[0-9]{1,9}(?![A-Za-z0-9_.])")
+# (It starts with the digit and looks back from there, so the regex engine can skip
+# ahead to the next digit instead of testing the look-behind at every character.)
+_PLAIN_INTEGER = re.compile(r"[0-9](?<![A-Za-z0-9_.][0-9])[0-9]{0,8}(?![A-Za-z0-9_.])")
 _SEMICOLON = "ASCII_59"
 
 
@@ -756,9 +758,18 @@ def statement_shape(text: str) -> bytes | None:
     Only a key that a :class:`Classification` carries as ``shape`` was checked
     to stand for all its texts.
     """
-    if len(text) > MAX_CACHED_TEXT:
+    if len(text) > MAX_CACHED_TEXT or "\x00" in text:
         return None
-    shape = _shape(text)
+    if (text.isascii() and "'" not in text and '"' not in text and "$" not in text
+            and "\\" not in text and "--" not in text and "/*" not in text):
+        # As _plain_shape, without the offsets.
+        semicolon = text.find(";")
+        if semicolon >= 0 and text[semicolon + 1 :].strip():
+            return None  # more than one statement
+        if not text[:semicolon].strip() if semicolon >= 0 else not text.strip():
+            return None
+        return ("p" + _PLAIN_INTEGER.sub("\x00i", text)).encode("ascii")
+    shape = _scanned_shape(text)
     return shape.key if shape is not None else None
 
 
