@@ -86,6 +86,7 @@ class _Reused:
     allowed: bool = True
 
 
+_INT32 = struct.Struct("!i")
 # Server messages that change nothing the session tracks.
 _PASSIVE = frozenset({
     pg.RowDescription, pg.ParameterStatus, pg.NoticeResponse, pg.ParseComplete, pg.BindComplete,
@@ -442,6 +443,19 @@ class PostgresSession:
         """
         actions = Actions()
         self.bytes_from_server += len(data)
+        if (self._held is None and not self._blocked_pending and self.phase != "upstream-auth"
+                and self.backend.at_boundary):
+            try:
+                done = self._scan_replies(data, actions)
+                events = self.backend.feed(data[done:] if done else data) if done < len(data) else []
+            except pg.ServerProtocolError as e:
+                # (Records of statements answered before the bad message stay.)
+                return self._protocol_violation(actions, f"server protocol error: {e}")
+            if not forwarded:
+                actions.to_client.append(data)
+            for event in events:
+                self._server_event(event, actions)
+            return actions
         try:
             events = self.backend.feed(data)
         except pg.ServerProtocolError as e:
@@ -540,15 +554,7 @@ class PostgresSession:
             if head is not None:
                 head.copy_bytes += event.size
         elif isinstance(event, pg.CommandComplete):
-            if head is not None and head.kind != "sync":
-                head.commands.append(event.tag)
-                # The tag's count when it has one (SELECT, INSERT … RETURNING, COPY,
-                # FETCH), else the rows the command returned.
-                rows = event.rows
-                head.rows += rows if rows is not None else head.command_rows
-                head.command_rows = 0
-                if head.kind == "execute":
-                    self._finish(pending.popleft(), actions)
+            self._command_complete(event, actions)
         elif isinstance(event, _EXECUTE_ENDS):
             if head is not None and head.kind == "execute":
                 if isinstance(event, pg.PortalSuspended):
@@ -561,23 +567,7 @@ class PostgresSession:
                 return self._blocked_error(actions)
             self._server_error(event, actions)
         elif isinstance(event, pg.ReadyForQuery):
-            self.transaction = event.status
-            if self.phase == "auth":
-                self.phase = "ready"
-            else:
-                self._segments_done += 1
-                self._forget_unanswered_describes()
-            while pending:
-                item = pending.popleft()
-                if item.kind == "sync":
-                    break
-                if item.kind == "query-blocked":
-                    break
-                if item.kind == "execute" and item.error is None:
-                    item.error = {"sqlstate": "", "message": "not executed: pipeline aborted"}
-                self._finish(item, actions)
-                if item.kind == "query":
-                    break
+            self._ready_for_query(event.status, actions)
         elif isinstance(event, pg.AuthenticationRequest):
             if event.code != 0:
                 self.auth_method = AUTH_METHODS.get(event.code, self.auth_method or "other")
@@ -590,6 +580,92 @@ class PostgresSession:
             if self._describes:
                 self._described(self._describes.popleft()[1], event.type_oids)
         return None
+
+    def _command_complete(self, event: pg.CommandComplete, actions: Actions) -> None:
+        pending = self._pending
+        head = pending[0] if pending else None
+        if head is not None and head.kind != "sync":
+            head.commands.append(event.tag)
+            # The tag's count when it has one (SELECT, INSERT … RETURNING, COPY,
+            # FETCH), else the rows the command returned.
+            rows = event.rows
+            head.rows += rows if rows is not None else head.command_rows
+            head.command_rows = 0
+            if head.kind == "execute":
+                self._finish(pending.popleft(), actions)
+
+    def _ready_for_query(self, status: str, actions: Actions) -> None:
+        self.transaction = status
+        if self.phase == "auth":
+            self.phase = "ready"
+        else:
+            self._segments_done += 1
+            self._forget_unanswered_describes()
+        pending = self._pending
+        while pending:
+            item = pending.popleft()
+            if item.kind == "sync":
+                break
+            if item.kind == "query-blocked":
+                break
+            if item.kind == "execute" and item.error is None:
+                item.error = {"sqlstate": "", "message": "not executed: pipeline aborted"}
+            self._finish(item, actions)
+            if item.kind == "query":
+                break
+
+    def _scan_replies(self, data: bytes, actions: Actions) -> int:
+        """The common replies at the start of ``data``, read in place; returns where they end.
+
+        Only whole messages of the kinds that end or fill an ordinary statement's
+        answer (DataRow, RowDescription, CommandComplete, ReadyForQuery, ParseComplete,
+        BindComplete, NoData) are taken, each with exactly the effect
+        :meth:`_server_event` gives its event; the rest of the chunk, from the first
+        message of any other kind (or one not whole, or out of bounds), goes to the
+        scanner. Only called while the scanner is at a message boundary.
+        """
+        pending = self._pending
+        unpack = _INT32.unpack_from
+        max_message = self.backend.max_message
+        size = len(data)
+        pos = 0
+        rows = row_bytes = 0
+        while size - pos >= 5:
+            kind = data[pos]
+            length = unpack(data, pos + 1)[0]
+            end = pos + 1 + length
+            if length < 4 or end > size:
+                break
+            if kind == 0x44:  # DataRow
+                rows += 1
+                row_bytes += length + 1
+            elif kind == 0x43 or kind == 0x5A:  # CommandComplete, ReadyForQuery
+                if length > max_message:
+                    break
+                if rows:
+                    if pending:
+                        pending[0].command_rows += rows
+                    rows = row_bytes = 0
+                if kind == 0x43:
+                    self._command_complete(pg.command_complete(data[pos + 5 : end]), actions)
+                else:
+                    ready = pg.READY_EVENTS.get(data[pos + 5 : end])
+                    if ready is None:
+                        break
+                    self._ready_for_query(ready.status, actions)
+            elif kind == 0x54:  # RowDescription
+                if length < 6 or length > max_message:
+                    break
+            elif kind != 0x31 and kind != 0x32 and kind != 0x6E:  # ParseComplete, BindComplete, NoData
+                break
+            pos = end
+        if rows:
+            if pos < size:
+                # The scanner goes on from here: it ends the run of rows where it would have.
+                self.backend.rows_before(rows, row_bytes)
+            elif pending:
+                pending[0].command_rows += rows
+        return pos
 
     def _forget_unanswered_describes(self) -> None:
         """Describes before the last ReadyForQuery that got no answer (skipped after an error)."""

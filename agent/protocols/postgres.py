@@ -21,7 +21,7 @@ Protocol" (chapter 55 of the v15 manual).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 # Startup-phase request codes (the int32 after the length of an untyped packet).
@@ -447,12 +447,12 @@ class CopyOutData:
 @dataclass(frozen=True, slots=True)
 class CommandComplete:
     tag: str
+    # Row count carried by the tag (SELECT n, INSERT oid n, UPDATE n, …), read once.
+    rows: int | None = field(init=False, compare=False, repr=False)
 
-    @property
-    def rows(self) -> int | None:
-        """Row count carried by the tag (SELECT n, INSERT oid n, UPDATE n, …)."""
+    def __post_init__(self) -> None:
         last = self.tag.rsplit(" ", 1)[-1]
-        return int(last) if last.isdigit() and " " in self.tag else None
+        object.__setattr__(self, "rows", int(last) if last.isdigit() and " " in self.tag else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -537,7 +537,7 @@ _DECODED = frozenset(b"RSKZCEINATt")
 # Events are immutable, so the commonest are made once and shared: ReadyForQuery for
 # each transaction status, and (up to MAX_SHARED_EVENTS each) CommandComplete by body
 # and RowDescription by column count.
-_READY = {status: ReadyForQuery(status.decode()) for status in (b"I", b"T", b"E")}
+READY_EVENTS: Final = {status: ReadyForQuery(status.decode()) for status in (b"I", b"T", b"E")}
 MAX_SHARED_EVENTS = 512
 _COMPLETIONS: dict[bytes, CommandComplete] = {}
 _DESCRIPTIONS: dict[int, RowDescription] = {}
@@ -563,22 +563,27 @@ def _fields(body: bytes) -> dict[str, str]:
     return fields
 
 
+def command_complete(body: bytes) -> CommandComplete:
+    """A CommandComplete from its body (shared for the commonest bodies)."""
+    complete = _COMPLETIONS.get(body)
+    if complete is None:
+        end = body.find(b"\x00")
+        if end < 0:
+            raise ServerProtocolError("string field is not NUL-terminated")
+        complete = CommandComplete(body[:end].decode("utf-8", "replace"))
+        if len(_COMPLETIONS) < MAX_SHARED_EVENTS:
+            _COMPLETIONS[body] = complete
+    return complete
+
+
 def _decode_backend(kind: int, body: bytes) -> BackendEvent:
     # The messages that end every statement first, without a reader.
     if kind == 0x5A:  # Z
-        ready = _READY.get(body)
+        ready = READY_EVENTS.get(body)
         if ready is not None:
             return ready
     elif kind == 0x43:  # C
-        complete = _COMPLETIONS.get(body)
-        if complete is None:
-            end = body.find(b"\x00")
-            if end < 0:
-                raise ServerProtocolError("string field is not NUL-terminated")
-            complete = CommandComplete(body[:end].decode("utf-8", "replace"))
-            if len(_COMPLETIONS) < MAX_SHARED_EVENTS:
-                _COMPLETIONS[body] = complete
-        return complete
+        return command_complete(body)
     elif kind == 0x54 and len(body) >= 2:  # T
         columns = _INT16.unpack_from(body)[0]
         description = _DESCRIPTIONS.get(columns)
@@ -644,6 +649,17 @@ class BackendScanner:
         self._row_bytes = 0
         self._copy_messages = 0
         self._copy_bytes = 0
+
+    @property
+    def at_boundary(self) -> bool:
+        """Whether the next byte fed starts a message (nothing partial or uncounted is held)."""
+        return not (self._remaining or self._header or self._rows or self._copy_messages)
+
+    def rows_before(self, count: int, size: int) -> None:
+        """``count`` DataRows of ``size`` bytes, read by the caller, came just before the next
+        byte fed: they join the run the next messages may continue."""
+        self._rows += count
+        self._row_bytes += size
 
     def feed(self, chunk: bytes) -> list[BackendEvent]:
         events: list[BackendEvent] = []
