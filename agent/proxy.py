@@ -56,6 +56,10 @@ class AuditSink(Protocol):
 
     def emit(self, type: str, event: dict[str, Any], *, session_id: str | None = None) -> None: ...
 
+    def emit_many(
+        self, records: list[tuple[str, dict[str, Any]]], *, session_id: str | None = None
+    ) -> None: ...
+
     async def emit_durable(
         self, type: str, event: dict[str, Any], *, session_id: str | None = None
     ) -> int: ...
@@ -602,10 +606,8 @@ class ClientSide(asyncio.Protocol):
     def _emit(self, actions: Actions) -> bool:
         if not actions.records:
             return True
-        emit = self.proxy.audit.emit
         try:
-            for kind, record in actions.records:
-                emit(kind, record, session_id=self.session_id)
+            self.proxy.audit.emit_many(actions.records, session_id=self.session_id)
         except Exception as e:
             log.error(
                 "audit write failed; ending session",

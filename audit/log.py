@@ -280,6 +280,13 @@ class AuditLog:
         """Queue a record (batched durability); blocks while the queue is full."""
         self._put(type, event, session_id, None)
 
+    def emit_many(
+        self, records: Sequence[tuple[str, Mapping[str, Any]]], *, session_id: str | None = None
+    ) -> None:
+        """:meth:`emit` for several records of one session, in order."""
+        for type, event in records:
+            self._put(type, event, session_id, None)
+
     async def emit_durable(
         self, type: str, event: Mapping[str, Any], *, session_id: str | None = None
     ) -> int:

@@ -44,7 +44,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -197,13 +197,22 @@ class AuditProcess:
         not change an event after emitting it. Values msgpack cannot encode are recorded as
         text (and logged) rather than losing the record.
         """
-        require_producer_type(type)
+        self.emit_many(((type, event),), session_id=session_id)
+
+    def emit_many(
+        self, records: Sequence[tuple[str, Mapping[str, Any]]], *, session_id: str | None = None
+    ) -> None:
+        """:meth:`emit` for several records of one session, in order, in one call."""
+        for type, _ in records:
+            require_producer_type(type)
         loop = self._loop_of_caller()
         if loop is not None:
             if self._closing:
                 raise AuditUnavailable("audit log is closed")
             ts = time.time_ns()
-            self._unencoded.append((type, session_id, ts, event))
+            unencoded = self._unencoded
+            for type, event in records:
+                unencoded.append((type, session_id, ts, event))
             if self._flush_loop is not loop:  # (a loop that ended may have left one unsent)
                 # A new batch: sent by the first loop turn that emits after SEND_DELAY_NS,
                 # or by a timer when no record follows.
@@ -220,11 +229,13 @@ class AuditProcess:
                 if self._closing:
                     raise AuditUnavailable("audit log is closed")
                 # Sent at once, after the loop's records queued before it.
-                self._unencoded.append((type, session_id, time.time_ns(), event))
+                ts = time.time_ns()
+                for type, event in records:
+                    self._unencoded.append((type, session_id, ts, event))
                 self._send_buffer()
                 healthy, failure = self._healthy, self.failure
         if not healthy:
-            # The writer counts it as lost (an audit.loss record follows on recovery).
+            # The writer counts them as lost (an audit.loss record follows on recovery).
             raise AuditUnavailable(f"audit store is failing: {failure}")
 
     async def emit_durable(
@@ -345,7 +356,19 @@ class AuditProcess:
             taken = unencoded[:count]
             del unencoded[:count]
             # The frame ["b", [item, ...]], assembled from the packed items.
-            items = b"".join(self._item(*record) for record in taken)
+            try:
+                packer = self._tls.packer
+            except AttributeError:
+                packer = self._tls.packer = msgpack.Packer(use_bin_type=True)
+            pack = packer.pack
+            parts = []
+            for record in taken:
+                try:
+                    parts.append(pack((record[0], record[1], record[2], pack(record[3]))))
+                except (TypeError, ValueError, OverflowError):
+                    packer.reset()
+                    parts.append(self._item(*record))  # says what it could not encode
+            items = b"".join(parts)
             self._send_frame(b"\x92\xa1b" + _array_header(count) + items)
 
     def _send_locked(self, message: Any) -> None:
