@@ -13,7 +13,7 @@ import pytest
 
 from agent.config import AuditSettings
 from audit.checkpoint import Signer
-from audit.errors import AuditUnavailable
+from audit.errors import AuditUnavailable, UnknownEventType
 from audit.process import AuditProcess
 from audit.store import Store
 from audit.verify import verify
@@ -145,6 +145,29 @@ def test_values_msgpack_cannot_encode_are_recorded_as_text(tmp_path: Path) -> No
         assert event["text"] == "x\\ud800y"
         assert event["big"] == str(1 << 70)
         assert event["things"] == ["frozenset({1})"]
+
+
+def test_records_emitted_together_land_in_order_and_a_bad_type_queues_none(
+    tmp_path: Path,
+) -> None:
+    """emit_many (how the proxy hands over a message's records) keeps their order, from the loop
+    and from a thread alike; one type producers may not emit refuses the whole call."""
+    trail = start(tmp_path)
+
+    async def loop() -> None:
+        trail.emit_many([("query", {"n": 0}), ("result", {"n": 1, "odd": frozenset()}),
+                         ("query", {"n": 2})], session_id="s1")
+        with pytest.raises(UnknownEventType):
+            trail.emit_many([("query", {"n": -1}), ("checkpoint", {"n": -2})], session_id="s1")
+
+    asyncio.run(loop())
+    trail.emit_many([("result", {"n": 3}), ("session.end", {"n": 4})], session_id="s1")
+    assert trail.flush(timeout=30)
+    trail.close()
+    records = read_types(tmp_path)
+    assert [(kind, event["n"]) for kind, _, event in records] == [
+        ("query", 0), ("result", 1), ("query", 2), ("result", 3), ("session.end", 4)]
+    assert records[1][2]["odd"] == "frozenset()"
 
 
 def test_records_sent_before_the_agent_dies_are_committed(tmp_path: Path) -> None:
