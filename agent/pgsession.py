@@ -600,7 +600,8 @@ class PostgresSession:
             self.phase = "ready"
         else:
             self._segments_done += 1
-            self._forget_unanswered_describes()
+            if self._describes:
+                self._forget_unanswered_describes()
         pending = self._pending
         while pending:
             item = pending.popleft()
