@@ -113,24 +113,25 @@ def scan(ns: NetNS, server: PgServer, port: int, rows: int, repeat: int = 3) -> 
 def cpu_ticks(pid: int | None) -> int:
     """User plus system clock ticks of every thread of ``pid`` and of its child processes (the
     agent's audit writer) so far; 0 without a pid."""
-    own, children = cpu_ticks_split(pid)
-    return own + children
+    return sum(cpu_ticks_split(pid))
 
 
-def cpu_ticks_split(pid: int | None) -> tuple[int, int]:
-    """Clock ticks of ``pid``'s own threads, and of its child processes with theirs."""
+def cpu_ticks_split(pid: int | None) -> tuple[int, int, int]:
+    """Clock ticks of ``pid``'s own threads in user and in system mode, and of its child
+    processes with theirs (both)."""
     if pid is None:
-        return 0, 0
-    own = descendants = 0
+        return 0, 0, 0
+    user = system = descendants = 0
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
             children = (task / "children").read_text().split()
         except OSError:
             continue  # a thread that just ended
-        own += int(fields[11]) + int(fields[12])
+        user += int(fields[11])
+        system += int(fields[12])
         descendants += sum(cpu_ticks(int(child)) for child in children)
-    return own, descendants
+    return user, system, descendants
 
 
 def measure(ns: NetNS, server: PgServer, port: int, args: argparse.Namespace,
@@ -143,8 +144,11 @@ def measure(ns: NetNS, server: PgServer, port: int, args: argparse.Namespace,
         result[clients] = run = pgbench(ns, server, port, clients, args.seconds, logdir)
         after = cpu_ticks_split(proxy_pid)
         transactions = run["tps"] * args.seconds
-        own, children = ((a - b) / hz / transactions * 1e6 for a, b in zip(after, before, strict=True))
-        run["agent_cpu_us"] = own + children if proxy_pid else float("nan")
+        user, system, children = (
+            (a - b) / hz / transactions * 1e6 for a, b in zip(after, before, strict=True))
+        run["agent_cpu_us"] = user + system + children if proxy_pid else float("nan")
+        run["user_cpu_us"] = user if proxy_pid else float("nan")
+        run["system_cpu_us"] = system if proxy_pid else float("nan")
         run["child_cpu_us"] = children if proxy_pid else float("nan")
     result["scan"] = scan(ns, server, port, args.rows)
     return result
@@ -232,7 +236,8 @@ def summarize(raw: Path, top: int = 12) -> str:
 
 METRICS = [(1, "tps"), (1, "p50"), (1, "p99"), (8, "tps"), (8, "p50"), (8, "p99"),
            ("scan", "seconds"), ("scan", "mbps"),
-           *((c, m) for c in CLIENT_COUNTS for m in ("agent_cpu_us", "child_cpu_us"))]
+           *((c, m) for c in CLIENT_COUNTS
+             for m in ("agent_cpu_us", "user_cpu_us", "system_cpu_us", "child_cpu_us"))]
 RATIOS = [("TPS c1", 1, "tps"), ("TPS c8", 8, "tps"), ("p99 c1", 1, "p99"), ("p99 c8", 8, "p99"),
           ("scan MB/s", "scan", "mbps")]
 
@@ -279,12 +284,15 @@ def table(rounds: list[dict[str, dict[Any, Any]]]) -> str:
     cpu = [r["ringfence"][c]["agent_cpu_us"] for r in rounds for c in CLIENT_COUNTS]
     if all(v == v for v in cpu):  # not NaN
         rf, relay, ha = results["ringfence"], results["pyrelay"], results["haproxy"]
-        lines.append("proxy CPU per transaction (user+system, all threads and child processes): "
-                     + "   ".join(f"c{c} ringfence {rf[c]['agent_cpu_us']:.0f} us "
-                                  f"(audit writer {rf[c]['child_cpu_us']:.0f}), "
-                                  f"pyrelay {relay[c]['agent_cpu_us']:.0f} us, "
-                                  f"haproxy {ha[c]['agent_cpu_us']:.0f} us"
-                                  for c in CLIENT_COUNTS))
+        def split(r: dict[str, float]) -> str:
+            return f"{r['user_cpu_us']:.0f} user + {r['system_cpu_us']:.0f} system"
+
+        lines.append("proxy CPU per transaction (all threads and child processes; the proxy's own "
+                     "threads split into user and system time):")
+        lines.extend(f"  c{c}  ringfence {rf[c]['agent_cpu_us']:.0f} us ({split(rf[c])} + audit "
+                     f"writer {rf[c]['child_cpu_us']:.0f})   pyrelay {relay[c]['agent_cpu_us']:.0f} us "
+                     f"({split(relay[c])})   haproxy {ha[c]['agent_cpu_us']:.0f} us ({split(ha[c])})"
+                     for c in CLIENT_COUNTS)
     lines.append("goals: TPS >= 0.75x HAProxy at 1 and 8 clients; scan >= 0.8x direct")
     failed = {f"{name} c{c}": r[name][c]["failed"] for r in rounds for name in r for c in CLIENT_COUNTS
               if r[name][c]["failed"]}
