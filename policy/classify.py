@@ -746,9 +746,9 @@ def _shape(text: str) -> _Shape | None:
     """
     if "\x00" in text:
         return None
-    if (text.isascii() and "'" not in text and '"' not in text and "$" not in text
-            and "\\" not in text and "--" not in text and "/*" not in text):
-        return _plain_shape(text)
+    if _is_plain(text):
+        plain = _plain(text)
+        return _Shape(*plain, None) if plain is not None else None
     return _scanned_shape(text)
 
 
@@ -760,20 +760,22 @@ def statement_shape(text: str) -> bytes | None:
     """
     if len(text) > MAX_CACHED_TEXT or "\x00" in text:
         return None
-    if (text.isascii() and "'" not in text and '"' not in text and "$" not in text
-            and "\\" not in text and "--" not in text and "/*" not in text):
-        # As _plain_shape, without the offsets.
-        semicolon = text.find(";")
-        if semicolon >= 0 and text[semicolon + 1 :].strip():
-            return None  # more than one statement
-        if not text[:semicolon].strip() if semicolon >= 0 else not text.strip():
-            return None
-        return ("p" + _PLAIN_INTEGER.sub("\x00i", text)).encode("ascii")
+    if _is_plain(text):  # as _shape, without building the _Shape
+        plain = _plain(text)
+        return plain[0] if plain is not None else None
     shape = _scanned_shape(text)
     return shape.key if shape is not None else None
 
 
-def _plain_shape(text: str) -> _Shape | None:
+def _is_plain(text: str) -> bool:
+    """ASCII with no quotes, comments, dollar signs or backslashes (see :func:`_shape`)."""
+    return (text.isascii() and "'" not in text and '"' not in text and "$" not in text
+            and "\\" not in text and "--" not in text and "/*" not in text)
+
+
+def _plain(text: str) -> tuple[bytes, int, int] | None:
+    """A plain text's key, and where its one statement starts and ends (before a closing
+    ';'); None for more than one statement or none."""
     body = text.rstrip()
     end = len(body)
     if body.endswith(";"):
@@ -783,7 +785,7 @@ def _plain_shape(text: str) -> _Shape | None:
     start = len(text) - len(text.lstrip())
     if start >= end:
         return None
-    return _Shape(("p" + _PLAIN_INTEGER.sub("\x00i", text)).encode("ascii"), start, end, None)
+    return ("p" + _PLAIN_INTEGER.sub("\x00i", text)).encode("ascii"), start, end
 
 
 def _scanned_shape(text: str) -> _Shape | None:

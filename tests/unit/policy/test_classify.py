@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policy.classify import CLASSES, FLAGS, Classifier, classify
+from policy.classify import CLASSES, FLAGS, Classifier, classify, statement_shape
 
 CORPUS = tomllib.loads((Path(__file__).parent / "corpus.toml").read_text("utf-8"))["case"]
 
@@ -85,6 +85,25 @@ def test_texts_differing_only_in_literals_are_parsed_once() -> None:
         assert result == classify(text)
         assert result.shape is not None
     assert results[1].statements[0].text == "SELECT abalance FROM pgbench_accounts WHERE aid = 42"
+
+
+@pytest.mark.parametrize("text", [
+    "SELECT abalance FROM pgbench_accounts WHERE aid = 42;",
+    "  select * from t where a = 1 and b = 22  ;  ",
+    "UPDATE t SET n = n + 1 WHERE id = 7",
+    "/* app */ SELECT * FROM users WHERE name = 'bob' AND age > 3",
+    "select 1.5, 1e5, x1, 12345678901 from t",
+])
+def test_the_sessions_shape_key_is_the_classifications(text: str) -> None:
+    """statement_shape, which a session keys its reused decisions by, gives the very key the
+    classification carries (a decision is reused only when they are equal)."""
+    shape = Classifier()(text).shape
+    assert shape is not None and statement_shape(text) == shape
+
+
+@pytest.mark.parametrize("text", ["select 1; select 2", "  ;  ", "", "select 1 -- x\n; select 2"])
+def test_texts_of_no_one_statement_have_no_shape_key(text: str) -> None:
+    assert statement_shape(text) is None
 
 
 # Pairs that differ only inside a literal but must not share a classification.
