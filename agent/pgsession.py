@@ -443,26 +443,18 @@ class PostgresSession:
         """
         actions = Actions()
         self.bytes_from_server += len(data)
-        if (self._held is None and not self._blocked_pending and self.phase != "upstream-auth"
-                and self.backend.at_boundary):
-            try:
-                done = self._scan_replies(data, actions)
-                events = self.backend.feed(data[done:] if done else data) if done < len(data) else []
-            except pg.ServerProtocolError as e:
-                # (Records of statements answered before the bad message stay.)
-                return self._protocol_violation(actions, f"server protocol error: {e}")
-            if not forwarded:
-                actions.to_client.append(data)
-            for event in events:
-                self._server_event(event, actions)
-            return actions
+        relaying = self._held is None and not self._blocked_pending and self.phase != "upstream-auth"
         try:
-            events = self.backend.feed(data)
+            # Ordinary replies are read in place; the scanner takes the rest from where
+            # they end (all of it when none is read, so that its ends match ``data``).
+            done = self._scan_replies(data, actions) if relaying and self.backend.at_boundary else 0
+            events = self.backend.feed(data[done:]) if not done or done < len(data) else []
         except pg.ServerProtocolError as e:
+            # (Records of statements answered before the bad message stay.)
             return self._protocol_violation(actions, f"server protocol error: {e}")
         if self.phase == "upstream-auth":
             return self._upstream_auth_data(data, events, actions)
-        if self._held is None and not self._blocked_pending:
+        if relaying:
             if not forwarded:
                 actions.to_client.append(data)
             for event in events:
