@@ -632,25 +632,30 @@ class PostgresSession:
             if kind == 0x44:  # DataRow
                 rows += 1
                 row_bytes += length + 1
-            elif kind == 0x43 or kind == 0x5A:  # CommandComplete, ReadyForQuery
+                pos = end
+                continue
+            ready = None
+            if kind == 0x43:  # CommandComplete
                 if length > max_message:
                     break
-                if rows:
-                    if pending:
-                        pending[0].command_rows += rows
-                    rows = row_bytes = 0
-                if kind == 0x43:
-                    self._command_complete(pg.command_complete(data[pos + 5 : end]), actions)
-                else:
-                    ready = pg.READY_EVENTS.get(data[pos + 5 : end])
-                    if ready is None:
-                        break
-                    self._ready_for_query(ready.status, actions)
+            elif kind == 0x5A:  # ReadyForQuery
+                ready = pg.READY_EVENTS.get(data[pos + 5 : end])
+                if ready is None:
+                    break
             elif kind == 0x54:  # RowDescription
                 if length < 6 or length > max_message:
                     break
             elif kind != 0x31 and kind != 0x32 and kind != 0x6E:  # ParseComplete, BindComplete, NoData
                 break
+            if rows:
+                # A run of rows ends at any other message, as the scanner ends it.
+                if pending:
+                    pending[0].command_rows += rows
+                rows = row_bytes = 0
+            if kind == 0x43:
+                self._command_complete(pg.command_complete(data[pos + 5 : end]), actions)
+            elif ready is not None:
+                self._ready_for_query(ready.status, actions)
             pos = end
         if rows:
             if pos < size:

@@ -129,6 +129,19 @@ def test_replies_read_in_place_record_what_the_scanner_would(data: st.DataObject
         assert not sessions[0].ended
 
 
+def test_a_run_of_rows_ends_at_any_other_message_as_in_the_scanner() -> None:
+    """Rows, a ParseComplete, then a row cut by the chunk's end: the first run is counted
+    where the scanner counts it, whatever comes after (a case found by the test above)."""
+    row = SERVER_MESSAGES[1]
+    stream = row + msg(b"1", b"") + row + SERVER_MESSAGES[3] + SERVER_MESSAGES[6]
+    in_place, scanner = new_session(True), new_session(False)
+    for s in (in_place, scanner):
+        s.client_data(pg.query_message("select 1"))
+    for chunk in (stream[:22], stream[22:]):
+        assert outcome(in_place.server_data(chunk)) == outcome(scanner.server_data(chunk))
+        assert state(in_place) == state(scanner)
+
+
 def test_a_whole_reply_is_read_without_the_scanner() -> None:
     """A query's whole answer in one chunk is recorded from the bytes in place."""
     s = new_session(True)
