@@ -124,14 +124,20 @@ def require_producer_type(type: str) -> None:
         raise UnknownEventType(f"{type!r} is not an event type producers may emit")
 
 
+def thread_packer(tls: threading.local) -> msgpack.Packer:
+    """This thread's msgpack Packer, kept in ``tls`` (a Packer is not thread-safe)."""
+    try:
+        packer: msgpack.Packer = tls.packer
+    except AttributeError:
+        packer = tls.packer = msgpack.Packer(use_bin_type=True)
+    return packer
+
+
 def encode_producer_event(tls: threading.local, type: str, event: Mapping[str, Any]) -> bytes:
     """A producer's event as msgpack (one Packer per thread in ``tls``); refuses store-only
     types (UnknownEventType) and what msgpack cannot encode (InvalidEvent)."""
     require_producer_type(type)
-    try:
-        packer = tls.packer
-    except AttributeError:
-        packer = tls.packer = msgpack.Packer(use_bin_type=True)
+    packer = thread_packer(tls)
     try:
         data: bytes = packer.pack(event)
     except (TypeError, ValueError, OverflowError) as e:

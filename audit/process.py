@@ -51,7 +51,13 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from audit.errors import AuditUnavailable, InvalidEvent
-from audit.log import AuditLog, _Waiter, encode_producer_event, require_producer_type
+from audit.log import (
+    AuditLog,
+    _Waiter,
+    encode_producer_event,
+    require_producer_type,
+    thread_packer,
+)
 
 if TYPE_CHECKING:
     from agent.config import AuditSettings
@@ -305,7 +311,7 @@ class AuditProcess:
             log.error("audit record %r of session %s holds values msgpack cannot encode (%s); "
                       "they are recorded as text", type, session_id, e)
             data = self._encode(type, _encodable(event))
-        item: bytes = self._tls.packer.pack((type, session_id, ts, data))
+        item: bytes = thread_packer(self._tls).pack((type, session_id, ts, data))
         return item
 
     def _loop_of_caller(self) -> asyncio.AbstractEventLoop | None:
@@ -356,10 +362,7 @@ class AuditProcess:
             taken = unencoded[:count]
             del unencoded[:count]
             # The frame ["b", [item, ...]], assembled from the packed items.
-            try:
-                packer = self._tls.packer
-            except AttributeError:
-                packer = self._tls.packer = msgpack.Packer(use_bin_type=True)
+            packer = thread_packer(self._tls)
             pack = packer.pack
             parts = []
             for record in taken:
