@@ -37,6 +37,7 @@ import fcntl
 import logging
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
@@ -388,8 +389,14 @@ class AuditProcess:
             self._writer_gone(f"audit writer process unreachable: {e}")
 
     def _read(self) -> None:
+        # Wait in poll() for something to read: a thread blocked in recv() on a Unix socket
+        # is also woken each time the writer drains what the agent sent (the socket has one
+        # wait queue for both directions), hundreds of times a second under load.
+        readable = select.poll()
+        readable.register(self._sock, select.POLLIN)
         try:
             while True:
+                readable.poll()
                 message = _receive(self._sock)
                 if message is None:
                     break

@@ -182,6 +182,29 @@ def test_records_sent_before_the_agent_dies_are_committed(tmp_path: Path) -> Non
     assert [event["n"] for _, _, event in read_types(tmp_path)] == list(range(200))
 
 
+def reply_thread_wakeups(trail: AuditProcess) -> int:
+    thread = trail._reader
+    assert thread.native_id is not None
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    return int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+
+
+def test_the_reply_reader_sleeps_while_the_writer_drains_frames(tmp_path: Path) -> None:
+    """The thread that reads the writer's replies wakes for replies, not each time the writer
+    reads a frame the agent sent (hundreds a second under load, each a context switch)."""
+    trail = start(tmp_path)
+    assert trail.flush(timeout=30)
+    before = reply_thread_wakeups(trail)
+    for n in range(300):
+        trail.emit("query", {"n": n}, session_id="s1")  # outside a loop: one frame each
+        time.sleep(0.0005)  # the writer drains each frame on its own
+    assert trail.flush(timeout=30)  # one reply
+    wakeups = reply_thread_wakeups(trail) - before
+    trail.close()
+    assert [event["n"] for _, _, event in read_types(tmp_path)] == list(range(300))
+    assert wakeups < 30
+
+
 def test_a_dead_writer_makes_the_trail_unavailable(tmp_path: Path) -> None:
     """Without its writer the trail says so: unhealthy, emits refused, strict records fail."""
     trail = start(tmp_path)
