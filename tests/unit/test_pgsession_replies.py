@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from agent.pgsession import Actions, PostgresSession
 from agent.protocols import postgres as pg
+from tests.support.fuzz import examples
 
 
 def msg(kind: bytes, body: bytes) -> bytes:
@@ -91,7 +92,7 @@ def state(s: PostgresSession) -> tuple[Any, ...]:
 
 
 @given(st.data())
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 def test_replies_read_in_place_record_what_the_scanner_would(data: st.DataObject) -> None:
     """Random client requests and server replies, split anywhere and interleaved: both ways of
     reading give the same records, the same bytes each way and the same session state. A

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policy.classify import CLASSES, FLAGS, Classifier, classify, statement_shape
+from tests.support.fuzz import examples
 
 CORPUS = tomllib.loads((Path(__file__).parent / "corpus.toml").read_text("utf-8"))["case"]
 
@@ -187,7 +188,7 @@ _STATEMENTS = st.one_of(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(_STATEMENTS, st.booleans(), st.integers(0, 999_999_999))
 def test_texts_that_share_a_shape_classify_as_uncached(text: str, tight: bool, number: int) -> None:
     """Generated statements with numbers in every position (also written without spaces): the

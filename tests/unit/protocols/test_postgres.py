@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.protocols import postgres as pg
+from tests.support.fuzz import examples
 
 
 def msg(kind: bytes, body: bytes) -> bytes:
@@ -196,7 +197,7 @@ def test_backend_scanner_decodes_what_a_record_needs() -> None:
 
 
 @given(st.data())
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 def test_backend_scanner_is_independent_of_chunking(data: st.DataObject) -> None:
     """Any split of the server stream yields the same events as feeding it whole."""
     stream = server_stream(data.draw(st.integers(0, 20)))
@@ -234,7 +235,7 @@ def frontend_stream() -> bytes:
 
 
 @given(st.data())
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 def test_frontend_frames_are_identical_to_the_input_at_any_split(data: st.DataObject) -> None:
     """Split anywhere, the parser returns the same frames, and their bytes rebuild the input."""
     stream = frontend_stream()
@@ -245,7 +246,7 @@ def test_frontend_frames_are_identical_to_the_input_at_any_split(data: st.DataOb
 
 
 @given(st.binary(max_size=300), st.integers(0, 299), st.binary(min_size=1, max_size=8))
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 def test_mutated_streams_never_escape_as_other_exceptions(
     noise: bytes, position: int, patch: bytes
 ) -> None:
