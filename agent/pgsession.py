@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agent.protocols import postgres as pg
-from policy import Subject
+from policy import Subject, classify_replication
 from policy.classify import statement_shape as _statement_shape
 
 if TYPE_CHECKING:
@@ -44,6 +44,23 @@ AUTH_METHODS = {
 }
 
 Record = tuple[str, dict[str, Any]]
+
+
+def replication_mode(value: str | None) -> str | None:
+    """What a StartupMessage's ``replication`` parameter asks for, read as the server reads
+    it: "logical" for ``database`` (replication commands and SQL), "physical" for a true
+    boolean (replication commands only), None for false or absent. (The server refuses any
+    other value at login.)"""
+    if value is None:
+        return None
+    if value == "database":
+        return "logical"
+    word = value.lower()
+    # PostgreSQL's parse_bool: true, yes, on or 1, or an unambiguous prefix of a word.
+    if word and ("true".startswith(word) or "yes".startswith(word) or word == "1"
+                 or (len(word) >= 2 and "on".startswith(word))):
+        return "physical"
+    return None
 
 
 @dataclass(slots=True)
@@ -135,6 +152,7 @@ class PostgresSession:
         self.backend_key: tuple[int, int] | None = None
         self.auth_method: str | None = None
         self.startup: pg.StartupMessage | None = None
+        self.replication: str | None = None  # "physical" or "logical" (see replication_mode)
         self.start_recorded = False
         self.ended = False
         self.last_error: dict[str, str] | None = None
@@ -286,6 +304,10 @@ class PostgresSession:
         if policy is not self._reused_policy or subject is not self._reused_subject:
             self._reused_policy, self._reused_subject = policy, subject
             self._reused.clear()
+        if self.replication is not None:
+            command = classify_replication(sql)
+            if command is not None:
+                return policy.statement(subject or Subject(), self._resource(), command)
         shape = _statement_shape(sql) if policy.reuses_decisions else None
         if shape is not None:
             known = self._reused.get(shape)
@@ -331,6 +353,7 @@ class PostgresSession:
             self._protocol_violation(actions, "client protocol error: unsupported protocol")
             return
         self.startup = event
+        self.replication = replication_mode(event.parameters.get("replication"))
         if self._refusal is not None:
             self._fatal(actions, *self._refusal)
             return
@@ -779,6 +802,8 @@ class PostgresSession:
             if startup
             else None
         )
+        if self.replication is not None:
+            record["target"]["replication"] = self.replication
         identity_record = self.identity.to_record() if self.identity is not None else None
         if identity_record is not None:
             record["identity"] = identity_record

@@ -35,6 +35,7 @@ from policy.classify import (
     Classifier,
     StatementInfo,
     classify,
+    classify_replication,
     default_classifier,
 )
 from policy.evaluate import Policy
@@ -86,6 +87,7 @@ __all__ = [
     "StatementVerdict",
     "Subject",
     "classify",
+    "classify_replication",
     "default_classifier",
     "load_policy",
     "parse_policy",

@@ -4,7 +4,9 @@
 :class:`StatementInfo` per statement (kind, class, risk flags, relations and
 functions touched), or a parse error. Nothing here looks at text with regular
 expressions: comments, case, quoting, dollar quoting and unicode escapes are
-resolved by the parser before any decision is made.
+resolved by the parser before any decision is made. (Replication connections'
+commands, :func:`classify_replication`, are told by their first keyword, as the
+server tells them.)
 
 The parse tree is walked as libpg_query's JSON (decoding it is several times
 cheaper than building pglast's Python AST), iteratively, so deeply nested
@@ -36,8 +38,9 @@ DDL = "ddl"
 DCL = "dcl"
 TRANSACTION = "transaction"
 UTILITY = "utility"
-CLASSES = (READ, WRITE, DDL, DCL, TRANSACTION, UTILITY)
-_CLASS_RANK = {UTILITY: 0, TRANSACTION: 0, READ: 1, WRITE: 2, DDL: 3, DCL: 4}
+REPLICATION = "replication"  # commands of a replication connection's own grammar
+CLASSES = (READ, WRITE, DDL, DCL, TRANSACTION, UTILITY, REPLICATION)
+_CLASS_RANK = {UTILITY: 0, TRANSACTION: 0, READ: 1, WRITE: 2, DDL: 3, DCL: 4, REPLICATION: 4}
 
 # Risk flags. The README documents each one.
 FLAGS = (
@@ -689,6 +692,43 @@ def classify(text: str) -> Classification:
         return Classification(text, tuple(_classify_text(text)))
     except _ParseFailure as e:
         return Classification(text, (), parse_error=str(e))
+
+
+# Replication connections (startup parameter ``replication``) have a grammar of their own
+# besides SQL (PostgreSQL's walsender: repl_gram.y). The server takes a query string as a
+# replication command exactly when its first token is one of these keywords; whitespace
+# may come first, nothing else (its scanner knows no comments). With their risk flags:
+# creating and dropping slots and taking a base backup are what the SQL functions
+# flagged ``server_admin`` do.
+_REPLICATION_COMMANDS: dict[str, frozenset[str]] = {
+    "IDENTIFY_SYSTEM": frozenset(),
+    "SHOW": frozenset(),
+    "TIMELINE_HISTORY": frozenset(),
+    "READ_REPLICATION_SLOT": frozenset(),
+    "START_REPLICATION": frozenset(),
+    "CREATE_REPLICATION_SLOT": frozenset({"server_admin"}),
+    "DROP_REPLICATION_SLOT": frozenset({"server_admin"}),
+    "ALTER_REPLICATION_SLOT": frozenset({"server_admin"}),
+    "BASE_BACKUP": frozenset({"server_admin"}),
+    "UPLOAD_MANIFEST": frozenset({"server_admin"}),
+}
+# The first token when it is a keyword: letters and underscores, not followed by a
+# character that would continue an identifier (ident_cont, bytes >= 0x80 included).
+_FIRST_KEYWORD = re.compile(r"[ \t\n\r\f\v]*([A-Za-z_]+)(?![A-Za-z0-9_$\x80-\U0010ffff])")
+
+
+def classify_replication(text: str) -> Classification | None:
+    """A replication command, as a replication connection's server takes it; None for a
+    text it runs as SQL (or, on a physical replication connection, refuses)."""
+    match = _FIRST_KEYWORD.match(text)
+    if match is None:
+        return None
+    kind = match.group(1).upper()
+    flags = _REPLICATION_COMMANDS.get(kind)
+    if flags is None:
+        return None
+    info = StatementInfo(text.strip(" \t\n\r\f\v;"), kind, REPLICATION, flags)
+    return Classification(text, (info,))
 
 
 # Literal tokens of PostgreSQL's scanner, cut out of a shape (with a marker for

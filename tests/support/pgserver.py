@@ -55,15 +55,19 @@ def pgserver(
     passwords: dict[str, str] | None = None,
     ssl_files: tuple[Path, Path] | None = None,
     hba_first: tuple[str, ...] = (),
+    server_settings: dict[str, str] | None = None,
 ) -> Iterator[PgServer]:
     """initdb + postgres in ``ns`` listening on all addresses, the given roles created.
 
     Roles in ``passwords`` get that password and must log in over TCP with
     SCRAM-SHA-256; everything else is trusted. Every statement the server
-    runs is logged to ``server.log``.
+    runs is logged to ``server.log``. ``server_settings`` are further
+    configuration parameters (``{"wal_level": "logical"}``).
     """
     passwords = passwords or {}
     settings: list[str] = []
+    for name, value in (server_settings or {}).items():
+        settings += ["-c", f"{name}={value}"]
     bindir = pg_bindir()
     if bindir is None:
         raise RuntimeError("PostgreSQL server is not installed")

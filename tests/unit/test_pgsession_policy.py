@@ -163,3 +163,89 @@ def test_a_shape_allowed_once_is_judged_again_after_a_policy_reload() -> None:
     assert actions.to_server == [pg.query_message(SUBSTITUTE_SQL)]
     (decision,) = [r for t, r in actions.durable if t == "policy.decision"]
     assert decision["rule_id"] == "no-writes"
+
+
+def replication_session(mode: str, policy: Any = POLICY) -> PostgresSession:
+    s = PostgresSession("s1", {"service": "postgres"}, policy=lambda: policy)
+    s.client_data(pg.startup_message({"user": "replicator", "database": "replication",
+                                      "replication": mode}))
+    s.server_data(msg(b"R", struct.pack("!i", 0)) + msg(b"Z", b"I"))
+    return s
+
+
+@pytest.mark.parametrize("mode", ["true", "on", "yes", "1", "database"])
+def test_replication_commands_pass_on_replication_connections(mode: str) -> None:
+    """pg_basebackup, standbys and logical decoding speak the walsender's own commands: on a
+    replication connection they are judged as such (class replication), not as SQL that
+    fails to parse, and reach the server."""
+    s = replication_session(mode)
+    for command, kind in [("IDENTIFY_SYSTEM", "IDENTIFY_SYSTEM"),
+                          ("  base_backup ( LABEL 'nightly', CHECKPOINT 'fast' );", "BASE_BACKUP"),
+                          ("START_REPLICATION SLOT \"s\" PHYSICAL 0/2000000 TIMELINE 1",
+                           "START_REPLICATION")]:
+        sent = pg.query_message(command)
+        actions = s.client_data(sent)
+        assert actions.to_server == [sent]
+        (query,) = [r for t, r in actions.records if t == "query"]
+        assert query["policy"]["effect"] == "allow"
+        assert query["policy"]["classes"] == ["replication"]
+        s.server_data(msg(b"C", kind.encode() + b"\x00") + msg(b"Z", b"I"))
+
+
+def test_replication_connections_are_marked_in_the_session_record() -> None:
+    s = PostgresSession("s1", {"service": "postgres"}, policy=lambda: POLICY)
+    actions = s.client_data(pg.startup_message({"user": "r", "replication": "database"}))
+    (start,) = [r for t, r in actions.records if t == "session.start"]
+    assert start["target"]["replication"] == "logical"
+    s = PostgresSession("s2", {"service": "postgres"}, policy=lambda: POLICY)
+    actions = s.client_data(pg.startup_message({"user": "r", "replication": "false"}))
+    (start,) = [r for t, r in actions.records if t == "session.start"]
+    assert "replication" not in start["target"]
+
+
+def test_sql_on_a_logical_replication_connection_is_judged_as_sql() -> None:
+    """replication=database also runs SQL: a DROP there is blocked like anywhere else."""
+    s = replication_session("database")
+    actions = s.client_data(pg.query_message("DROP TABLE accounts"))
+    assert actions.to_server == [pg.query_message(SUBSTITUTE_SQL)]
+
+
+@pytest.mark.parametrize("mode", [None, "false", "off", "o"])
+def test_replication_commands_elsewhere_are_unparseable_sql(mode: str | None) -> None:
+    """Outside a replication connection the server would reject IDENTIFY_SYSTEM as SQL; the
+    policy's unparseable default decides, as for any text PostgreSQL cannot parse."""
+    parameters = {"user": "alice", "database": "shop"}
+    if mode is not None:
+        parameters["replication"] = mode
+    s = PostgresSession("s1", {"service": "postgres"}, policy=lambda: POLICY)
+    s.client_data(pg.startup_message(parameters))
+    s.server_data(msg(b"R", struct.pack("!i", 0)) + msg(b"Z", b"I"))
+    actions = s.client_data(pg.query_message("IDENTIFY_SYSTEM"))
+    assert actions.to_server == [pg.query_message(SUBSTITUTE_SQL)]
+    (decision,) = [r for t, r in actions.durable if t == "policy.decision"]
+    assert decision["rule_id"] == "defaults.unparseable"
+
+
+def test_a_policy_can_hold_back_replication() -> None:
+    """A rule on class replication keeps base backups from the server, with its reason."""
+    policy = parse_policy('''
+[defaults]
+unidentified = "allow"
+[[rule]]
+id = "no-base-backups"
+effect = "block"
+classes = ["replication"]
+kinds = ["BASE_BACKUP"]
+reason = "base backups go through the backup host"
+''')
+    s = replication_session("true", policy)
+    assert s.client_data(pg.query_message("IDENTIFY_SYSTEM")).to_server == [
+        pg.query_message("IDENTIFY_SYSTEM")]
+    s.server_data(msg(b"C", b"IDENTIFY_SYSTEM\x00") + msg(b"Z", b"I"))
+    actions = s.client_data(pg.query_message("BASE_BACKUP (CHECKPOINT 'fast')"))
+    assert actions.to_server == [pg.query_message(SUBSTITUTE_SQL)]
+    (decision,) = [r for t, r in actions.durable if t == "policy.decision"]
+    assert decision["rule_id"] == "no-base-backups"
+    reply = s.server_data(SYNTAX_ERROR + msg(b"Z", b"I"))
+    error = next(e for e in decoded(b"".join(reply.to_client)) if isinstance(e, pg.ErrorResponse))
+    assert "base backups go through the backup host" in error.message

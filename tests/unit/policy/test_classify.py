@@ -11,7 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policy.classify import CLASSES, FLAGS, Classifier, classify, statement_shape
+from policy.classify import (
+    CLASSES,
+    FLAGS,
+    Classifier,
+    classify,
+    classify_replication,
+    statement_shape,
+)
 from tests.support.fuzz import examples
 
 CORPUS = tomllib.loads((Path(__file__).parent / "corpus.toml").read_text("utf-8"))["case"]
@@ -200,3 +207,41 @@ def test_texts_that_share_a_shape_classify_as_uncached(text: str, tight: bool, n
     cl = Classifier()
     for candidate in (text, variant, text):
         assert cl(candidate) == classify(candidate), candidate
+
+
+@pytest.mark.parametrize(("text", "kind", "flags"), [
+    ("IDENTIFY_SYSTEM", "IDENTIFY_SYSTEM", set()),
+    ("identify_system;", "IDENTIFY_SYSTEM", set()),
+    ("\n\t SHOW wal_segment_size", "SHOW", set()),
+    ("TIMELINE_HISTORY 2", "TIMELINE_HISTORY", set()),
+    ("START_REPLICATION SLOT \"sub\" LOGICAL 0/0 (\"proto_version\" '1')", "START_REPLICATION",
+     set()),
+    ("BASE_BACKUP (LABEL 'x', PROGRESS)", "BASE_BACKUP", {"server_admin"}),
+    ("CREATE_REPLICATION_SLOT \"s\" TEMPORARY PHYSICAL (RESERVE_WAL)", "CREATE_REPLICATION_SLOT",
+     {"server_admin"}),
+    ("DROP_REPLICATION_SLOT s WAIT", "DROP_REPLICATION_SLOT", {"server_admin"}),
+    ("READ_REPLICATION_SLOT s", "READ_REPLICATION_SLOT", set()),
+])
+def test_replication_commands_are_classified_by_their_keyword(
+    text: str, kind: str, flags: set[str]
+) -> None:
+    found = classify_replication(text)
+    assert found is not None and found.parse_error is None
+    (info,) = found.statements
+    assert (info.kind, info.statement_class, set(info.flags)) == (kind, "replication", flags)
+
+
+@pytest.mark.parametrize("text", [
+    "SELECT 1",
+    "",
+    "IDENTIFY_SYSTEMx",  # one identifier to the server's scanner, not the keyword
+    "IDENTIFY_SYSTEM$1",
+    "BASE_BACKUP\u00e9",
+    '"IDENTIFY_SYSTEM"',  # a quoted identifier is never a keyword
+    "-- note\nIDENTIFY_SYSTEM",  # the replication scanner knows no comments
+    "/* x */ BASE_BACKUP",
+])
+def test_texts_the_server_takes_as_sql_are_not_replication_commands(text: str) -> None:
+    """Exactly when the first token is a replication keyword: anything else goes to the SQL
+    parser and is judged as SQL (where these fail to parse and the policy's default holds)."""
+    assert classify_replication(text) is None
