@@ -132,7 +132,7 @@ class PostgresSession:
         *,
         max_message: int = pg.DEFAULT_MAX_MESSAGE,
         max_statement: int = 64 * 1024,
-        cancel_target: Callable[[int, int], str | None] | None = None,
+        cancel_target: Callable[[int, bytes], str | None] | None = None,
         policy: Callable[[], Policy] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -149,7 +149,7 @@ class PostgresSession:
         self.bytes_from_client = 0
         self.bytes_from_server = 0
         self.statements = 0
-        self.backend_key: tuple[int, int] | None = None
+        self.backend_key: tuple[int, bytes] | None = None
         self.auth_method: str | None = None
         self.startup: pg.StartupMessage | None = None
         self.replication: str | None = None  # "physical" or "logical" (see replication_mode)

@@ -169,7 +169,7 @@ class Proxy:
                 self.tls_contexts[service.name] = context
         self.servers: list[asyncio.base_events.Server] = []
         self.connections: set[ClientSide] = set()
-        self.backend_keys: dict[tuple[str, int, int, int], str] = {}
+        self.backend_keys: dict[tuple[str, int, int, bytes], str] = {}
 
     def upstream_tls_context(self, service: ProtectedService) -> ssl.SSLContext:
         """The context for TLS to ``service``'s server (built on first use)."""
@@ -221,8 +221,8 @@ class Proxy:
             await server.wait_closed()
         self.servers.clear()
 
-    def cancel_target(self, destination: tuple[str, int]) -> Callable[[int, int], str | None]:
-        def lookup(pid: int, secret: int) -> str | None:
+    def cancel_target(self, destination: tuple[str, int]) -> Callable[[int, bytes], str | None]:
+        def lookup(pid: int, secret: bytes) -> str | None:
             return self.backend_keys.get((destination[0], destination[1], pid, secret))
 
         return lookup
@@ -240,7 +240,7 @@ class ClientSide(asyncio.Protocol):
         self.session: PostgresSession | None = None
         self.destination: tuple[str, int] | None = None
         self.closed = False
-        self.key_registered: tuple[str, int, int, int] | None = None
+        self.key_registered: tuple[str, int, int, bytes] | None = None
         self._deferred: list[Actions] | None = None  # actions waiting for a durable commit
         self._early: list[bytes] | None = []  # client bytes that arrived during setup
         self.process: dict[str, Any] | None = None
@@ -686,7 +686,7 @@ class ClientSide(asyncio.Protocol):
             )
         self._close_all()
 
-    def _register_key(self, key: tuple[int, int]) -> None:
+    def _register_key(self, key: tuple[int, bytes]) -> None:
         if self.destination is None:
             return
         entry = (self.destination[0], self.destination[1], key[0], key[1])

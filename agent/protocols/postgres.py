@@ -33,6 +33,7 @@ GSSENC_REQUEST_CODE: Final = (1234 << 16) | 5680
 # The server's own bound on a startup packet (MAX_STARTUP_PACKET_LENGTH).
 MAX_STARTUP_PACKET: Final = 10000
 DEFAULT_MAX_MESSAGE: Final = 64 * 1024 * 1024
+MAX_CANCEL_SECRET: Final = 256  # bytes of a cancel key (protocol 3.2 lets the server choose)
 
 SSL_REFUSED: Final = b"N"
 SSL_ACCEPTED: Final = b"S"
@@ -88,7 +89,7 @@ class GSSENCRequest:
 @dataclass(frozen=True, slots=True)
 class CancelRequest:
     backend_pid: int
-    secret: int
+    secret: bytes  # 4 bytes in protocol 3.0; up to 256 from protocol 3.2 (PostgreSQL 18)
     raw: bytes
 
 
@@ -247,9 +248,8 @@ def _parse_startup(packet: bytes) -> StartupMessage | SSLRequest | GSSENCRequest
         return SSLRequest(packet)
     if code == GSSENC_REQUEST_CODE and length == 8:
         return GSSENCRequest(packet)
-    if code == CANCEL_REQUEST_CODE and length == 16:
-        pid, secret = struct.unpack_from("!ii", packet, 8)
-        return CancelRequest(pid, secret, packet)
+    if code == CANCEL_REQUEST_CODE and 16 <= length <= 12 + MAX_CANCEL_SECRET:
+        return CancelRequest(_INT32.unpack_from(packet, 8)[0], packet[12:], packet)
     if code >> 16 != 3:
         raise ClientProtocolError(
             f"unsupported startup request code {code} (protocol {code >> 16}.{code & 0xFFFF})"
@@ -415,7 +415,7 @@ class ParameterStatus:
 @dataclass(frozen=True, slots=True)
 class BackendKeyData:
     backend_pid: int
-    secret: int
+    secret: bytes  # the cancel key: 4 bytes in protocol 3.0, up to 256 from 3.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -601,7 +601,7 @@ def _decode_backend(kind: int, body: bytes) -> BackendEvent:
         name = r.cstring()
         return ParameterStatus(name, r.cstring())
     if kind == 0x4B:  # K
-        return BackendKeyData(r.int32(), r.int32())
+        return BackendKeyData(r.int32(), body[4:])
     if kind == 0x5A:  # Z
         return ReadyForQuery(r.take(1).decode("ascii", "replace"))
     if kind == 0x43:  # C

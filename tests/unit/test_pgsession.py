@@ -260,3 +260,24 @@ def test_binary_parameters_decoded_when_simple_else_type_and_length() -> None:
     actions = s.client_data(parse + bind + msg(b"E", b"\x00" + struct.pack("!i", 0)))
     (query,) = records(actions, "query")
     assert query["parameters"] == [42, {"format": "binary", "type_oid": 17, "length": 3}]
+
+
+def test_a_long_cancel_key_finds_its_session() -> None:
+    """Protocol 3.2 (PostgreSQL 18) cancel keys of up to 256 bytes: the session keeps the
+    server's key whole, and a CancelRequest carrying it is matched to that session and
+    forwarded as it came."""
+    secret = bytes(range(64))
+    target, _ = session()
+    target.client_data(pg.startup_message({"user": "alice", "database": "shop"},
+                                          pg.PROTOCOL_V3 | 2))
+    target.server_data(msg(b"R", struct.pack("!i", 0)) + msg(b"K", struct.pack("!i", 11) + secret)
+                       + msg(b"Z", b"I"))
+    assert target.backend_key == (11, secret)
+    keys = {target.backend_key: "s1"}
+    canceller = PostgresSession("s2", {"service": "postgres"},
+                                cancel_target=lambda pid, key: keys.get((pid, key)))
+    request = struct.pack("!iii", 12 + len(secret), pg.CANCEL_REQUEST_CODE, 11) + secret
+    actions = canceller.client_data(request)
+    assert actions.to_server == [request]
+    (start,) = records(actions, "session.start")
+    assert start["cancel"] == {"backend_pid": 11, "target_session_id": "s1"}

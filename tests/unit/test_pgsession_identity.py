@@ -56,7 +56,7 @@ def test_token_as_password_then_agent_logs_in_upstream_with_md5() -> None:
     tail = msg(b"S", b"server_version\x0015\x00") + msg(b"K", struct.pack("!ii", 7, 8)) + msg(b"Z", b"I")
     actions = s.server_data(msg(b"R", struct.pack("!i", 0)) + tail)
     assert b"".join(actions.to_client) == pgauth.authentication_ok() + tail
-    assert s.phase == "ready" and s.backend_key == (7, 8)
+    assert s.phase == "ready" and s.backend_key == (7, b"\x00\x00\x00\x08")
 
 
 def test_refused_token_answers_with_its_sqlstate_and_ends_the_session() -> None:

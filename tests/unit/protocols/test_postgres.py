@@ -56,8 +56,23 @@ def test_gssenc_and_cancel_requests() -> None:
                       pg.GSSENCRequest)
     cancel = pg.FrontendParser().feed(struct.pack("!iiii", 16, pg.CANCEL_REQUEST_CODE, 4242, 99))[0]
     assert isinstance(cancel, pg.CancelRequest)
-    assert (cancel.backend_pid, cancel.secret) == (4242, 99)
+    assert (cancel.backend_pid, cancel.secret) == (4242, struct.pack("!i", 99))
 
+
+
+def test_cancel_keys_of_protocol_3_2_are_kept_whole() -> None:
+    """From protocol 3.2 (PostgreSQL 18) the server picks a cancel key of up to 256 bytes: the
+    BackendKeyData and the CancelRequest carry it whole, and a longer one is refused."""
+    secret = bytes(range(32))
+    key = pg.BackendScanner().feed(b"K" + struct.pack("!ii", 8 + len(secret), 4242) + secret)
+    assert key == [pg.BackendKeyData(4242, secret)]
+    request = struct.pack("!iii", 12 + len(secret), pg.CANCEL_REQUEST_CODE, 4242) + secret
+    (cancel,) = pg.FrontendParser().feed(request)
+    assert isinstance(cancel, pg.CancelRequest)
+    assert (cancel.backend_pid, cancel.secret, cancel.raw) == (4242, secret, request)
+    too_long = struct.pack("!iii", 12 + 257, pg.CANCEL_REQUEST_CODE, 4242) + bytes(257)
+    with pytest.raises(pg.ClientProtocolError):
+        pg.FrontendParser().feed(too_long)
 
 @pytest.mark.parametrize(
     "data, reason",
@@ -186,7 +201,7 @@ def test_backend_scanner_decodes_what_a_record_needs() -> None:
     assert events == [
         pg.AuthenticationRequest(0, b""),
         pg.ParameterStatus("server_version", "15.1"),
-        pg.BackendKeyData(777, 888),
+        pg.BackendKeyData(777, struct.pack("!i", 888)),
         pg.ReadyForQuery("I"),
         pg.RowDescription(1),
         pg.DataRows(3, 3 * (1 + 4 + 6 + 1)),
