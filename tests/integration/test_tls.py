@@ -64,6 +64,9 @@ def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
+SCRAM_PASSWORD = "correct-horse-battery"
+
+
 class Stack:
     def __init__(self, ns: NetNS, server: PgServer, agent: AgentProcess, ca: Path) -> None:
         self.ns, self.server, self.agent, self.ca = ns, server, agent, ca
@@ -82,7 +85,7 @@ def stack() -> Iterator[Stack]:
     ca, cert, key = make_certificates(workdir)
     hba = ("hostnossl all secure 0.0.0.0/0 reject", "hostnossl all secure ::/0 reject")
     with netns("rftls") as ns, pgserver(ns, roles=("nobody", "secure"), ssl_files=(cert, key),
-                                        hba_first=hba) as server:
+                                        hba_first=hba, passwords={"scram": SCRAM_PASSWORD}) as server:
         policy = workdir / "policy.toml"
         policy.write_text('[defaults]\nunidentified = "allow"\n')
         services = f"""
@@ -132,6 +135,22 @@ def test_other_sslmodes_keep_working(stack: Stack, mode: str) -> None:
     assert done.returncode == 0 and done.stdout.strip() == "42", done.stderr
     start = latest_start(stack.agent, f"mode-{mode}")
     assert ("tls" in start) == (mode != "disable")
+
+
+def test_scram_channel_binding_holds_through_the_agent(stack: Stack) -> None:
+    """channel_binding=require (SCRAM-SHA-256-PLUS): the binding is the hash of the server's
+    certificate, which the agent presents to the client and the server holds upstream, so
+    it checks out end to end; the password is never the agent's business."""
+    done = stack.psql(f"host=127.0.0.1 user=scram dbname=postgres sslmode=verify-full "
+                      f"sslrootcert={stack.ca} channel_binding=require password={SCRAM_PASSWORD} "
+                      f"application_name=channel-binding", "select current_user")
+    assert done.returncode == 0 and done.stdout.strip() == "scram", done.stderr
+    start = latest_start(stack.agent, "channel-binding")
+    assert start["tls"]["upstream"]["version"] in ("TLSv1.2", "TLSv1.3")
+    # Without TLS there is nothing to bind to, and libpq refuses rather than downgrade.
+    plain = stack.psql(f"host=127.0.0.1 user=scram dbname=postgres sslmode=disable "
+                       f"channel_binding=require password={SCRAM_PASSWORD}", "select 1")
+    assert plain.returncode != 0 and "channel binding" in plain.stderr
 
 
 def test_upstream_tls_when_the_server_requires_it(stack: Stack) -> None:
