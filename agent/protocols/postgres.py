@@ -164,6 +164,10 @@ class PasswordMessage:
 
 @dataclass(frozen=True, slots=True)
 class CopyData:
+    """CopyData from the client, or a piece of one: a large message is passed on as it
+    arrives rather than held whole, so ``raw`` may be its first bytes (with the header) or
+    a later part, and ``size`` counts the data bytes in ``raw``."""
+
     size: int
     raw: bytes
 
@@ -325,16 +329,18 @@ class FrontendParser:
     """Frames and decodes what a client sends.
 
     ``feed(data)`` returns the complete messages found so far; a partial
-    message stays buffered. Bounds: a startup packet may not exceed the
-    server's own limit (10000 bytes), a typed message may not exceed
-    ``max_message``; a declared length beyond either fails at once, before
-    any body arrives.
+    message stays buffered, except CopyData, whose pieces are returned as they
+    arrive (COPY FROM STDIN streams; nothing in its data is read). Bounds: a
+    startup packet may not exceed the server's own limit (10000 bytes), any
+    other message but CopyData may not exceed ``max_message``; a declared
+    length beyond either fails at once, before any body arrives.
     """
 
     def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
         self.max_message = max_message
         self._buffer = bytearray()
         self._startup = True
+        self._copy_remaining = 0  # bytes of a CopyData still to come, passed on as they do
 
     @property
     def buffered(self) -> int:
@@ -345,15 +351,22 @@ class FrontendParser:
         self._startup = False
 
     def feed(self, data: bytes) -> list[FrontendEvent]:
+        events: list[FrontendEvent] = []
+        if self._copy_remaining:
+            taken = min(self._copy_remaining, len(data))
+            self._copy_remaining -= taken
+            events.append(CopyData(taken, data[:taken]))
+            data = data[taken:]
+            if not data:
+                return events
         buf = self._buffer
-        if not buf and not self._startup and len(data) >= 5:
+        if not buf and not self._startup and len(data) >= 5 and not events:
             # The common case, one whole message and nothing held: no buffering.
             kind = data[0]
             length = _INT32.unpack_from(data, 1)[0]
             if len(data) == length + 1 and kind in FRONTEND_TYPES and 4 <= length <= self.max_message:
                 return [_decode_frontend(kind, data)]
         buf += data
-        events: list[FrontendEvent] = []
         pos = 0
         size = len(buf)
         while True:
@@ -382,11 +395,17 @@ class FrontendParser:
                 raise ClientProtocolError(f"unknown frontend message type {bytes([kind])!r}")
             if length < 4:
                 raise ClientProtocolError(f"invalid message length {length}")
+            end = pos + 1 + length
+            if kind == 0x64 and size < end:  # CopyData: what there is goes on now
+                events.append(CopyData(size - pos - 5, bytes(buf[pos:size])))
+                self._copy_remaining = end - size
+                pos = size
+                break
             if length > self.max_message:
                 raise ClientProtocolError(
-                    f"message of {length} bytes exceeds the limit of {self.max_message}"
+                    f"message of {length} bytes exceeds the limit of {self.max_message} "
+                    "(the agent's max_message_bytes)"
                 )
-            end = pos + 1 + length
             if size < end:
                 break
             events.append(_decode_frontend(kind, bytes(buf[pos:end])))

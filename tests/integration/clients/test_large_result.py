@@ -1,10 +1,15 @@
-"""A 5-million-row result streams through the agent in bounded memory."""
+"""A 5-million-row result, and a COPY FROM STDIN sent as one 100 MB message, stream through
+the agent in bounded memory."""
 
 from __future__ import annotations
 
+import socket
+import struct
 from pathlib import Path
 
+from agent.protocols import postgres as pg
 from tests.integration.clients.conftest import Host, app_name, wait_sessions
+from tests.support.netns import call_in
 
 ROWS = 5_000_000
 QUERY = f"select g, repeat('x', 20) from generate_series(1, {ROWS}) g"
@@ -51,3 +56,70 @@ def test_five_million_rows_stream_in_bounded_memory(pghost: Host) -> None:
     recs = wait_sessions(pghost.agent, app)[0]
     fetched = [r for r in recs if r["type"] == "result" and (r["command_tag"] or "").startswith("FETCH")]
     assert sum(r["rows"] for r in fetched) == ROWS
+
+
+COPY_ROWS = 4_000_000
+COPY_DATA = b"".join(b"%d\tsome text for row %d\n" % (n, n) for n in range(1, COPY_ROWS + 1))
+
+
+def frames(data: bytes) -> list[tuple[bytes, bytes]]:
+    out = []
+    while data:
+        length = struct.unpack_from("!i", data, 1)[0]
+        out.append((data[:1], data[5 : 1 + length]))
+        data = data[1 + length :]
+    return out
+
+
+def copy_in_one_message(address: str | tuple[str, int], app: str) -> list[tuple[bytes, bytes]]:
+    """COPY FROM STDIN with all its data in a single CopyData message (libpq's PQputCopyData
+    sends what it is given as one), then a count: the server's answers after the data."""
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(300)
+        sock.connect(address)
+
+        def until_ready() -> bytes:
+            reply = b""
+            while not reply.endswith(b"Z\x00\x00\x00\x05I"):
+                chunk = sock.recv(65536)
+                assert chunk, f"connection closed after {reply[-300:]!r}"
+                reply += chunk
+            return reply
+
+        sock.sendall(pg.startup_message({"user": "postgres", "database": "postgres",
+                                         "application_name": app}))
+        until_ready()
+        sock.sendall(pg.query_message("create temp table bulk (n int, note text)"))
+        until_ready()
+        sock.sendall(pg.query_message("copy bulk from stdin"))
+        reply = b""
+        while b"G" not in reply[:1]:
+            reply += sock.recv(65536)
+        sock.sendall(b"d" + struct.pack("!i", len(COPY_DATA) + 4) + COPY_DATA)
+        sock.sendall(pg.frontend_message(b"c", b""))
+        answer = frames(until_ready())
+        sock.sendall(pg.query_message(
+            "select count(*), sum(n), md5(string_agg(note, ',' order by n)) from bulk"))
+        answer += frames(until_ready())
+        sock.sendall(pg.frontend_message(b"X", b""))
+    return answer
+
+
+def test_copy_of_one_100_mb_message_streams_in_bounded_memory(pghost: Host) -> None:
+    """A CopyData larger than max_message_bytes (64 MiB) passes as it arrives, the server
+    loads what it would load directly, and the agent's RSS hardly moves."""
+    assert len(COPY_DATA) > 100_000_000
+    app = app_name("bigcopy")
+    assert pghost.agent.process is not None
+    agent_pid = pghost.agent.process.pid
+    direct = call_in(pghost.ns, lambda: copy_in_one_message(
+        str(Path(pghost.server.sockdir) / ".s.PGSQL.5432"), app))
+    before = reset_peak_rss(agent_pid)
+    through = call_in(pghost.ns, lambda: copy_in_one_message(("127.0.0.1", 5432), app))
+    assert through == direct
+    assert (b"C", b"COPY %d\x00" % COPY_ROWS) in through
+    assert peak_rss_kb(agent_pid) - before < STREAM_GROWTH_LIMIT_KB
+    copy = next(r for r in wait_sessions(pghost.agent, app)[0]
+                if r["type"] == "result" and r["command_tag"] == f"COPY {COPY_ROWS}")
+    assert copy["rows"] == COPY_ROWS and copy["copy_bytes"] == len(COPY_DATA)

@@ -231,6 +231,26 @@ def test_backend_scanner_never_holds_a_large_data_row() -> None:
     assert summarize(events) == [pg.DataRows(1, len(big) - 14), pg.CommandComplete("SELECT 1")]
 
 
+def test_frontend_passes_a_large_copy_data_on_in_pieces() -> None:
+    """A 10 MB CopyData (over max_message) fed in 64 KiB chunks goes on as it arrives: never
+    buffered, its pieces rebuild it, their sizes add up to its data, and the next message is
+    framed as usual."""
+    data = b"x" * 10_000_000
+    stream = msg(b"d", data) + msg(b"c", b"")
+    parser = pg.FrontendParser(max_message=1 << 20)
+    parser.startup_done()
+    events: list[pg.FrontendEvent] = []
+    for i in range(0, len(stream), 65536):
+        events += parser.feed(stream[i : i + 65536])
+        assert parser.buffered < 64
+    pieces = [e for e in events if isinstance(e, pg.CopyData)]
+    assert b"".join(e.raw for e in events) == stream
+    assert sum(e.size for e in pieces) == len(data) and len(pieces) > 100
+    assert isinstance(events[-1], pg.CopyDone)
+    with pytest.raises(pg.ClientProtocolError, match="max_message_bytes"):
+        parser.feed(msg(b"Q", b"x" * (2 << 20)))
+
+
 def test_backend_garbage_is_a_server_error() -> None:
     """Bytes that are not backend messages raise a server-side protocol error."""
     with pytest.raises(pg.ServerProtocolError):
