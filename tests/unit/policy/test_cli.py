@@ -51,7 +51,7 @@ def test_explain_blocked_drop() -> None:
     assert "connection: allow by allow-trusted: identity trusted by the agent configuration" in lines
     assert "statement 1: DROP TABLE [ddl] flags=drop objects=users" in lines
     assert "  block-drop (block, line 48): matches" in lines
-    assert "  block-truncate (block, line 54): not flags ['truncate']" in lines
+    assert "  block-truncate (block, line 57): not flags ['truncate']" in lines
     assert lines[-2] == "statement: block by block-drop: DROP is blocked by the ringfence policy"
 
 
