@@ -21,6 +21,7 @@ mark, reading from the other side pauses until it drains.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import pwd
@@ -228,6 +229,18 @@ class Proxy:
         return lookup
 
 
+def _keep_alive(sock: Any) -> None:
+    """TCP keepalive on one of a session's sockets, with the host's timing (net.ipv4.
+    tcp_keepalive_*), as PostgreSQL sets on its clients' and libpq on its own. The agent
+    answers each side's probes itself, so without probes of its own a peer that vanished
+    (power loss, a network cut) would never be noticed: its backend, and any locks it
+    holds, would stay for good. Probing each side, the agent ends the session, and the
+    other side's connection with it, when one side stops answering."""
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
 class ClientSide(asyncio.Protocol):
     """The client's connection to the agent; owns the session and the upstream."""
 
@@ -262,6 +275,7 @@ class ClientSide(asyncio.Protocol):
         self.transport = transport
         transport.pause_reading()
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        _keep_alive(transport.get_extra_info("socket"))
         self.proxy.connections.add(self)
         task = asyncio.get_running_loop().create_task(self._setup())
         task.add_done_callback(self._setup_done)
@@ -559,6 +573,7 @@ class ClientSide(asyncio.Protocol):
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.proxy.config.agent.upstream_mark)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _keep_alive(sock)
             sock.setblocking(False)
             await asyncio.wait_for(loop.sock_connect(sock, destination), UPSTREAM_CONNECT_TIMEOUT)
         except TimeoutError:
