@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import socket
 from contextlib import AsyncExitStack
@@ -44,12 +45,34 @@ def run_agent(config: Config) -> int:
         return 1
     import uvloop
 
+    _raise_open_file_limit()
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(_serve(config))
     except StartupError as e:
         log.error("cannot start: %s", e, extra={"event": "agent.start_failed"})
         return 1
+
+
+# The most open files asked for when the hard limit is unlimited (Linux's default fs.nr_open).
+OPEN_FILES_CEILING = 1 << 20
+
+
+def _raise_open_file_limit() -> None:
+    """Every session holds two descriptors: take the hard limit on open files as the soft
+    one, as servers do (a shell's soft limit of 1024 would stop the agent near 500 sessions;
+    the systemd unit sets LimitNOFILE)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = OPEN_FILES_CEILING if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open files limit from %d: %s", soft, e,
+                        extra={"event": "agent.nofile"})
+            return
+    log.debug("open files limit %d", resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+              extra={"event": "agent.nofile"})
 
 
 async def _serve(config: Config) -> int:

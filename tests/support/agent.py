@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -65,7 +66,8 @@ path = "{policy or REPO / 'packaging' / 'policy.toml'}"
 """
         )
 
-    def start(self, timeout: float = 180) -> None:
+    def start(self, timeout: float = 180, open_files: tuple[int, int] | None = None) -> None:
+        """Start and wait until ready; ``open_files`` (soft, hard) limits it as a shell would."""
         notify_path = self.workdir / "notify.sock"
         if notify_path.exists():
             notify_path.unlink()
@@ -77,6 +79,8 @@ path = "{policy or REPO / 'packaging' / 'policy.toml'}"
             self.process = self.ns.popen(
                 [*RINGFENCE, "run", "--config", str(self.config)],
                 env=env, stdout=log, stderr=log, cwd=str(REPO),
+                preexec_fn=None if open_files is None else
+                (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, open_files)),
             )
         deadline = time.monotonic() + timeout
         try:
