@@ -159,7 +159,7 @@ class PostgresSession:
         self._pending: deque[_Pending] = deque()
         self._statements: dict[str, tuple[str, tuple[int, ...]]] = {}  # name → (text, types)
         self._portals: dict[str, _Portal] = {}
-        self._refusal: tuple[str, str, str] | None = None
+        self._refusal: tuple[str | None, str, str] | None = None
         self.policy = policy
         self.subject: Subject | None = None  # set by the proxy once attribution is known
         self.record_level = "statements"
@@ -753,7 +753,7 @@ class PostgresSession:
 
     # ------------------------------------------------------------- lifecycle
 
-    def defer_refusal(self, sqlstate: str, message: str, reason: str) -> None:
+    def defer_refusal(self, sqlstate: str | None, message: str, reason: str) -> None:
         """Answer the coming StartupMessage with this FATAL error instead of forwarding it."""
         self._refusal = (sqlstate, message, reason)
 
@@ -761,10 +761,10 @@ class PostgresSession:
         """End the connection with a protocol-native FATAL error to the client."""
         return self._fatal(Actions(), sqlstate, message, reason)
 
-    def _fatal(self, actions: Actions, sqlstate: str, message: str, reason: str) -> Actions:
+    def _fatal(self, actions: Actions, sqlstate: str | None, message: str, reason: str) -> Actions:
         """A FATAL error to the client, session.end with it, and the connection closed."""
         actions.to_client.append(pg.error_response("FATAL", sqlstate, message))
-        self._end(actions, reason, "failure", error={"sqlstate": sqlstate, "message": message})
+        self._end(actions, reason, "failure", error={"sqlstate": sqlstate or "", "message": message})
         actions.close = reason
         return actions
 

@@ -465,8 +465,10 @@ class ClientSide(asyncio.Protocol):
             )
         if not self.proxy.audit.healthy:
             context["attribution"] = {"source": "unknown", "verified": False}
+            # 57P03 (cannot connect now), as a server that is starting or stopping
+            # answers: pg_isready reports "rejecting connections" and clients retry.
             self._refuse_at_startup(
-                "58000",
+                "57P03",
                 "ringfence: the audit trail cannot be written, so this protected service "
                 "refuses connections until it recovers",
                 "audit unavailable",
@@ -477,8 +479,10 @@ class ClientSide(asyncio.Protocol):
             await self._connect_upstream(destination)
         except OSError as e:
             context["process"], context["attribution"] = await attribution_task
+            # No SQLSTATE: to libpq (pg_isready, PQping) a refusal without one means
+            # that no server answered, which is what a direct connection would find.
             self._refuse_at_startup(
-                "08006",
+                None,
                 f"ringfence: cannot reach {destination[0]}:{destination[1]}: {e.strerror or e}",
                 f"upstream connect failed: {e.strerror or e}",
             )
@@ -529,7 +533,7 @@ class ClientSide(asyncio.Protocol):
         if not self.closed:
             self.apply(session.identity_resolved(result))
 
-    def _refuse_at_startup(self, sqlstate: str, message: str, reason: str) -> None:
+    def _refuse_at_startup(self, sqlstate: str | None, message: str, reason: str) -> None:
         """Read the client's startup packet, then answer it with a FATAL error.
 
         Closing at once would reset the connection with the startup packet

@@ -824,15 +824,18 @@ def _message(kind: bytes, body: bytes) -> bytes:
 
 def error_response(
     severity: str,
-    sqlstate: str,
+    sqlstate: str | None,
     message: str,
     *,
     detail: str | None = None,
     hint: str | None = None,
 ) -> bytes:
-    """An ErrorResponse ('E') as a server would send it."""
+    """An ErrorResponse ('E') as a server would send it; without a SQLSTATE when
+    ``sqlstate`` is None (libpq then takes the server for not answering at all)."""
     parts = [b"S", severity.encode(), b"\x00", b"V", severity.encode(), b"\x00"]
-    parts += [b"C", sqlstate.encode("ascii"), b"\x00", b"M", message.encode(), b"\x00"]
+    if sqlstate is not None:
+        parts += [b"C", sqlstate.encode("ascii"), b"\x00"]
+    parts += [b"M", message.encode(), b"\x00"]
     if detail:
         parts += [b"D", detail.encode(), b"\x00"]
     if hint:

@@ -175,6 +175,20 @@ def test_deferred_refusal_answers_the_startup_packet() -> None:
     assert end["reason"] == "audit unavailable" and end["outcome"] == "failure"
 
 
+def test_a_refusal_without_sqlstate_reads_as_no_server_to_libpq() -> None:
+    """The server unreachable: the FATAL carries the agent's message but no SQLSTATE field,
+    which libpq's ping (pg_isready) reads as "no response", as it would directly."""
+    s, _ = session()
+    s.defer_refusal(None, "ringfence: cannot reach 127.0.0.1:5432: Connection refused",
+                    "upstream connect failed")
+    actions = s.client_data(STARTUP)
+    (error,) = pg.BackendScanner().feed(actions.to_client[0])
+    assert isinstance(error, pg.ErrorResponse)
+    assert "C" not in error.fields and error.message.startswith("ringfence: cannot reach")
+    (end,) = records(actions, "session.end")
+    assert end["error"] == {"sqlstate": "", "message": error.message}
+
+
 def test_close_with_a_partial_message_names_the_truncation() -> None:
     """A client that closes mid-message gets a session.end saying the message was truncated."""
     s, _ = session()
