@@ -10,7 +10,7 @@ import click
 
 from policy import Policy, PolicyError, Subject, load_policy
 from policy.loader import DEFAULT_POLICY_PATH
-from policy.table import load_table, parse_resource, run_table, table_for
+from policy.table import load_table, on_connection, parse_resource, run_table, table_for
 
 
 def _load(path: str | Path) -> Policy:
@@ -68,6 +68,8 @@ def policy_check(file: str) -> None:
 )
 @click.option("--resource", required=True, help="service or service/database.")
 @click.option("--sql", help="Statement(s) to judge; without it the connection is judged.")
+@click.option("--replication", is_flag=True,
+              help="The statement comes on a replication connection (replication commands).")
 @click.option("--at", "at", help="Time of the decision (RFC 3339; default now).")
 def policy_explain(
     policy_path: str | None,
@@ -85,6 +87,7 @@ def policy_explain(
     identified: bool | None,
     resource: str,
     sql: str | None,
+    replication: bool,
     at: str | None,
 ) -> None:
     """Show which rule decides a connection (and statement) and why."""
@@ -108,7 +111,8 @@ def policy_explain(
         loginuid=loginuid,
         identified=identified if identified is not None else bool(subject or service_account),
     )
-    for line in p.explain(who, parse_resource(resource), sql, now):
+    statement = None if sql is None else on_connection(sql, replication)
+    for line in p.explain(who, parse_resource(resource), statement, now):
         click.echo(line)
 
 

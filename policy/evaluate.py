@@ -492,7 +492,7 @@ class Policy:
         self,
         subject: Subject,
         resource: Resource,
-        sql: str | None = None,
+        sql: str | Classification | None = None,
         now: datetime | None = None,
     ) -> list[str]:
         """Lines saying which rules match, which do not and why, and the decision."""

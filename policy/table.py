@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from policy.classify import Classification, classify_replication
 from policy.evaluate import Policy
 from policy.loader import PolicyError, _Invalid, _SourceMap, _Table, _toml_position, read_policy_file
 from policy.model import ACTORS, ALLOW, BLOCK, DENY, RECORD_LEVELS, REQUIRE_APPROVAL, Resource, Subject
@@ -34,6 +35,7 @@ class Case:
     expect: str
     rule: str | None = None
     record: str | None = None
+    replication: bool = False  # the statement comes on a replication connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,9 +142,18 @@ def _case(t: _Table, smap: _SourceMap) -> Case:
         expect=expect,
         rule=t.text("rule"),
         record=t.choice("record", RECORD_LEVELS, None),
+        replication=bool(t.flag("replication")),
     )
+    if case.replication and case.sql is None:
+        raise t.fail("replication", "a replication case needs the command (sql)")
     t.finish()
     return case
+
+
+def on_connection(sql: str, replication: bool) -> str | Classification:
+    """A statement as the session judges it: on a replication connection, a replication
+    command is classified as one; anything else is SQL."""
+    return (classify_replication(sql) or sql) if replication else sql
 
 
 def run_case(policy: Policy, case: Case) -> CaseResult:
@@ -152,7 +163,8 @@ def run_case(policy: Policy, case: Case) -> CaseResult:
         c = policy.connection(case.subject, case.resource, now)
         effect, rule_id, record = c.effect, c.rule_id, c.record
     else:
-        s = policy.statement(case.subject, case.resource, case.sql, now)
+        s = policy.statement(case.subject, case.resource,
+                             on_connection(case.sql, case.replication), now)
         effect, rule_id, record = s.effect, s.rule_id, s.record
     problems = []
     if effect != case.expect:

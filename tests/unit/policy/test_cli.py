@@ -105,3 +105,28 @@ def test_failing_table_exits_nonzero(tmp_path: Path) -> None:
     code, out = _run("test", str(tmp_path / "p.toml"))
     assert code == 1
     assert "FAIL  wrong" in out and "p.tests.toml:1" in out and "got block by block-drop" in out
+
+
+def test_replication_commands_judged_as_on_a_replication_connection(tmp_path: Path) -> None:
+    """explain --replication and a table case with replication = true classify a walsender
+    command as one (class replication); a policy rule on that class then decides."""
+    lines = _explain("--unix-user", "postgres", "--resource", "postgres", "--replication",
+                     "--sql", "CREATE_REPLICATION_SLOT s LOGICAL test_decoding")
+    assert "statement 1: CREATE_REPLICATION_SLOT [replication] flags=server_admin objects=-" in lines
+    assert lines[-2] == "statement: allow by defaults.allow: no rule blocks or holds this statement"
+    (tmp_path / "p.toml").write_text(
+        '[defaults]\nunidentified = "allow"\n'
+        '[[rule]]\nid = "no-streams"\neffect = "block"\nclasses = ["replication"]\n'
+        'kinds = ["START_REPLICATION"]\nreason = "no replication streams from here"\n')
+    (tmp_path / "p.tests.toml").write_text(
+        '[[case]]\nname = "stream"\nunix_user = "x"\nresource = "postgres"\nreplication = true\n'
+        'sql = "START_REPLICATION SLOT s PHYSICAL 0/0"\nexpect = "block"\nrule = "no-streams"\n'
+        '[[case]]\nname = "identify"\nunix_user = "x"\nresource = "postgres"\n'
+        'replication = true\nsql = "IDENTIFY_SYSTEM"\nexpect = "allow"\n')
+    code, out = _run("test", str(tmp_path / "p.toml"))
+    assert code == 0 and "2 passed, 0 failed" in out, out
+    (tmp_path / "p.tests.toml").write_text(
+        '[[case]]\nname = "no command"\nunix_user = "x"\nresource = "postgres"\n'
+        'replication = true\nexpect = "allow"\n')
+    code, out = _run("test", str(tmp_path / "p.toml"))
+    assert code == 2 and "a replication case needs the command (sql)" in out, out
