@@ -141,6 +141,29 @@ def _ports_check(config: Config) -> Check:
     return Check("listener ports", True, f"free: {ports}")
 
 
+def _unix_socket_check(config: Config, globs: tuple[str, ...] | None = None) -> Check | None:
+    """A local PostgreSQL cluster that also listens on Unix sockets: its local clients
+    (psql without -h, peer logins) bypass the agent."""
+    from agent.tls import POSTGRESQL_CONF_GLOBS, unix_socket_directories
+
+    open_ = []
+    for service in config.protect:
+        if service.protocol != "postgres":
+            continue
+        found = unix_socket_directories(service.port, globs or POSTGRESQL_CONF_GLOBS)
+        if found is not None and found[1]:
+            open_.append(f"port {service.port} in {', '.join(found[1])} ({found[0]})")
+    if not open_:
+        return None
+    return Check(
+        "unix sockets", False,
+        "PostgreSQL also listens on Unix sockets, which no redirect reaches: clients there "
+        "(psql without -h, peer logins) are neither recorded nor judged: " + "; ".join(open_),
+        "set unix_socket_directories = '' (local tools then use -h 127.0.0.1), or keep the "
+        "sockets for the postgres OS user only (pg_hba.conf: local all postgres peer, and no "
+        "other local line)")
+
+
 def _policy_check(config: Config) -> Check | None:
     settings = getattr(config, "policy", None)
     if settings is None:
@@ -188,6 +211,9 @@ def collect_checks(config_path: str | None) -> list[tuple[Check, bool]]:
         check = make(config)
         if check is not None:
             checks.append((check, True))
+    unix = _unix_socket_check(config)
+    if unix is not None:
+        checks.append((unix, False))  # the agent runs; it just cannot see those clients
     return checks
 
 

@@ -56,8 +56,9 @@ def _settings(conf: Path) -> dict[str, str]:
     return out
 
 
-def find_server_tls_files(port: int, globs: tuple[str, ...] = POSTGRESQL_CONF_GLOBS) -> ServerTlsFiles | None:
-    """The certificate and key of the local PostgreSQL server listening on ``port``, if it uses TLS."""
+def local_cluster(port: int, globs: tuple[str, ...] = POSTGRESQL_CONF_GLOBS,
+                  ) -> tuple[Path, dict[str, str]] | None:
+    """The postgresql.conf of the local PostgreSQL cluster on ``port``, and its settings."""
     for pattern in globs:
         for name in sorted(glob.glob(pattern)):
             conf = Path(name)
@@ -65,16 +66,43 @@ def find_server_tls_files(port: int, globs: tuple[str, ...] = POSTGRESQL_CONF_GL
                 settings = _settings(conf)
             except OSError:
                 continue
-            if int(settings.get("port", "5432")) != port:
+            try:
+                if int(settings.get("port", "5432")) == port:
+                    return conf, settings
+            except ValueError:
                 continue
-            if settings.get("ssl", "off").lower() not in ("on", "true", "yes", "1"):
-                return None
-            base = Path(settings.get("data_directory", str(conf.parent)))
-            cert = Path(settings.get("ssl_cert_file", "server.crt"))
-            key = Path(settings.get("ssl_key_file", "server.key"))
-            return ServerTlsFiles(base / cert if not cert.is_absolute() else cert,
-                                  base / key if not key.is_absolute() else key, str(conf))
     return None
+
+
+def find_server_tls_files(port: int, globs: tuple[str, ...] = POSTGRESQL_CONF_GLOBS) -> ServerTlsFiles | None:
+    """The certificate and key of the local PostgreSQL server listening on ``port``, if it uses TLS."""
+    cluster = local_cluster(port, globs)
+    if cluster is None:
+        return None
+    conf, settings = cluster
+    if settings.get("ssl", "off").lower() not in ("on", "true", "yes", "1"):
+        return None
+    base = Path(settings.get("data_directory", str(conf.parent)))
+    cert = Path(settings.get("ssl_cert_file", "server.crt"))
+    key = Path(settings.get("ssl_key_file", "server.key"))
+    return ServerTlsFiles(base / cert if not cert.is_absolute() else cert,
+                          base / key if not key.is_absolute() else key, str(conf))
+
+
+def unix_socket_directories(port: int, globs: tuple[str, ...] = POSTGRESQL_CONF_GLOBS,
+                            ) -> tuple[str, list[str]] | None:
+    """Where the local cluster on ``port`` also listens on Unix sockets: (its postgresql.conf,
+    the directories); None when no cluster on this port is found. Connections there never
+    pass the agent. (Without the setting, Debian's and RPM builds use /var/run/postgresql and
+    /tmp: an unset value counts as the build's default, which is never empty.)"""
+    cluster = local_cluster(port, globs)
+    if cluster is None:
+        return None
+    conf, settings = cluster
+    value = settings.get("unix_socket_directories")
+    if value is None:
+        return str(conf), ["(the build's default)"]
+    return str(conf), [d.strip() for d in value.split(",") if d.strip()]
 
 
 def client_facing_context(settings: ServiceTls, port: int) -> ssl.SSLContext | None:

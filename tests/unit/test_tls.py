@@ -74,3 +74,33 @@ def test_channels_talk_to_each_other_over_memory() -> None:
     back, _ = client.receive(server.send(b"world"))
     assert back == b"world"
     assert server.summary()["version"] in ("TLSv1.2", "TLSv1.3")
+
+
+def test_unix_sockets_of_the_cluster_on_the_port(tmp_path: Path) -> None:
+    """Where the protected cluster also listens on Unix sockets: the setting's directories,
+    the build's default when unset, none when set to ''."""
+    from agent.tls import unix_socket_directories
+
+    pattern = conf(tmp_path / "1", "a", "port = 5432\nunix_socket_directories = '/run/pg, /tmp'\n")
+    assert unix_socket_directories(5432, (pattern,)) == (pattern.replace("*", "a"), ["/run/pg", "/tmp"])
+    assert unix_socket_directories(5433, (pattern,)) is None
+    unset = conf(tmp_path / "2", "b", "port = 5432\n")
+    assert unix_socket_directories(5432, (unset,))[1] == ["(the build's default)"]  # type: ignore[index]
+    off = conf(tmp_path / "3", "c", "port = 5432\nunix_socket_directories = ''\n")
+    assert unix_socket_directories(5432, (off,))[1] == []  # type: ignore[index]
+
+
+def test_doctor_warns_of_clients_that_bypass_the_agent(tmp_path: Path) -> None:
+    """doctor names the sockets and how to close the gap; nothing when they are off."""
+    from agent.config import load_config
+    from agent.doctor import _unix_socket_check
+
+    config_file = tmp_path / "ringfence.toml"
+    config_file.write_text('[[protect]]\nname = "pg"\nprotocol = "postgres"\nport = 5432\n')
+    config = load_config(config_file)
+    listening = conf(tmp_path / "1", "on", "port = 5432\nunix_socket_directories = '/var/run/postgresql'\n")
+    check = _unix_socket_check(config, (listening,))
+    assert check is not None and not check.ok
+    assert "/var/run/postgresql" in check.detail and "unix_socket_directories = ''" in check.fix
+    closed = conf(tmp_path / "2", "off", "port = 5432\nunix_socket_directories = ''\n")
+    assert _unix_socket_check(config, (closed,)) is None
