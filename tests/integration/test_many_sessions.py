@@ -14,6 +14,7 @@ from tests.conftest import require
 from tests.support.agent import AgentProcess
 from tests.support.netns import call_in, netns
 from tests.support.pgserver import pgserver
+from tests.support.pgwire import until_ready
 
 SESSIONS = 200  # 400 descriptors in the agent, over the soft limit it was started with
 SOFT, HARD = 256, 8192
@@ -25,16 +26,6 @@ def open_files_limits(pid: int) -> tuple[int, int]:
             soft, hard = line.split()[3:5]
             return int(soft), int(hard)
     raise AssertionError("no open files limit")
-
-
-def until_ready(sock: socket.socket) -> bytes:
-    reply = b""
-    while not reply.endswith(b"Z\x00\x00\x00\x05I"):
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        reply += chunk
-    return reply
 
 
 def logins(count: int) -> list[bytes]:

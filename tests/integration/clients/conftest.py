@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,22 +82,30 @@ def require_capabilities() -> None:
     require(Path("/usr/lib/postgresql").is_dir(), "a PostgreSQL server (postgresql package)")
 
 
-@pytest.fixture(scope="module")
-def pghost() -> Iterator[Host]:
+@contextmanager
+def serving(name: str, **server: Any) -> Iterator[Host]:
+    """A namespace, a PostgreSQL server (``server``: pgserver's options) and the agent."""
     require_capabilities()
-    workdir = Path(tempfile.mkdtemp(prefix="ringfence-clients-"))
+    workdir = Path(tempfile.mkdtemp(prefix=f"ringfence-{name}-"))
+    workdir.chmod(0o755)
     try:
-        with netns("rfcli") as ns, pgserver(ns) as server:
-            agent = AgentProcess(ns, workdir)
+        with netns(f"rf{name[:6]}") as ns, pgserver(ns, **server) as pg:
+            agent = AgentProcess(ns, workdir / "agent")
             agent.start()
             try:
-                yield Host(ns, server, agent)
+                yield Host(ns, pg, agent)
             finally:
                 if agent.running:
                     agent.stop()
     finally:
         if not os.environ.get("RINGFENCE_KEEP_WORKDIR"):
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def pghost() -> Iterator[Host]:
+    with serving("clients") as host:
+        yield host
 
 
 def sessions_of_app(records: list[dict[str, Any]], app: str) -> list[list[dict[str, Any]]]:

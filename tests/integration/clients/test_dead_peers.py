@@ -13,6 +13,7 @@ import pytest
 from agent.protocols import postgres as pg
 from tests.integration.clients.conftest import Host, app_name, wait_sessions
 from tests.support.netns import call_in
+from tests.support.pgwire import until_ready
 
 # Fast keepalive timing for this namespace only (sysctls are per network namespace).
 KEEPALIVE = {"tcp_keepalive_time": "2", "tcp_keepalive_intvl": "1", "tcp_keepalive_probes": "2"}
@@ -43,14 +44,11 @@ def open_transaction(address: str | tuple[str, int], app: str) -> socket.socket:
     sock.connect(address)
     sock.sendall(pg.startup_message({"user": "postgres", "database": "postgres",
                                      "application_name": app}))
+    until_ready(sock)
     for sql in ("create table if not exists vanish (id int)",
                 "begin; lock table vanish in access exclusive mode"):
         sock.sendall(pg.query_message(sql))
-        reply = b""
-        while not reply.endswith((b"Z\x00\x00\x00\x05I", b"Z\x00\x00\x00\x05T")):
-            chunk = sock.recv(65536)
-            assert chunk, f"closed after {reply!r}"
-            reply += chunk
+        until_ready(sock)
     return sock
 
 

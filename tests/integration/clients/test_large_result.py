@@ -3,6 +3,7 @@ the agent in bounded memory."""
 
 from __future__ import annotations
 
+import functools
 import socket
 import struct
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from agent.protocols import postgres as pg
 from tests.integration.clients.conftest import Host, app_name, wait_sessions
 from tests.support.netns import call_in
+from tests.support.pgwire import frames, until_ready
 
 ROWS = 5_000_000
 QUERY = f"select g, repeat('x', 20) from generate_series(1, {ROWS}) g"
@@ -59,16 +61,11 @@ def test_five_million_rows_stream_in_bounded_memory(pghost: Host) -> None:
 
 
 COPY_ROWS = 4_000_000
-COPY_DATA = b"".join(b"%d\tsome text for row %d\n" % (n, n) for n in range(1, COPY_ROWS + 1))
 
 
-def frames(data: bytes) -> list[tuple[bytes, bytes]]:
-    out = []
-    while data:
-        length = struct.unpack_from("!i", data, 1)[0]
-        out.append((data[:1], data[5 : 1 + length]))
-        data = data[1 + length :]
-    return out
+@functools.cache
+def copy_data() -> bytes:
+    return b"".join(b"%d\tsome text for row %d\n" % (n, n) for n in range(1, COPY_ROWS + 1))
 
 
 def copy_in_one_message(address: str | tuple[str, int], app: str) -> list[tuple[bytes, bytes]]:
@@ -78,30 +75,21 @@ def copy_in_one_message(address: str | tuple[str, int], app: str) -> list[tuple[
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.settimeout(300)
         sock.connect(address)
-
-        def until_ready() -> bytes:
-            reply = b""
-            while not reply.endswith(b"Z\x00\x00\x00\x05I"):
-                chunk = sock.recv(65536)
-                assert chunk, f"connection closed after {reply[-300:]!r}"
-                reply += chunk
-            return reply
-
         sock.sendall(pg.startup_message({"user": "postgres", "database": "postgres",
                                          "application_name": app}))
-        until_ready()
+        until_ready(sock)
         sock.sendall(pg.query_message("create temp table bulk (n int, note text)"))
-        until_ready()
+        until_ready(sock)
         sock.sendall(pg.query_message("copy bulk from stdin"))
         reply = b""
         while b"G" not in reply[:1]:
             reply += sock.recv(65536)
-        sock.sendall(b"d" + struct.pack("!i", len(COPY_DATA) + 4) + COPY_DATA)
+        sock.sendall(b"d" + struct.pack("!i", len(copy_data()) + 4) + copy_data())
         sock.sendall(pg.frontend_message(b"c", b""))
-        answer = frames(until_ready())
+        answer = frames(until_ready(sock))
         sock.sendall(pg.query_message(
             "select count(*), sum(n), md5(string_agg(note, ',' order by n)) from bulk"))
-        answer += frames(until_ready())
+        answer += frames(until_ready(sock))
         sock.sendall(pg.frontend_message(b"X", b""))
     return answer
 
@@ -109,7 +97,7 @@ def copy_in_one_message(address: str | tuple[str, int], app: str) -> list[tuple[
 def test_copy_of_one_100_mb_message_streams_in_bounded_memory(pghost: Host) -> None:
     """A CopyData larger than max_message_bytes (64 MiB) passes as it arrives, the server
     loads what it would load directly, and the agent's RSS hardly moves."""
-    assert len(COPY_DATA) > 100_000_000
+    assert len(copy_data()) > 100_000_000
     app = app_name("bigcopy")
     assert pghost.agent.process is not None
     agent_pid = pghost.agent.process.pid
@@ -122,4 +110,4 @@ def test_copy_of_one_100_mb_message_streams_in_bounded_memory(pghost: Host) -> N
     assert peak_rss_kb(agent_pid) - before < STREAM_GROWTH_LIMIT_KB
     copy = next(r for r in wait_sessions(pghost.agent, app)[0]
                 if r["type"] == "result" and r["command_tag"] == f"COPY {COPY_ROWS}")
-    assert copy["rows"] == COPY_ROWS and copy["copy_bytes"] == len(COPY_DATA)
+    assert copy["rows"] == COPY_ROWS and copy["copy_bytes"] == len(copy_data())

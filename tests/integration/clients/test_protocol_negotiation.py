@@ -11,31 +11,12 @@ from pathlib import Path
 from agent.protocols import postgres as pg
 from tests.integration.clients.conftest import Host, app_name, wait_sessions
 from tests.support.netns import call_in
+from tests.support.pgwire import frames, until_ready
 
 PROTOCOL_V3_1 = pg.PROTOCOL_V3 | 1
 
 
-def until_ready(sock: socket.socket) -> bytes:
-    """Everything the server sends up to and including the next ReadyForQuery."""
-    reply = b""
-    while not reply.endswith(b"Z\x00\x00\x00\x05I"):
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed after {reply!r}"
-        reply += chunk
-    return reply
-
-
 Conversation = tuple[list[tuple[bytes, bytes]], ...]
-
-
-def frames(data: bytes) -> list[tuple[bytes, bytes]]:
-    """The messages in ``data``: (kind, body)."""
-    out = []
-    while data:
-        length = struct.unpack_from("!i", data, 1)[0]
-        out.append((data[:1], data[5:1 + length]))
-        data = data[1 + length:]
-    return out
 
 
 def converse(address: str | tuple[str, int], parameters: dict[str, str], statements: list[str],

@@ -17,31 +17,15 @@ from typing import Any
 
 import pytest
 
-from tests.integration.clients.conftest import Host, app_name, require_capabilities, wait_sessions
-from tests.support.agent import AgentProcess
-from tests.support.netns import netns
-from tests.support.pgserver import pgserver
+from tests.integration.clients.conftest import Host, app_name, serving, wait_sessions
 
 
 @pytest.fixture(scope="module")
 def replhost() -> Iterator[Host]:
     """A server that allows replication connections and logical decoding, behind the agent."""
-    require_capabilities()
-    workdir = Path(tempfile.mkdtemp(prefix="ringfence-repl-"))
-    workdir.chmod(0o755)
     hba = ("host replication all 0.0.0.0/0 trust", "local replication all trust")
-    try:
-        with netns("rfrepl") as ns, pgserver(ns, hba_first=hba,
-                                             server_settings={"wal_level": "logical"}) as server:
-            agent = AgentProcess(ns, workdir / "agent")
-            agent.start()
-            try:
-                yield Host(ns, server, agent)
-            finally:
-                if agent.running:
-                    agent.stop()
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    with serving("repl", hba_first=hba, server_settings={"wal_level": "logical"}) as host:
+        yield host
 
 
 def connection(host: Host, direct: bool) -> list[str]:
