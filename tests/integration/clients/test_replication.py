@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.integration.clients.conftest import Host, app_name, serving, wait_sessions
+from tests.support.pgserver import pgserver
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +109,39 @@ def test_logical_decoding_reads_what_it_reads_directly(replhost: Host) -> None:
     assert set(create["policy"]["classes"]) == {"replication"}
     stream = next(r for q, r in pairs if q["text"].startswith("START_REPLICATION"))
     assert stream["outcome"] == "success" and stream["copy_bytes"] > len(outputs[False]) // 2
+
+
+def test_a_subscription_replicates_through_the_agent(replhost: Host) -> None:
+    """A second server subscribes to a publication on the protected one: its initial copy
+    and its stream of changes pass through the agent (pgoutput over a logical replication
+    connection), and the subscriber ends up with the publisher's rows."""
+    app = app_name("subscriber")
+    replhost.psql("-v", "ON_ERROR_STOP=1",
+                  "-c", "create table published (id int primary key, note text)",
+                  "-c", "insert into published select g, 'before ' || g from generate_series(1, 50) g",
+                  "-c", "create publication pub for table published", direct=True)
+    with pgserver(replhost.ns, port=5433) as subscriber:
+        def sub_psql(*args: str) -> str:
+            done = replhost.ns.run([subscriber.tool("psql"), "-X", "-At", "-v", "ON_ERROR_STOP=1",
+                                    "-h", str(subscriber.sockdir), "-p", "5433", "-U", "postgres",
+                                    "-d", "postgres", *args], timeout=120)
+            return done.stdout.strip()
+
+        sub_psql("-c", "create table published (id int primary key, note text)")
+        sub_psql("-c", "create subscription sub connection 'host=127.0.0.1 port=5432 "
+                       f"user=postgres dbname=postgres application_name={app}' publication pub")
+        replhost.psql("-c", "insert into published values (51, 'after')",
+                      "-c", "update published set note = 'changed' where id = 1", direct=True)
+        expected = replhost.psql("-At", "-c", "select count(*), md5(string_agg(note, ',' order by id)) "
+                                 "from published", direct=True).stdout.strip()
+        deadline = time.monotonic() + 60
+        while (got := sub_psql("-c", "select count(*), md5(string_agg(note, ',' order by id)) "
+                                     "from published")) != expected:
+            assert time.monotonic() < deadline, f"subscriber has {got}, publisher {expected}"
+            time.sleep(0.5)
+        sub_psql("-c", "drop subscription sub")
+    records = [r for recs in wait_sessions(replhost.agent, app) for r in recs]
+    starts = [r for r in records if r["type"] == "session.start"]
+    assert starts and all(s["target"]["replication"] == "logical" for s in starts)
+    texts = [r["text"] for r in records if r["type"] == "query"]
+    assert any(t.startswith("START_REPLICATION SLOT \"sub\" LOGICAL") for t in texts)
