@@ -132,6 +132,19 @@ class ServiceTls:
 
 
 TLS_UPSTREAM_MODES = ("mirror", "require", "off")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceKeepalive:
+    """TCP keepalive timing on clients' connections to the agent (the agent probes them in
+    the server's place). Each value is whole seconds (count: probes), 0 for the host's
+    net.ipv4.tcp_keepalive_* setting, or "auto": the local cluster's tcp_keepalives_idle,
+    _interval and _count (postgresql.conf of the cluster on this port), so a server tuned
+    to notice vanished clients early still does through the agent."""
+
+    idle: int | str = "auto"
+    interval: int | str = "auto"
+    count: int | str = "auto"
 # Public-key JWS algorithms an issuer may be allowed; "none" and HMAC never are.
 TOKEN_ALGORITHMS = (
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
@@ -208,6 +221,7 @@ class ProtectedService:
     listen_port: int
     credentials: ServiceCredentials | None = None
     tls: ServiceTls = field(default_factory=ServiceTls)
+    keepalive: ServiceKeepalive = field(default_factory=ServiceKeepalive)
 
 
 @dataclass(frozen=True, slots=True)
@@ -584,10 +598,26 @@ def _protect(items: Any) -> tuple[ProtectedService, ...]:
             raise ConfigError(f"{t.key('listen_port')}: must differ from port {port}")
         credentials = _credentials(t.table("credentials")) if "credentials" in item else None
         tls = _tls(t.table("tls"))
+        keepalive = _keepalive(t.table("keepalive"))
         t.finish()
-        services.append(ProtectedService(name, port, protocol, listen_port, credentials, tls))
+        services.append(
+            ProtectedService(name, port, protocol, listen_port, credentials, tls, keepalive))
     _check_unique(services)
     return tuple(services)
+
+
+def _keepalive(t: _Table) -> ServiceKeepalive:
+    values: dict[str, int | str] = {}
+    for name in ("idle", "interval", "count"):
+        t.used.add(name)
+        value = t.data.get(name, "auto")
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int)
+                                or not 0 <= value <= 32767):
+            raise ConfigError(f"{t.key(name)}: expected \"auto\" or whole seconds from 0 "
+                              f"(the host's setting) to 32767, got {value!r}")
+        values[name] = value
+    t.finish()
+    return ServiceKeepalive(**values)
 
 
 def _tls(t: _Table) -> ServiceTls:

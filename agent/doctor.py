@@ -144,7 +144,7 @@ def _ports_check(config: Config) -> Check:
 def _unix_socket_check(config: Config, globs: tuple[str, ...] | None = None) -> Check | None:
     """A local PostgreSQL cluster that also listens on Unix sockets: its local clients
     (psql without -h, peer logins) bypass the agent."""
-    from agent.tls import POSTGRESQL_CONF_GLOBS, unix_socket_directories
+    from agent.pgconf import POSTGRESQL_CONF_GLOBS, unix_socket_directories
 
     open_ = []
     for service in config.protect:

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 from agent.config import Config, ProtectedService
+from agent.pgconf import keepalive_timing
 from agent.pgsession import Actions, PostgresSession
 from agent.protocols import postgres as pg
 from agent.tls import TlsChannel, client_facing_context, upstream_context
@@ -164,10 +165,13 @@ class Proxy:
         # TLS contexts per service: raises TlsError when configured files are bad.
         self.tls_contexts: dict[str, ssl.SSLContext] = {}
         self._upstream_tls: dict[str, ssl.SSLContext] = {}
+        # Keepalive timing on clients' connections, per service (see ServiceKeepalive).
+        self.keepalive: dict[str, tuple[int, int, int]] = {}
         for service in config.protect:
             context = client_facing_context(service.tls, service.port)
             if context is not None:
                 self.tls_contexts[service.name] = context
+            self.keepalive[service.name] = keepalive_timing(service.keepalive, service.port)
         self.servers: list[asyncio.base_events.Server] = []
         self.connections: set[ClientSide] = set()
         self.backend_keys: dict[tuple[str, int, int, bytes], str] = {}
@@ -229,16 +233,22 @@ class Proxy:
         return lookup
 
 
-def _keep_alive(sock: Any) -> None:
+def _keep_alive(sock: Any, timing: tuple[int, int, int] | None = None) -> None:
     """TCP keepalive on one of a session's sockets, with the host's timing (net.ipv4.
     tcp_keepalive_*), as PostgreSQL sets on its clients' and libpq on its own. The agent
     answers each side's probes itself, so without probes of its own a peer that vanished
     (power loss, a network cut) would never be noticed: its backend, and any locks it
     holds, would stay for good. Probing each side, the agent ends the session, and the
-    other side's connection with it, when one side stops answering."""
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    other side's connection with it, when one side stops answering. ``timing`` (idle,
+    interval, count; 0 for the host's) as the server's tcp_keepalives_* would set it."""
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in zip((socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT),
+                                 timing or (0, 0, 0), strict=True):
+            if value:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 class ClientSide(asyncio.Protocol):
@@ -275,7 +285,7 @@ class ClientSide(asyncio.Protocol):
         self.transport = transport
         transport.pause_reading()
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
-        _keep_alive(transport.get_extra_info("socket"))
+        _keep_alive(transport.get_extra_info("socket"), self.proxy.keepalive.get(self.service.name))
         self.proxy.connections.add(self)
         task = asyncio.get_running_loop().create_task(self._setup())
         task.add_done_callback(self._setup_done)

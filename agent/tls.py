@@ -9,14 +9,13 @@ byte (PostgreSQL 17's direct TLS).
 
 from __future__ import annotations
 
-import glob
 import logging
-import re
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.config import ServiceTls
+from agent.pgconf import POSTGRESQL_CONF_GLOBS, local_cluster
 
 log = logging.getLogger("ringfence.tls")
 
@@ -24,15 +23,6 @@ log = logging.getLogger("ringfence.tls")
 ALPN_POSTGRESQL = "postgresql"
 TLS_RECORD_HANDSHAKE = 0x16
 
-# Where distributions keep PostgreSQL's configuration: Debian's clusters and
-# the data directories of RPM packages.
-POSTGRESQL_CONF_GLOBS = (
-    "/etc/postgresql/*/*/postgresql.conf",
-    "/var/lib/pgsql/data/postgresql.conf",
-    "/var/lib/pgsql/*/data/postgresql.conf",
-)
-
-_SETTING = re.compile(r"^\s*([a-z_]+)\s*=?\s*(?:'((?:[^']|'')*)'|([^\s#]+))")
 
 
 class TlsError(Exception):
@@ -44,34 +34,6 @@ class ServerTlsFiles:
     cert_file: Path
     key_file: Path
     source: str  # where they were found
-
-
-def _settings(conf: Path) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for line in conf.read_text(errors="replace").splitlines():
-        m = _SETTING.match(line)
-        if m:
-            value = m.group(2).replace("''", "'") if m.group(2) is not None else m.group(3)
-            out[m.group(1)] = value
-    return out
-
-
-def local_cluster(port: int, globs: tuple[str, ...] = POSTGRESQL_CONF_GLOBS,
-                  ) -> tuple[Path, dict[str, str]] | None:
-    """The postgresql.conf of the local PostgreSQL cluster on ``port``, and its settings."""
-    for pattern in globs:
-        for name in sorted(glob.glob(pattern)):
-            conf = Path(name)
-            try:
-                settings = _settings(conf)
-            except OSError:
-                continue
-            try:
-                if int(settings.get("port", "5432")) == port:
-                    return conf, settings
-            except ValueError:
-                continue
-    return None
 
 
 def find_server_tls_files(port: int, globs: tuple[str, ...] = POSTGRESQL_CONF_GLOBS) -> ServerTlsFiles | None:
@@ -87,22 +49,6 @@ def find_server_tls_files(port: int, globs: tuple[str, ...] = POSTGRESQL_CONF_GL
     key = Path(settings.get("ssl_key_file", "server.key"))
     return ServerTlsFiles(base / cert if not cert.is_absolute() else cert,
                           base / key if not key.is_absolute() else key, str(conf))
-
-
-def unix_socket_directories(port: int, globs: tuple[str, ...] = POSTGRESQL_CONF_GLOBS,
-                            ) -> tuple[str, list[str]] | None:
-    """Where the local cluster on ``port`` also listens on Unix sockets: (its postgresql.conf,
-    the directories); None when no cluster on this port is found. Connections there never
-    pass the agent. (Without the setting, Debian's and RPM builds use /var/run/postgresql and
-    /tmp: an unset value counts as the build's default, which is never empty.)"""
-    cluster = local_cluster(port, globs)
-    if cluster is None:
-        return None
-    conf, settings = cluster
-    value = settings.get("unix_socket_directories")
-    if value is None:
-        return str(conf), ["(the build's default)"]
-    return str(conf), [d.strip() for d in value.split(",") if d.strip()]
 
 
 def client_facing_context(settings: ServiceTls, port: int) -> ssl.SSLContext | None:

@@ -43,6 +43,10 @@ def test_environment_variable_chooses_the_file(tmp_path: Path, monkeypatch: pyte
         ({"agent": {"listen_addresses": ["nope"]}}, "agent.listen_addresses[0]"),
         ({"bpf": {"mode": "sometimes"}}, "bpf.mode"),
         ({"audit": {"path": 3}}, "audit.path: expected str"),
+        ({"protect": [{"name": "pg", "keepalive": {"idle": "1min"}}]}, "protect[0].keepalive.idle"),
+        ({"protect": [{"name": "pg", "keepalive": {"count": -1}}]}, "protect[0].keepalive.count"),
+        ({"protect": [{"name": "pg", "keepalive": {"probes": 3}}]},
+         "protect[0].keepalive.probes: unknown key"),
     ],
 )
 def test_bad_values_name_the_key(data: dict[str, object], key: str) -> None:

@@ -79,7 +79,7 @@ def test_channels_talk_to_each_other_over_memory() -> None:
 def test_unix_sockets_of_the_cluster_on_the_port(tmp_path: Path) -> None:
     """Where the protected cluster also listens on Unix sockets: the setting's directories,
     the build's default when unset, none when set to ''."""
-    from agent.tls import unix_socket_directories
+    from agent.pgconf import unix_socket_directories
 
     pattern = conf(tmp_path / "1", "a", "port = 5432\nunix_socket_directories = '/run/pg, /tmp'\n")
     assert unix_socket_directories(5432, (pattern,)) == (pattern.replace("*", "a"), ["/run/pg", "/tmp"])
@@ -104,3 +104,33 @@ def test_doctor_warns_of_clients_that_bypass_the_agent(tmp_path: Path) -> None:
     assert "/var/run/postgresql" in check.detail and "unix_socket_directories = ''" in check.fix
     closed = conf(tmp_path / "2", "off", "port = 5432\nunix_socket_directories = ''\n")
     assert _unix_socket_check(config, (closed,)) is None
+
+
+def test_keepalive_timing_follows_the_cluster_unless_configured(tmp_path: Path) -> None:
+    """"auto" takes the cluster's tcp_keepalives_* (units as PostgreSQL reads them), 0 where
+    it leaves them to the host; numbers in the config win."""
+    from agent.config import ServiceKeepalive
+    from agent.pgconf import keepalive_timing
+
+    tuned = conf(tmp_path / "1", "a", "port = 5432\ntcp_keepalives_idle = '1min'\n"
+                                      "tcp_keepalives_interval = 5\n")
+    assert keepalive_timing(ServiceKeepalive(), 5432, (tuned,)) == (60, 5, 0)
+    assert keepalive_timing(ServiceKeepalive(), 5433, (tuned,)) == (0, 0, 0)
+    assert keepalive_timing(ServiceKeepalive(idle=30, count=3), 5432, (tuned,)) == (30, 5, 3)
+
+
+def test_keepalive_options_reach_the_socket() -> None:
+    """The agent's probes run with the timing it was given, or the host's."""
+    import socket
+
+    from agent.proxy import _keep_alive
+
+    with socket.socket() as tuned, socket.socket() as plain:
+        _keep_alive(tuned, (60, 5, 3))
+        _keep_alive(plain)
+        assert tuned.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert [tuned.getsockopt(socket.IPPROTO_TCP, o)
+                for o in (socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT)] == [60, 5, 3]
+        assert plain.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        with open("/proc/sys/net/ipv4/tcp_keepalive_time") as f:
+            assert plain.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == int(f.read())
