@@ -20,6 +20,7 @@ debian_packages=(
     python3 python3-venv python3-dev python3-bpfcc bpftool linux-headers-amd64
     gcc make git haproxy
     rpm
+    libpostgresql-jdbc-java
 )
 
 need_root() {
@@ -34,6 +35,8 @@ install_debian_packages() {
     for p in "${debian_packages[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
     done
+    # The JDBC client test compiles against the driver: a JDK, unless one is already there.
+    command -v javac >/dev/null 2>&1 || missing+=(default-jdk-headless)
     if [ "${#missing[@]}" -gt 0 ]; then
         echo "dev.sh: installing Debian packages: ${missing[*]}"
         apt-get update -q
