@@ -145,6 +145,8 @@ class ServiceKeepalive:
     idle: int | str = "auto"
     interval: int | str = "auto"
     count: int | str = "auto"
+
+
 # Public-key JWS algorithms an issuer may be allowed; "none" and HMAC never are.
 TOKEN_ALGORITHMS = (
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",

@@ -466,7 +466,7 @@ class PostgresSession:
         """
         actions = Actions()
         self.bytes_from_server += len(data)
-        relaying = self._held is None and not self._blocked_pending and self.phase != "upstream-auth"
+        relaying = self.relays_server_bytes
         try:
             # Ordinary replies are read in place; the scanner takes the rest from where
             # they end (all of it when none is read, so that its ends match ``data``).

@@ -24,7 +24,6 @@ ALPN_POSTGRESQL = "postgresql"
 TLS_RECORD_HANDSHAKE = 0x16
 
 
-
 class TlsError(Exception):
     """TLS cannot be set up as configured."""
 
