@@ -24,9 +24,9 @@ SYNTAX_ERROR = msg(b"E", b"SERROR\x00C42601\x00Msyntax error at or near \"ringfe
 STARTUP = pg.startup_message({"user": "alice", "database": "shop"})
 
 
-def ready(policy: Any = POLICY) -> PostgresSession:
+def ready(policy: Any = POLICY, startup: bytes = STARTUP) -> PostgresSession:
     s = PostgresSession("s1", {"service": "postgres"}, policy=lambda: policy)
-    s.client_data(STARTUP)
+    s.client_data(startup)
     s.server_data(msg(b"R", struct.pack("!i", 0)) + msg(b"Z", b"I"))
     return s
 
@@ -166,11 +166,8 @@ def test_a_shape_allowed_once_is_judged_again_after_a_policy_reload() -> None:
 
 
 def replication_session(mode: str, policy: Any = POLICY) -> PostgresSession:
-    s = PostgresSession("s1", {"service": "postgres"}, policy=lambda: policy)
-    s.client_data(pg.startup_message({"user": "replicator", "database": "replication",
-                                      "replication": mode}))
-    s.server_data(msg(b"R", struct.pack("!i", 0)) + msg(b"Z", b"I"))
-    return s
+    return ready(policy, pg.startup_message({"user": "replicator", "database": "replication",
+                                             "replication": mode}))
 
 
 @pytest.mark.parametrize("mode", ["true", "on", "yes", "1", "database"])
@@ -217,9 +214,7 @@ def test_replication_commands_elsewhere_are_unparseable_sql(mode: str | None) ->
     parameters = {"user": "alice", "database": "shop"}
     if mode is not None:
         parameters["replication"] = mode
-    s = PostgresSession("s1", {"service": "postgres"}, policy=lambda: POLICY)
-    s.client_data(pg.startup_message(parameters))
-    s.server_data(msg(b"R", struct.pack("!i", 0)) + msg(b"Z", b"I"))
+    s = ready(startup=pg.startup_message(parameters))
     actions = s.client_data(pg.query_message("IDENTIFY_SYSTEM"))
     assert actions.to_server == [pg.query_message(SUBSTITUTE_SQL)]
     (decision,) = [r for t, r in actions.durable if t == "policy.decision"]
