@@ -128,6 +128,11 @@ async def _serve(config: Config) -> int:
         if attributor is not None:
             cleanup.callback(attributor.stop)
 
+        from agent.protocols.postgres import NATIVE_SCAN
+
+        if not NATIVE_SCAN:
+            log.warning("the compiled data path is not built; large results cost more CPU "
+                        "(see `ringfence doctor`)", extra={"event": "agent.not_compiled"})
         resolver = await _start_identity(config, audit_log, cleanup)
         try:
             proxy = Proxy(config, audit_log, attributor, policy=lambda: policy.current,

@@ -190,11 +190,24 @@ def _bpf_checks(config: Config) -> list[Check]:
         return doctor_checks(config.bpf, Path(scratch))
 
 
+def _compiled_check() -> Check:
+    """The compiled parts of the data path (setup.py); without them the agent runs on their
+    Python twins, correct but slower on large results."""
+    from agent.protocols import postgres
+
+    if postgres.NATIVE_SCAN:
+        return Check("compiled data path", True, "agent/protocols/_pgscan is built")
+    return Check("compiled data path", False,
+                 "agent/protocols/_pgscan is not built: large results cost more CPU",
+                 "reinstall the package; in a checkout, `./dev.sh setup` (needs gcc and python3-dev)")
+
+
 def collect_checks(config_path: str | None) -> list[tuple[Check, bool]]:
     """Every check, with whether its failure stops the agent (False: degraded only)."""
     config_check, config = _config_check(config_path)
     checks: list[tuple[Check, bool]] = [(config_check, True), (_root_check(), True),
-                                        (_kernel_check(), True), (_iptables_backend(), True)]
+                                        (_kernel_check(), True), (_iptables_backend(), True),
+                                        (_compiled_check(), False)]
     if config is None:
         return checks
     port = config.protect[0].listen_port if config.protect else 15432

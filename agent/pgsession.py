@@ -643,20 +643,23 @@ class PostgresSession:
         pending = self._pending
         unpack = _INT32.unpack_from
         max_message = self.backend.max_message
+        datarows = pg.datarows
         size = len(data)
         pos = 0
         rows = row_bytes = 0
         while size - pos >= 5:
             kind = data[pos]
+            if kind == 0x44:  # DataRow: the whole run of them at once
+                pos, more, more_bytes = datarows(data, pos)
+                if not more:
+                    break  # not whole here, or invalid: the scanner takes it
+                rows += more
+                row_bytes += more_bytes
+                continue
             length = unpack(data, pos + 1)[0]
             end = pos + 1 + length
             if length < 4 or end > size:
                 break
-            if kind == 0x44:  # DataRow
-                rows += 1
-                row_bytes += length + 1
-                pos = end
-                continue
             ready = None
             if kind == 0x43:  # CommandComplete
                 if length > max_message:

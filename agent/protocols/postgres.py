@@ -45,6 +45,30 @@ _INT16 = struct.Struct("!h")
 FRONTEND_TYPES: Final = frozenset(b"BCcDdEFfHPpQSX")
 
 
+def _datarows(data: bytes | bytearray | memoryview, pos: int) -> tuple[int, int, int]:
+    """Where the run of whole DataRow messages at ``pos`` ends, how many there are and their
+    bytes (type bytes included). It ends at another type, a DataRow not whole in ``data``, an
+    invalid length (below 4: left for the caller's checks) or the end of ``data``."""
+    size = len(data)
+    unpack_length = _INT32.unpack_from
+    rows = row_bytes = 0
+    while size - pos >= 5 and data[pos] == 0x44:
+        length = unpack_length(data, pos + 1)[0]
+        if length < 4 or size - pos - 1 < length:
+            break
+        rows += 1
+        row_bytes += length + 1
+        pos += length + 1
+    return pos, rows, row_bytes
+
+
+try:  # the same loop compiled (setup.py); this module works alike without it
+    from agent.protocols._pgscan import datarows as datarows
+except ImportError:  # pragma: no cover - a source tree where it was not built
+    datarows = _datarows
+NATIVE_SCAN: Final = datarows is not _datarows
+
+
 class ProtocolError(Exception):
     """The byte stream does not follow the protocol."""
 
@@ -687,7 +711,6 @@ class BackendScanner:
         pos = 0
         size = len(chunk)
         unpack_header = _HEADER.unpack_from
-        unpack_length = _INT32.unpack_from
         while pos < size:
             if self._remaining:
                 take = min(self._remaining, size - pos)
@@ -717,19 +740,11 @@ class BackendScanner:
                     raise ServerProtocolError(f"invalid message length {length}")
                 body_len = length - 4
                 if size - pos >= body_len:
-                    # This row and the whole rows right after it, counted in one tight loop.
-                    rows = 1
-                    row_bytes = length + 1
-                    pos += body_len
-                    while size - pos >= 5 and chunk[pos] == 0x44:
-                        length = unpack_length(chunk, pos + 1)[0]
-                        if length < 4 or size - pos - 1 < length:
-                            break  # not whole here (or invalid): the general path takes it
-                        rows += 1
-                        row_bytes += length + 1
-                        pos += length + 1
-                    self._rows += rows
-                    self._row_bytes += row_bytes
+                    # This row and the whole rows right after it, counted in one tight loop
+                    # (a row not whole here, or invalid, is left for the general path).
+                    pos, rows, row_bytes = datarows(chunk, pos + body_len)
+                    self._rows += rows + 1
+                    self._row_bytes += row_bytes + length + 1
                     continue
                 self._rows += 1
                 self._row_bytes += length + 1

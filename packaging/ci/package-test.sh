@@ -199,7 +199,10 @@ if command -v systemd-analyze >/dev/null; then
 fi
 
 step "ringfence doctor (installed configuration)"
-ringfence doctor || fail "ringfence doctor"
+doctor_out=$(ringfence doctor) || { echo "$doctor_out"; fail "ringfence doctor"; }
+echo "$doctor_out"
+echo "$doctor_out" | grep -q "^OK    compiled data path" || fail "the package's compiled data path is missing"
+ok "the package carries the compiled data path"
 
 # --------------------------------------------------------------------------- smoke
 step "smoke: PostgreSQL in network namespace $ns"

@@ -1,0 +1,72 @@
+"""The compiled DataRow loop (agent/protocols/_pgscan.c) answers exactly as its Python twin."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.protocols import postgres as pg
+from tests.support.fuzz import examples
+
+
+def native() -> object:
+    # ./dev.sh setup (pip install -e .) and the packages build it: the suite runs the
+    # compiled scanner, and checks it here against the Python twin.
+    try:
+        from agent.protocols import _pgscan
+    except ImportError:
+        pytest.fail("agent/protocols/_pgscan.c is not built: run ./dev.sh setup")
+    assert pg.NATIVE_SCAN
+    return _pgscan.datarows
+
+
+def message(kind: bytes, body: bytes) -> bytes:
+    return kind + struct.pack("!i", len(body) + 4) + body
+
+
+# Whole messages, DataRows most of all, plus raw bytes: headers with lengths that are
+# negative, too small, or run past the end.
+_parts = st.one_of(
+    st.binary(max_size=40).map(lambda body: message(b"D", body)),
+    st.binary(max_size=40).map(lambda body: message(b"D", body)),
+    st.tuples(st.sampled_from(b"CZTEdNs"), st.binary(max_size=12)).map(
+        lambda kb: message(bytes([kb[0]]), kb[1])),
+    st.integers(-(2**31), 2**31 - 1).map(lambda n: b"D" + struct.pack("!i", n)),
+    st.binary(max_size=6),
+)
+
+
+@settings(max_examples=examples(2000), deadline=None)
+@given(st.lists(_parts, max_size=12).map(b"".join), st.data())
+def test_same_run_as_python(data: bytes, draw: st.DataObject) -> None:
+    datarows = native()
+    pos = draw.draw(st.integers(0, len(data)))
+    assert datarows(data, pos) == pg._datarows(data, pos)  # type: ignore[operator]
+    assert datarows(bytearray(data), pos) == pg._datarows(data, pos)  # type: ignore[operator]
+
+
+def test_counts_a_run_and_stops_where_the_scanner_takes_over() -> None:
+    datarows = native()
+    rows = message(b"D", b"\x00\x01\x00\x00\x00\x01x") * 3
+    tail = message(b"C", b"SELECT 3\x00")
+    assert datarows(rows + tail, 0) == (len(rows), 3, len(rows))  # type: ignore[operator]
+    # A row cut short at the end of the chunk, an invalid length: not counted.
+    assert datarows(rows + rows[:7], 0) == (len(rows), 3, len(rows))  # type: ignore[operator]
+    assert datarows(b"D\x00\x00\x00\x03", 0) == (0, 0, 0)  # type: ignore[operator]
+    assert datarows(b"D\xff\xff\xff\xff" + rows, 0) == (0, 0, 0)  # type: ignore[operator]
+    assert datarows(rows, len(rows)) == (len(rows), 0, 0)  # type: ignore[operator]
+
+
+def test_bad_arguments_are_errors_not_crashes() -> None:
+    datarows = native()
+    with pytest.raises(ValueError, match="outside"):
+        datarows(b"D", 2)  # type: ignore[operator]
+    with pytest.raises(ValueError, match="outside"):
+        datarows(b"D", -1)  # type: ignore[operator]
+    with pytest.raises(TypeError):
+        datarows("text", 0)  # type: ignore[operator]
+    with pytest.raises(TypeError):
+        datarows(b"D")  # type: ignore[operator]
