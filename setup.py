@@ -9,5 +9,6 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension("agent.protocols._pgscan", ["agent/protocols/_pgscan.c"]),
+        Extension("policy._plainshape", ["policy/_plainshape.c"]),
     ],
 )

@@ -128,11 +128,12 @@ async def _serve(config: Config) -> int:
         if attributor is not None:
             cleanup.callback(attributor.stop)
 
-        from agent.protocols.postgres import NATIVE_SCAN
+        from agent.doctor import compiled_check
 
-        if not NATIVE_SCAN:
-            log.warning("the compiled data path is not built; large results cost more CPU "
-                        "(see `ringfence doctor`)", extra={"event": "agent.not_compiled"})
+        compiled = compiled_check()
+        if not compiled.ok:
+            log.warning("compiled data path: %s; see `ringfence doctor`", compiled.detail,
+                        extra={"event": "agent.not_compiled"})
         resolver = await _start_identity(config, audit_log, cleanup)
         try:
             proxy = Proxy(config, audit_log, attributor, policy=lambda: policy.current,

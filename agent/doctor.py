@@ -190,15 +190,18 @@ def _bpf_checks(config: Config) -> list[Check]:
         return doctor_checks(config.bpf, Path(scratch))
 
 
-def _compiled_check() -> Check:
+def compiled_check() -> Check:
     """The compiled parts of the data path (setup.py); without them the agent runs on their
-    Python twins, correct but slower on large results."""
+    Python twins, alike but with more CPU a statement and a row."""
     from agent.protocols import postgres
+    from policy.classify import NATIVE_SHAPE
 
-    if postgres.NATIVE_SCAN:
-        return Check("compiled data path", True, "agent/protocols/_pgscan is built")
+    missing = [name for name, built in (("agent/protocols/_pgscan", postgres.NATIVE_SCAN),
+                                        ("policy/_plainshape", NATIVE_SHAPE)) if not built]
+    if not missing:
+        return Check("compiled data path", True, "agent/protocols/_pgscan and policy/_plainshape are built")
     return Check("compiled data path", False,
-                 "agent/protocols/_pgscan is not built: large results cost more CPU",
+                 f"not built: {', '.join(missing)} (the Python twins cost more CPU)",
                  "reinstall the package; in a checkout, `./dev.sh setup` (needs gcc and python3-dev)")
 
 
@@ -207,7 +210,7 @@ def collect_checks(config_path: str | None) -> list[tuple[Check, bool]]:
     config_check, config = _config_check(config_path)
     checks: list[tuple[Check, bool]] = [(config_check, True), (_root_check(), True),
                                         (_kernel_check(), True), (_iptables_backend(), True),
-                                        (_compiled_check(), False)]
+                                        (compiled_check(), False)]
     if config is None:
         return checks
     port = config.protect[0].listen_port if config.protect else 15432
@@ -243,4 +246,4 @@ def run_doctor(config_path: str | None) -> int:
     return 1 if failed else 0
 
 
-__all__ = ["collect_checks", "run_doctor"]
+__all__ = ["collect_checks", "compiled_check", "run_doctor"]

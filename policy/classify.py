@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from threading import Lock
-from typing import Any
+from typing import Any, Final, Literal
 
 from pglast import parser as pg_parser
 
@@ -786,8 +786,8 @@ def _shape(text: str) -> _Shape | None:
     """
     if "\x00" in text:
         return None
-    if _is_plain(text):
-        plain = _plain(text)
+    plain = _plain_text(text)
+    if plain is not False:
         return _Shape(*plain, None) if plain is not None else None
     return _scanned_shape(text)
 
@@ -800,8 +800,8 @@ def statement_shape(text: str) -> bytes | None:
     """
     if len(text) > MAX_CACHED_TEXT or "\x00" in text:
         return None
-    if _is_plain(text):  # as _shape, without building the _Shape
-        plain = _plain(text)
+    plain = _plain_text(text)  # as _shape, without building the _Shape
+    if plain is not False:
         return plain[0] if plain is not None else None
     shape = _scanned_shape(text)
     return shape.key if shape is not None else None
@@ -826,6 +826,18 @@ def _plain(text: str) -> tuple[bytes, int, int] | None:
     if start >= end:
         return None
     return ("p" + _PLAIN_INTEGER.sub("\x00i", text)).encode("ascii"), start, end
+
+
+def _plain_text_py(text: str) -> tuple[bytes, int, int] | None | Literal[False]:
+    """:func:`_plain` of a plain text; False for a text that is not plain."""
+    return _plain(text) if _is_plain(text) else False
+
+
+try:  # the same compiled (setup.py); this module works alike without it
+    from policy._plainshape import plain as _plain_text
+except ImportError:  # pragma: no cover - a source tree where it was not built
+    _plain_text = _plain_text_py
+NATIVE_SHAPE: Final = _plain_text is not _plain_text_py
 
 
 def _scanned_shape(text: str) -> _Shape | None:

@@ -1,0 +1,3 @@
+from typing import Literal
+
+def plain(text: str, /) -> tuple[bytes, int, int] | None | Literal[False]: ...
