@@ -10,8 +10,9 @@
 # built against the build machine's /usr/bin/python3 with its system site
 # packages visible, so that the distribution's BCC bindings (python3-bpfcc on
 # Debian, python3-bcc on RPM distributions) are importable. The native wheels
-# in it (lmdb, msgpack, uvloop, pglast, cryptography) are built for that
-# Python's minor version, so a package is made per distribution release: build
+# in it (lmdb, msgpack, uvloop, pglast, cryptography, and ringfence's own
+# compiled data path from setup.py, which needs gcc, python3-dev and
+# libssl-dev here) are built for that Python's minor version, so a package is made per distribution release: build
 # the .deb on Debian 12 for Debian 12 (python3 3.11), and the .rpm on the RPM
 # distribution it is for. The .rpm built on Debian carries the same files and
 # is what CI checks for metadata, scripts and integrity.

@@ -1,7 +1,7 @@
 """The compiled parts of the agent's data path (everything else is in pyproject.toml).
 
-Each has a pure-Python twin that is used when the extension is not built; the
-packages and `./dev.sh setup` always build it (gcc and python3-dev).
+Each has a pure-Python twin that is used when its extension is not built; the
+packages and `./dev.sh setup` always build them (gcc, python3-dev and libssl-dev).
 """
 
 from setuptools import Extension, setup
@@ -10,5 +10,7 @@ setup(
     ext_modules=[
         Extension("agent.protocols._pgscan", ["agent/protocols/_pgscan.c"]),
         Extension("policy._plainshape", ["policy/_plainshape.c"]),
+        # SHA-256 from the distribution's OpenSSL (libssl-dev to build; libssl3 at run time).
+        Extension("audit._link", ["audit/_link.c"], libraries=["crypto"]),
     ],
 )

@@ -191,18 +191,21 @@ def _bpf_checks(config: Config) -> list[Check]:
 
 
 def compiled_check() -> Check:
-    """The compiled parts of the data path (setup.py); without them the agent runs on their
-    Python twins, alike but with more CPU a statement and a row."""
-    from agent.protocols import postgres
+    """The compiled parts of the data path (setup.py); without them the agent and its audit
+    writer run on their Python twins, alike but with more CPU a statement and a row."""
+    from agent.protocols.postgres import NATIVE_SCAN
+    from audit.log import NATIVE_LINK
     from policy.classify import NATIVE_SHAPE
 
-    missing = [name for name, built in (("agent/protocols/_pgscan", postgres.NATIVE_SCAN),
-                                        ("policy/_plainshape", NATIVE_SHAPE)) if not built]
+    modules = (("agent/protocols/_pgscan", NATIVE_SCAN), ("policy/_plainshape", NATIVE_SHAPE),
+               ("audit/_link", NATIVE_LINK))
+    missing = [name for name, built in modules if not built]
     if not missing:
-        return Check("compiled data path", True, "agent/protocols/_pgscan and policy/_plainshape are built")
+        return Check("compiled data path", True, ", ".join(name for name, _ in modules) + " built")
     return Check("compiled data path", False,
                  f"not built: {', '.join(missing)} (the Python twins cost more CPU)",
-                 "reinstall the package; in a checkout, `./dev.sh setup` (needs gcc and python3-dev)")
+                 "reinstall the package; in a checkout, `./dev.sh setup` "
+                 "(needs gcc, python3-dev and libssl-dev)")
 
 
 def collect_checks(config_path: str | None) -> list[tuple[Check, bool]]:

@@ -71,6 +71,78 @@ _UINT = struct.Struct(">BQ").pack
 _Item = tuple[str, str | None, int, bytes, object]
 
 
+def _link_py(
+    batch: Sequence[_Item], seq: int, prev: bytes, stack: list[bytes], size: int, version: int,
+    enc_type: dict[str, bytes], enc_sid: dict[str | None, bytes],
+    encode_names: Callable[[str, str | None], bytes], counters: dict[str, int],
+    session_start: str, session_end: str,
+) -> tuple[list[tuple[bytes, bytes]], bytes, list[tuple[bytes, bytes]], list[tuple[int, int]],
+           bytes, int]:
+    """One batch's envelopes, hash chain and Merkle nodes, records ``seq`` onwards.
+
+    Returns the records ``[(key, envelope)]``, the new leaves and nodes in the order made
+    (one bytes), ``[(session id, key)]`` of session starts, ``[(position in batch, seq)]``
+    of items with a waiter, the last leaf and the tree's new size; ``stack`` (the
+    frontier's hashes) and ``counters`` (records so far by session) change in place.
+    audit/_link.c does the same, compiled (see there for the layout).
+    """
+    records: list[tuple[bytes, bytes]] = []
+    nodes: list[bytes] = []
+    sessions: list[tuple[bytes, bytes]] = []
+    marks: list[tuple[int, int]] = []
+    key = _KEY
+    head = _HEAD
+    sha256 = hashlib.sha256
+    for position, (type, sid, ts, data, waiter) in enumerate(batch):
+        if sid is None:
+            index = None
+        else:
+            index = counters.get(sid, 0)
+            if type == session_end:
+                counters.pop(sid, None)
+            else:
+                counters[sid] = index + 1
+            if type == session_start:
+                sessions.append((sid.encode(), key(seq)))
+        if waiter is not None:
+            marks.append((position, seq))
+        # The envelope, assembled by hand: ints are written as msgpack uint64 so the
+        # layout is fixed; strings are encoded once and cached.
+        try:
+            names = enc_type[type] + enc_sid[sid]
+        except KeyError:
+            names = encode_names(type, sid)
+        raw = b"".join(
+            (
+                head(0x99, version, 0xCF, seq, 0xCF, ts, 0xC4, 32),
+                prev,
+                names,
+                b"\xc0" if index is None else _UINT(0xCF, index),
+                data,
+            )
+        )
+        h = prev = sha256(b"\x00" + raw).digest()
+        records.append((key(seq), raw))
+        nodes.append(h)
+        # Complete the subtrees this leaf closes (one per trailing 1 bit of size).
+        m = size
+        while m & 1:
+            h = sha256(b"\x01" + stack.pop() + h).digest()
+            nodes.append(h)
+            m >>= 1
+        stack.append(h)
+        size += 1
+        seq += 1
+    return records, b"".join(nodes), sessions, marks, prev, size
+
+
+try:  # the same compiled (setup.py); the writer works alike without it
+    from audit._link import link as _link
+except ImportError:  # pragma: no cover - a source tree where it was not built
+    _link = _link_py
+NATIVE_LINK = _link is not _link_py
+
+
 class _Waiter:
     """Where a strict record's outcome is delivered: an asyncio future, a thread event, or a
     callback (called on the writer thread)."""
@@ -529,74 +601,27 @@ class AuditLog:
 
     def _commit(self, batch: list[_Item]) -> None:
         """Write a batch in one transaction; on success advance the chain and resolve waiters."""
-        seq = first = self.next_seq
-        prev = self.prev_leaf
+        first = self.next_seq
         stack = list(self.frontier.hashes)
-        size = self.frontier.size
-        si = stored_hash_count(first)
-        records: list[tuple[bytes, bytes]] = []
-        nodes: list[bytes] = []
-        sessions: list[tuple[bytes, bytes]] = []
-        checkpoints: list[tuple[bytes, bytes]] = []
+        records, nodes, sessions, marks, prev, size = _link(
+            batch, first, self.prev_leaf, stack, self.frontier.size, ENVELOPE_VERSION,
+            self._enc_type, self._enc_sid, self._encode_names, self._sessions,
+            SESSION_START, SESSION_END,
+        )
+        since = self._since_checkpoint + len(batch)
         strict: list[tuple[_Waiter, int]] = []
-        counters = self._sessions
-        head = _HEAD
-        enc_type = self._enc_type
-        enc_sid = self._enc_sid
-        key = _KEY
-        sha256 = hashlib.sha256
-        since = self._since_checkpoint
-        internal = 0
-        for type, sid, ts, data, waiter in batch:
-            if sid is None:
-                index = None
-            else:
-                index = counters.get(sid, 0)
-                if type == SESSION_END:
-                    counters.pop(sid, None)
-                else:
-                    counters[sid] = index + 1
-                if type == SESSION_START:
-                    sessions.append((sid.encode(), key(seq)))
-            if waiter is None:
-                since += 1
-            elif isinstance(waiter, _Waiter):
+        checkpoints: list[tuple[bytes, bytes]] = []
+        for position, seq in marks:
+            waiter = batch[position][4]
+            if isinstance(waiter, _Waiter):
                 strict.append((waiter, seq))
-                since += 1
             else:
                 assert isinstance(waiter, int)
-                checkpoints.append((key(waiter), key(seq)))
-                since = 0
-                internal += 1
-            # The envelope, assembled by hand: ints are written as msgpack uint64 so the
-            # layout is fixed; strings are encoded once and cached.
-            try:
-                names = enc_type[type] + enc_sid[sid]
-            except KeyError:
-                names = self._encode_names(type, sid)
-            raw = b"".join(
-                (
-                    head(0x99, ENVELOPE_VERSION, 0xCF, seq, 0xCF, ts, 0xC4, 32),
-                    prev,
-                    names,
-                    b"\xc0" if index is None else _UINT(0xCF, index),
-                    data,
-                )
-            )
-            h = prev = sha256(b"\x00" + raw).digest()
-            records.append((key(seq), raw))
-            nodes.append(h)
-            # Complete the subtrees this leaf closes (one per trailing 1 bit of size).
-            m = size
-            while m & 1:
-                h = sha256(b"\x01" + stack.pop() + h).digest()
-                nodes.append(h)
-                m >>= 1
-            stack.append(h)
-            size += 1
-            seq += 1
+                checkpoints.append((_KEY(waiter), _KEY(seq)))
+                since = len(batch) - 1 - position  # the records after the checkpoint's
+        seq = first + len(batch)
         seg = self.store.segments[-1]
-        self._write(seg, records, (key(si), b"".join(nodes)), sessions, checkpoints, seq)
+        self._write(seg, records, (_KEY(stored_hash_count(first)), nodes), sessions, checkpoints, seq)
         self.next_seq = seq
         self.prev_leaf = prev
         self.frontier = Frontier(size, stack)
@@ -606,7 +631,7 @@ class AuditLog:
         for waiter, wseq in strict:
             waiter.resolve(wseq, None)
         with self._cond:
-            self._processed += len(batch) - internal
+            self._processed += len(batch) - len(checkpoints)
             self._cond.notify_all()
 
     def _encode_names(self, type: str, sid: str | None) -> bytes:

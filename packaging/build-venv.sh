@@ -47,7 +47,7 @@ $enter sh -eu -c '
     rm -f /opt/ringfence/bin/Activate.ps1
     /opt/ringfence/bin/python -m compileall -q -j 0 --invalidation-mode checked-hash \
         /opt/ringfence/lib >/dev/null
-    /opt/ringfence/bin/python -c "import agent.cli, agent.daemon, agent.protocols._pgscan, policy._plainshape, audit, policy, lmdb, msgpack, uvloop, pglast, jwt, cryptography"
+    /opt/ringfence/bin/python -c "import agent.cli, agent.daemon, agent.protocols._pgscan, policy._plainshape, audit._link, audit, policy, lmdb, msgpack, uvloop, pglast, jwt, cryptography"
     got=$(/opt/ringfence/bin/ringfence --version)
     case "$got" in
         *" $version") ;;

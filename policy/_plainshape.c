@@ -7,7 +7,7 @@
  * the two to the same answers):
  *
  *   False  the text is not plain: not ASCII, or it holds a quote, a double
- *          quote, a dollar sign, a backslash, "--" or "/*" (the scanner must
+ *          quote, a dollar sign, a backslash, "--" or a slash and a star (the scanner must
  *          read it);
  *   None   plain, but not exactly one statement (a ';' before the end, or
  *          nothing but blanks and a ';');

@@ -1,0 +1,389 @@
+/* The audit writer's per-record work, compiled: envelopes, the hash chain and the
+ * Merkle tree's new nodes for one batch.
+ *
+ * link(batch, seq, prev, stack, size, version, enc_type, enc_sid, encode_names,
+ *      counters, session_start, session_end)
+ *   -> (records, nodes, sessions, marks, prev, size)
+ *
+ * The same answer as audit.log._link_py, its Python twin (used when this module
+ * is not built; tests/unit/audit/test_link_native.py holds the two to the same
+ * answers, and `ringfence audit verify` re-checks every stored hash with the
+ * Python code). For each item (type, session_id, ts, data, waiter) of ``batch``,
+ * record number ``seq`` onwards:
+ *
+ *   envelope = 0x99, version, 0xCF seq, 0xCF ts, 0xC4 0x20 prev,
+ *              names (msgpack of type, host, session_id: enc_type[type] +
+ *              enc_sid[session_id], or encode_names(type, session_id) when
+ *              either is not cached), 0xC0 or 0xCF index, data
+ *   prev = leaf = SHA-256(0x00 || envelope)
+ *
+ * where index is the record's number within its session (``counters``, a dict
+ * by session id, advanced here; a session_end record removes its session).
+ * Each leaf closes one subtree per trailing 1 bit of the tree's size; the node
+ * of each is SHA-256(0x01 || left || right), left popped from ``stack`` (a list
+ * of hashes, changed in place). Returned: records [(key, envelope)], the leaves
+ * and nodes in the order made (one bytes), sessions [(session_id as UTF-8, key)]
+ * of session_start records, marks [(position in batch, seq)] of items whose
+ * waiter is not None, the last leaf and the new size. Keys are seq as 8
+ * big-endian bytes.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+#include <openssl/evp.h>
+
+#define HASH 32
+#define HEAD 22
+
+/* Fetched once: with OpenSSL 3, EVP_sha256() makes every EVP_DigestInit_ex look the
+ * implementation up again, which costs more than hashing a record. */
+static EVP_MD *sha256_md;
+
+static void
+put_u64(unsigned char *p, uint64_t v)
+{
+    for (int i = 7; i >= 0; i--) {
+        p[i] = (unsigned char)(v & 0xff);
+        v >>= 8;
+    }
+}
+
+static int
+digest(EVP_MD_CTX *ctx, unsigned char tag, const unsigned char *a, size_t alen,
+       const unsigned char *b, size_t blen, unsigned char *out)
+{
+    unsigned int len = 0;
+    if (EVP_DigestInit_ex(ctx, sha256_md, NULL) != 1
+        || EVP_DigestUpdate(ctx, &tag, 1) != 1
+        || EVP_DigestUpdate(ctx, a, alen) != 1
+        || (blen && EVP_DigestUpdate(ctx, b, blen) != 1)
+        || EVP_DigestFinal_ex(ctx, out, &len) != 1 || len != HASH) {
+        PyErr_SetString(PyExc_RuntimeError, "link: SHA-256 failed");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+key_of(uint64_t seq)
+{
+    unsigned char k[8];
+    put_u64(k, seq);
+    return PyBytes_FromStringAndSize((const char *)k, 8);
+}
+
+/* The names of a record: borrowed cached halves in *type_names and *sid_names, or
+ * (when either is not cached) a new reference from encode_names in *fresh.
+ * Returns -1 with an error set. */
+static int
+names_of(PyObject *type, PyObject *sid, PyObject *enc_type, PyObject *enc_sid,
+         PyObject *encode_names, PyObject **type_names, PyObject **sid_names, PyObject **fresh)
+{
+    PyObject *t = PyDict_GetItemWithError(enc_type, type);
+    PyObject *s = NULL;
+    *fresh = NULL;
+    if (t == NULL && PyErr_Occurred())
+        return -1;
+    if (t != NULL) {
+        s = PyDict_GetItemWithError(enc_sid, sid);
+        if (s == NULL && PyErr_Occurred())
+            return -1;
+    }
+    if (t == NULL || s == NULL) {
+        PyObject *names = PyObject_CallFunctionObjArgs(encode_names, type, sid, NULL);
+        if (names == NULL)
+            return -1;
+        if (!PyBytes_Check(names)) {
+            Py_DECREF(names);
+            PyErr_SetString(PyExc_TypeError, "link: encode_names must return bytes");
+            return -1;
+        }
+        *fresh = names;
+        return 0;
+    }
+    if (!PyBytes_Check(t) || !PyBytes_Check(s)) {
+        PyErr_SetString(PyExc_TypeError, "link: cached names must be bytes");
+        return -1;
+    }
+    *type_names = t;
+    *sid_names = s;
+    return 0;
+}
+
+static PyObject *
+link_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *batch, *prev_obj, *stack, *enc_type, *enc_sid, *encode_names, *counters;
+    PyObject *session_start, *session_end;
+    PyObject *records = NULL, *sessions = NULL, *marks = NULL, *nodes = NULL, *result = NULL;
+    unsigned char prev[HASH];
+    uint64_t seq, size;
+    long version;
+    Py_ssize_t count, i, node_count = 0, node_cap;
+    EVP_MD_CTX *ctx = NULL;
+
+    (void)module;
+    if (nargs != 12) {
+        PyErr_SetString(PyExc_TypeError, "link() takes exactly 12 arguments");
+        return NULL;
+    }
+    batch = args[0];
+    prev_obj = args[2];
+    stack = args[3];
+    enc_type = args[6];
+    enc_sid = args[7];
+    encode_names = args[8];
+    counters = args[9];
+    session_start = args[10];
+    session_end = args[11];
+    if (!PyList_Check(batch) || !PyList_Check(stack) || !PyDict_Check(enc_type)
+        || !PyDict_Check(enc_sid) || !PyDict_Check(counters) || !PyBytes_Check(prev_obj)
+        || PyBytes_GET_SIZE(prev_obj) != HASH || !PyUnicode_Check(session_start)
+        || !PyUnicode_Check(session_end)) {
+        PyErr_SetString(PyExc_TypeError, "link: bad argument types");
+        return NULL;
+    }
+    seq = PyLong_AsUnsignedLongLong(args[1]);
+    if (seq == (uint64_t)-1 && PyErr_Occurred())
+        return NULL;
+    size = PyLong_AsUnsignedLongLong(args[4]);
+    if (size == (uint64_t)-1 && PyErr_Occurred())
+        return NULL;
+    version = PyLong_AsLong(args[5]);
+    if (version == -1 && PyErr_Occurred())
+        return NULL;
+    if (version < 0 || version > 127) {
+        PyErr_SetString(PyExc_ValueError, "link: version must be a positive fixint");
+        return NULL;
+    }
+    memcpy(prev, PyBytes_AS_STRING(prev_obj), HASH);
+    count = PyList_GET_SIZE(batch);
+    /* Every leaf adds one hash and closes at most 64 subtrees; grown as needed. */
+    node_cap = count * 2 + 64;
+    nodes = PyBytes_FromStringAndSize(NULL, node_cap * HASH);
+    records = PyList_New(0);
+    sessions = PyList_New(0);
+    marks = PyList_New(0);
+    ctx = EVP_MD_CTX_new();
+    if (nodes == NULL || records == NULL || sessions == NULL || marks == NULL || ctx == NULL) {
+        if (ctx == NULL && !PyErr_Occurred())
+            PyErr_NoMemory();
+        goto done;
+    }
+
+    for (i = 0; i < count; i++) {
+        PyObject *item = PyList_GET_ITEM(batch, i);
+        PyObject *type, *sid, *data, *waiter, *raw, *key, *pair;
+        PyObject *type_names = NULL, *sid_names = NULL, *fresh = NULL;
+        Py_ssize_t names_len;
+        uint64_t ts;
+        int has_index = 0;
+        uint64_t index = 0;
+        unsigned char hash[HASH];
+        Py_ssize_t raw_len;
+        unsigned char *p;
+        uint64_t m;
+
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 5) {
+            PyErr_SetString(PyExc_TypeError, "link: batch items are 5-tuples");
+            goto done;
+        }
+        type = PyTuple_GET_ITEM(item, 0);
+        sid = PyTuple_GET_ITEM(item, 1);
+        data = PyTuple_GET_ITEM(item, 3);
+        waiter = PyTuple_GET_ITEM(item, 4);
+        if (!PyUnicode_Check(type) || !PyBytes_Check(data)
+            || (sid != Py_None && !PyUnicode_Check(sid))) {
+            PyErr_SetString(PyExc_TypeError, "link: item is (str, str | None, int, bytes, waiter)");
+            goto done;
+        }
+        ts = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(item, 2));
+        if (ts == (uint64_t)-1 && PyErr_Occurred())
+            goto done;
+
+        if (sid != Py_None) {
+            PyObject *known = PyDict_GetItemWithError(counters, sid);
+            int is_end, is_start;
+            if (known == NULL && PyErr_Occurred())
+                goto done;
+            if (known != NULL) {
+                index = PyLong_AsUnsignedLongLong(known);
+                if (index == (uint64_t)-1 && PyErr_Occurred())
+                    goto done;
+            }
+            has_index = 1;
+            is_end = PyUnicode_Compare(type, session_end) == 0;
+            if (is_end) {
+                if (known != NULL && PyDict_DelItem(counters, sid) < 0)
+                    goto done;
+            } else {
+                PyObject *next = PyLong_FromUnsignedLongLong(index + 1);
+                if (next == NULL || PyDict_SetItem(counters, sid, next) < 0) {
+                    Py_XDECREF(next);
+                    goto done;
+                }
+                Py_DECREF(next);
+            }
+            is_start = PyUnicode_Compare(type, session_start) == 0;
+            if (is_start) {
+                PyObject *sid_bytes = PyUnicode_AsUTF8String(sid);
+                if (sid_bytes == NULL)
+                    goto done;
+                key = key_of(seq);
+                pair = key == NULL ? NULL : PyTuple_Pack(2, sid_bytes, key);
+                Py_DECREF(sid_bytes);
+                Py_XDECREF(key);
+                if (pair == NULL || PyList_Append(sessions, pair) < 0) {
+                    Py_XDECREF(pair);
+                    goto done;
+                }
+                Py_DECREF(pair);
+            }
+        }
+        if (waiter != Py_None) {
+            pair = Py_BuildValue("(nK)", i, (unsigned long long)seq);
+            if (pair == NULL || PyList_Append(marks, pair) < 0) {
+                Py_XDECREF(pair);
+                goto done;
+            }
+            Py_DECREF(pair);
+        }
+
+        if (names_of(type, sid, enc_type, enc_sid, encode_names, &type_names, &sid_names,
+                     &fresh) < 0)
+            goto done;
+        if (fresh != NULL) {
+            type_names = fresh;
+            sid_names = NULL;
+        }
+        names_len = PyBytes_GET_SIZE(type_names) + (sid_names ? PyBytes_GET_SIZE(sid_names) : 0);
+        raw_len = HEAD + HASH + names_len + (has_index ? 9 : 1) + PyBytes_GET_SIZE(data);
+        raw = PyBytes_FromStringAndSize(NULL, raw_len);
+        if (raw == NULL) {
+            Py_XDECREF(fresh);
+            goto done;
+        }
+        p = (unsigned char *)PyBytes_AS_STRING(raw);
+        p[0] = 0x99;
+        p[1] = (unsigned char)version;
+        p[2] = 0xCF;
+        put_u64(p + 3, seq);
+        p[11] = 0xCF;
+        put_u64(p + 12, ts);
+        p[20] = 0xC4;
+        p[21] = HASH;
+        p += HEAD;
+        memcpy(p, prev, HASH);
+        p += HASH;
+        memcpy(p, PyBytes_AS_STRING(type_names), (size_t)PyBytes_GET_SIZE(type_names));
+        p += PyBytes_GET_SIZE(type_names);
+        if (sid_names != NULL) {
+            memcpy(p, PyBytes_AS_STRING(sid_names), (size_t)PyBytes_GET_SIZE(sid_names));
+            p += PyBytes_GET_SIZE(sid_names);
+        }
+        Py_XDECREF(fresh);
+        if (has_index) {
+            *p++ = 0xCF;
+            put_u64(p, index);
+            p += 8;
+        } else {
+            *p++ = 0xC0;
+        }
+        memcpy(p, PyBytes_AS_STRING(data), (size_t)PyBytes_GET_SIZE(data));
+
+        if (digest(ctx, 0x00, (const unsigned char *)PyBytes_AS_STRING(raw), (size_t)raw_len,
+                   NULL, 0, hash) < 0) {
+            Py_DECREF(raw);
+            goto done;
+        }
+        memcpy(prev, hash, HASH);
+        key = key_of(seq);
+        pair = key == NULL ? NULL : PyTuple_Pack(2, key, raw);
+        Py_XDECREF(key);
+        Py_DECREF(raw);
+        if (pair == NULL || PyList_Append(records, pair) < 0) {
+            Py_XDECREF(pair);
+            goto done;
+        }
+        Py_DECREF(pair);
+
+        if (node_count + 65 > node_cap) {
+            node_cap *= 2;
+            if (_PyBytes_Resize(&nodes, node_cap * HASH) < 0)
+                goto done;
+        }
+        memcpy(PyBytes_AS_STRING(nodes) + node_count * HASH, hash, HASH);
+        node_count++;
+        for (m = size; m & 1; m >>= 1) {
+            Py_ssize_t top = PyList_GET_SIZE(stack);
+            PyObject *left;
+            unsigned char joined[2 * HASH];
+            if (top == 0) {
+                PyErr_SetString(PyExc_ValueError, "link: the frontier is shorter than the size says");
+                goto done;
+            }
+            left = PyList_GET_ITEM(stack, top - 1);
+            if (!PyBytes_Check(left) || PyBytes_GET_SIZE(left) != HASH) {
+                PyErr_SetString(PyExc_TypeError, "link: frontier hashes are 32 bytes");
+                goto done;
+            }
+            memcpy(joined, PyBytes_AS_STRING(left), HASH);
+            memcpy(joined + HASH, hash, HASH);
+            if (PyList_SetSlice(stack, top - 1, top, NULL) < 0)
+                goto done;
+            if (digest(ctx, 0x01, joined, sizeof joined, NULL, 0, hash) < 0)
+                goto done;
+            memcpy(PyBytes_AS_STRING(nodes) + node_count * HASH, hash, HASH);
+            node_count++;
+        }
+        {
+            PyObject *top_hash = PyBytes_FromStringAndSize((const char *)hash, HASH);
+            if (top_hash == NULL || PyList_Append(stack, top_hash) < 0) {
+                Py_XDECREF(top_hash);
+                goto done;
+            }
+            Py_DECREF(top_hash);
+        }
+        size++;
+        seq++;
+    }
+    if (_PyBytes_Resize(&nodes, node_count * HASH) < 0)
+        goto done;
+    result = Py_BuildValue("(OOOOy#K)", records, nodes, sessions, marks, (const char *)prev,
+                           (Py_ssize_t)HASH, (unsigned long long)size);
+
+done:
+    if (ctx != NULL)
+        EVP_MD_CTX_free(ctx);
+    Py_XDECREF(records);
+    Py_XDECREF(nodes);
+    Py_XDECREF(sessions);
+    Py_XDECREF(marks);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"link", (PyCFunction)(void (*)(void))link_batch, METH_FASTCALL,
+     "link(...) -> (records, nodes, sessions, marks, prev, size): one batch's envelopes and hashes."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "audit._link",
+    "The audit writer's per-record work (envelopes, hash chain, Merkle nodes), compiled.", -1,
+    methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__link(void)
+{
+    if (sha256_md == NULL) {
+        sha256_md = EVP_MD_fetch(NULL, "SHA256", NULL);
+        if (sha256_md == NULL) {
+            PyErr_SetString(PyExc_ImportError, "audit._link: OpenSSL has no SHA-256");
+            return NULL;
+        }
+    }
+    return PyModule_Create(&module);
+}
