@@ -73,6 +73,19 @@ key_of(uint64_t seq)
     return PyBytes_FromStringAndSize((const char *)k, 8);
 }
 
+/* Appends the pair (a, b) to list, taking over both references; a NULL (from a failed
+ * call, its error set) fails this one. Returns -1 on error. */
+static int
+append_pair(PyObject *list, PyObject *a, PyObject *b)
+{
+    PyObject *pair = (a != NULL && b != NULL) ? PyTuple_Pack(2, a, b) : NULL;
+    int rc = pair != NULL ? PyList_Append(list, pair) : -1;
+    Py_XDECREF(a);
+    Py_XDECREF(b);
+    Py_XDECREF(pair);
+    return rc;
+}
+
 /* The names of a record: borrowed cached halves in *type_names and *sid_names, or
  * (when either is not cached) a new reference from encode_names in *fresh.
  * Returns -1 with an error set. */
@@ -174,7 +187,7 @@ link_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
     for (i = 0; i < count; i++) {
         PyObject *item = PyList_GET_ITEM(batch, i);
-        PyObject *type, *sid, *data, *waiter, *raw, *key, *pair;
+        PyObject *type, *sid, *data, *waiter, *raw;
         PyObject *type_names = NULL, *sid_names = NULL, *fresh = NULL;
         Py_ssize_t names_len;
         uint64_t ts;
@@ -228,26 +241,14 @@ link_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             is_start = PyUnicode_Compare(type, session_start) == 0;
             if (is_start) {
                 PyObject *sid_bytes = PyUnicode_AsUTF8String(sid);
-                if (sid_bytes == NULL)
+                if (sid_bytes == NULL || append_pair(sessions, sid_bytes, key_of(seq)) < 0)
                     goto done;
-                key = key_of(seq);
-                pair = key == NULL ? NULL : PyTuple_Pack(2, sid_bytes, key);
-                Py_DECREF(sid_bytes);
-                Py_XDECREF(key);
-                if (pair == NULL || PyList_Append(sessions, pair) < 0) {
-                    Py_XDECREF(pair);
-                    goto done;
-                }
-                Py_DECREF(pair);
             }
         }
         if (waiter != Py_None) {
-            pair = Py_BuildValue("(nK)", i, (unsigned long long)seq);
-            if (pair == NULL || PyList_Append(marks, pair) < 0) {
-                Py_XDECREF(pair);
+            PyObject *at = PyLong_FromSsize_t(i);
+            if (at == NULL || append_pair(marks, at, PyLong_FromUnsignedLongLong(seq)) < 0)
                 goto done;
-            }
-            Py_DECREF(pair);
         }
 
         if (names_of(type, sid, enc_type, enc_sid, encode_names, &type_names, &sid_names,
@@ -298,15 +299,8 @@ link_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto done;
         }
         memcpy(prev, hash, HASH);
-        key = key_of(seq);
-        pair = key == NULL ? NULL : PyTuple_Pack(2, key, raw);
-        Py_XDECREF(key);
-        Py_DECREF(raw);
-        if (pair == NULL || PyList_Append(records, pair) < 0) {
-            Py_XDECREF(pair);
+        if (append_pair(records, key_of(seq), raw) < 0)
             goto done;
-        }
-        Py_DECREF(pair);
 
         if (node_count + 65 > node_cap) {
             node_cap *= 2;

@@ -13,17 +13,11 @@ from hypothesis import strategies as st
 import audit.log as audit_log
 from audit.schema import ENVELOPE_VERSION, SESSION_END, SESSION_START
 from tests.support.fuzz import examples
+from tests.support.native import compiled
 
 
 def native() -> Any:
-    # ./dev.sh setup (pip install -e .) and the packages build it: the writer runs the
-    # compiled code, checked here against the Python twin.
-    try:
-        from audit import _link
-    except ImportError:
-        pytest.fail("audit/_link.c is not built: run ./dev.sh setup")
-    assert audit_log.NATIVE_LINK
-    return _link.link
+    return compiled("audit._link", "link", audit_log.NATIVE_LINK)
 
 
 _WAITER = object()  # a strict record's waiter: only its presence matters here
@@ -78,8 +72,8 @@ def test_same_records_and_hashes_as_python(batch: list[Any], state: dict[str, An
 
 def test_bad_items_are_errors_not_crashes() -> None:
     link = native()
-    args = (0, b"\x00" * 32, [], 0, ENVELOPE_VERSION, {}, {}, lambda t, s: b"", {}, SESSION_START,
-            SESSION_END)
+    args: tuple[Any, ...] = (0, b"\x00" * 32, [], 0, ENVELOPE_VERSION, {}, {}, lambda t, s: b"", {},
+                             SESSION_START, SESSION_END)
     with pytest.raises(TypeError):
         link([("query", None, 1, "not bytes", None)], *args)
     with pytest.raises(TypeError):

@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.support.fuzz import examples
+from tests.support.native import compiled
 
 classify = importlib.import_module("policy.classify")
 
 
-def native() -> object:
-    # ./dev.sh setup (pip install -e .) and the packages build it: the suite runs the
-    # compiled key, and checks it here against the Python twin.
-    try:
-        from policy import _plainshape
-    except ImportError:
-        pytest.fail("policy/_plainshape.c is not built: run ./dev.sh setup")
-    assert classify.NATIVE_SHAPE
-    return _plainshape.plain
+def native() -> Any:
+    return compiled("policy._plainshape", "plain", classify.NATIVE_SHAPE)
 
 
 # Statement-like ASCII: words, digit runs of any length next to letters, dots and
@@ -41,20 +36,20 @@ _pieces = st.one_of(
 @given(st.lists(_pieces, max_size=16).map("".join))
 def test_same_key_as_python(text: str) -> None:
     plain = native()
-    assert plain(text) == classify._plain_text_py(text)  # type: ignore[operator]
+    assert plain(text) == classify._plain_text_py(text)
 
 
 def test_keys_of_pgbench_and_edge_texts() -> None:
     plain = native()
-    assert plain("SELECT abalance FROM pgbench_accounts WHERE aid = 5;") == (  # type: ignore[operator]
+    assert plain("SELECT abalance FROM pgbench_accounts WHERE aid = 5;") == (
         b"pSELECT abalance FROM pgbench_accounts WHERE aid = \x00i;", 0, 51)
     # Ten digits are a bigint to PostgreSQL, not an integer literal; digits in names stay.
-    assert plain(" select t1.c2, 1234567890, 7 ;\n") == (  # type: ignore[operator]
+    assert plain(" select t1.c2, 1234567890, 7 ;\n") == (
         b"p select t1.c2, 1234567890, \x00i ;\n", 1, 29)
-    assert plain("select 1; select 2") is None  # type: ignore[operator]
-    assert plain(" ; ") is None  # type: ignore[operator]
-    assert plain("select 'a'") is False  # type: ignore[operator]
-    assert plain("select 1 -- note") is False  # type: ignore[operator]
-    assert plain("select ü") is False  # type: ignore[operator]
+    assert plain("select 1; select 2") is None
+    assert plain(" ; ") is None
+    assert plain("select 'a'") is False
+    assert plain("select 1 -- note") is False
+    assert plain("select ü") is False
     with pytest.raises(TypeError):
-        plain(b"select 1")  # type: ignore[operator]
+        plain(b"select 1")

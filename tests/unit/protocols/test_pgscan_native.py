@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -10,17 +11,11 @@ from hypothesis import strategies as st
 
 from agent.protocols import postgres as pg
 from tests.support.fuzz import examples
+from tests.support.native import compiled
 
 
-def native() -> object:
-    # ./dev.sh setup (pip install -e .) and the packages build it: the suite runs the
-    # compiled scanner, and checks it here against the Python twin.
-    try:
-        from agent.protocols import _pgscan
-    except ImportError:
-        pytest.fail("agent/protocols/_pgscan.c is not built: run ./dev.sh setup")
-    assert pg.NATIVE_SCAN
-    return _pgscan.datarows
+def native() -> Any:
+    return compiled("agent.protocols._pgscan", "datarows", pg.NATIVE_SCAN)
 
 
 def message(kind: bytes, body: bytes) -> bytes:
@@ -44,29 +39,29 @@ _parts = st.one_of(
 def test_same_run_as_python(data: bytes, draw: st.DataObject) -> None:
     datarows = native()
     pos = draw.draw(st.integers(0, len(data)))
-    assert datarows(data, pos) == pg._datarows(data, pos)  # type: ignore[operator]
-    assert datarows(bytearray(data), pos) == pg._datarows(data, pos)  # type: ignore[operator]
+    assert datarows(data, pos) == pg._datarows(data, pos)
+    assert datarows(bytearray(data), pos) == pg._datarows(data, pos)
 
 
 def test_counts_a_run_and_stops_where_the_scanner_takes_over() -> None:
     datarows = native()
     rows = message(b"D", b"\x00\x01\x00\x00\x00\x01x") * 3
     tail = message(b"C", b"SELECT 3\x00")
-    assert datarows(rows + tail, 0) == (len(rows), 3, len(rows))  # type: ignore[operator]
+    assert datarows(rows + tail, 0) == (len(rows), 3, len(rows))
     # A row cut short at the end of the chunk, an invalid length: not counted.
-    assert datarows(rows + rows[:7], 0) == (len(rows), 3, len(rows))  # type: ignore[operator]
-    assert datarows(b"D\x00\x00\x00\x03", 0) == (0, 0, 0)  # type: ignore[operator]
-    assert datarows(b"D\xff\xff\xff\xff" + rows, 0) == (0, 0, 0)  # type: ignore[operator]
-    assert datarows(rows, len(rows)) == (len(rows), 0, 0)  # type: ignore[operator]
+    assert datarows(rows + rows[:7], 0) == (len(rows), 3, len(rows))
+    assert datarows(b"D\x00\x00\x00\x03", 0) == (0, 0, 0)
+    assert datarows(b"D\xff\xff\xff\xff" + rows, 0) == (0, 0, 0)
+    assert datarows(rows, len(rows)) == (len(rows), 0, 0)
 
 
 def test_bad_arguments_are_errors_not_crashes() -> None:
     datarows = native()
     with pytest.raises(ValueError, match="outside"):
-        datarows(b"D", 2)  # type: ignore[operator]
+        datarows(b"D", 2)
     with pytest.raises(ValueError, match="outside"):
-        datarows(b"D", -1)  # type: ignore[operator]
+        datarows(b"D", -1)
     with pytest.raises(TypeError):
-        datarows("text", 0)  # type: ignore[operator]
+        datarows("text", 0)
     with pytest.raises(TypeError):
-        datarows(b"D")  # type: ignore[operator]
+        datarows(b"D")
