@@ -5,8 +5,10 @@
 #   ./dev.sh up      setup, start the local PostgreSQL cluster, run the agent in the
 #                    foreground with packaging/ringfence.toml (Ctrl-C stops and cleans up)
 #   ./dev.sh test    setup, ruff and mypy, the whole test suite (unit and
-#                    integration), then build the packages and test them
-#                    (package-test); with arguments, only pytest with those arguments
+#                    integration), the unit tests again on the Python twins of the
+#                    compiled loops (RINGFENCE_IMPL=python), then build the packages
+#                    and test them (package-test); with arguments, only pytest with
+#                    those arguments
 #   ./dev.sh package-test  setup, `make package`, then packaging/ci/package-test.sh:
 #                    install the .deb, smoke session, vagrant provisioning, purge
 set -euo pipefail
@@ -97,6 +99,8 @@ case "${1:-}" in
         .venv/bin/ruff check .
         .venv/bin/mypy
         .venv/bin/python -m pytest tests
+        # The unit tests again on the Python twins of the compiled loops (setup.py).
+        RINGFENCE_IMPL=python .venv/bin/python -m pytest -q -p no:cacheprovider tests/unit
         package_test
         ;;
     package-test)
@@ -104,7 +108,7 @@ case "${1:-}" in
         package_test
         ;;
     *)
-        sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
         exit 2
         ;;
 esac

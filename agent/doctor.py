@@ -202,6 +202,10 @@ def compiled_check() -> Check:
     missing = [name for name, built in modules if not built]
     if not missing:
         return Check("compiled data path", True, ", ".join(name for name, _ in modules) + " built")
+    if os.environ.get("RINGFENCE_IMPL") == "python":
+        return Check("compiled data path", False,
+                     "RINGFENCE_IMPL=python: the Python twins are in use (more CPU)",
+                     "unset RINGFENCE_IMPL")
     return Check("compiled data path", False,
                  f"not built: {', '.join(missing)} (the Python twins cost more CPU)",
                  "reinstall the package; in a checkout, `./dev.sh setup` "

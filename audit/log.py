@@ -137,8 +137,10 @@ def _link_py(
 
 
 try:  # the same compiled (setup.py); the writer works alike without it
+    if os.environ.get("RINGFENCE_IMPL") == "python":
+        raise ImportError("RINGFENCE_IMPL=python")
     from audit._link import link as _link
-except ImportError:  # pragma: no cover - a source tree where it was not built
+except ImportError:  # a source tree where it was not built, or RINGFENCE_IMPL=python
     _link = _link_py
 NATIVE_LINK = _link is not _link_py
 

@@ -21,6 +21,7 @@ stand for a whole family of texts.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -834,8 +835,10 @@ def _plain_text_py(text: str) -> tuple[bytes, int, int] | None | Literal[False]:
 
 
 try:  # the same compiled (setup.py); this module works alike without it
+    if os.environ.get("RINGFENCE_IMPL") == "python":
+        raise ImportError("RINGFENCE_IMPL=python")
     from policy._plainshape import plain as _plain_text
-except ImportError:  # pragma: no cover - a source tree where it was not built
+except ImportError:  # a source tree where it was not built, or RINGFENCE_IMPL=python
     _plain_text = _plain_text_py
 NATIVE_SHAPE: Final = _plain_text is not _plain_text_py
 

@@ -20,6 +20,7 @@ Protocol" (chapter 55 of the v15 manual).
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass, field
 from typing import Final
@@ -63,8 +64,10 @@ def _datarows(data: bytes | bytearray | memoryview, pos: int) -> tuple[int, int,
 
 
 try:  # the same loop compiled (setup.py); this module works alike without it
+    if os.environ.get("RINGFENCE_IMPL") == "python":
+        raise ImportError("RINGFENCE_IMPL=python")
     from agent.protocols._pgscan import datarows as datarows
-except ImportError:  # pragma: no cover - a source tree where it was not built
+except ImportError:  # a source tree where it was not built, or RINGFENCE_IMPL=python
     datarows = _datarows
 NATIVE_SCAN: Final = datarows is not _datarows
 
