@@ -130,6 +130,7 @@ link_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *batch, *prev_obj, *stack, *enc_type, *enc_sid, *encode_names, *counters;
     PyObject *session_start, *session_end;
     PyObject *records = NULL, *sessions = NULL, *marks = NULL, *nodes = NULL, *result = NULL;
+    PyObject *items = NULL;
     unsigned char prev[HASH];
     uint64_t seq, size;
     long version;
@@ -150,7 +151,7 @@ link_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     counters = args[9];
     session_start = args[10];
     session_end = args[11];
-    if (!PyList_Check(batch) || !PyList_Check(stack) || !PyDict_Check(enc_type)
+    if (!PyList_Check(stack) || !PyDict_Check(enc_type)
         || !PyDict_Check(enc_sid) || !PyDict_Check(counters) || !PyBytes_Check(prev_obj)
         || PyBytes_GET_SIZE(prev_obj) != HASH || !PyUnicode_Check(session_start)
         || !PyUnicode_Check(session_end)) {
@@ -171,7 +172,11 @@ link_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     memcpy(prev, PyBytes_AS_STRING(prev_obj), HASH);
-    count = PyList_GET_SIZE(batch);
+    /* Our own reference to every item, whatever encode_names does meanwhile. */
+    items = PySequence_Tuple(batch);
+    if (items == NULL)
+        return NULL;
+    count = PyTuple_GET_SIZE(items);
     /* Every leaf adds one hash and closes at most 64 subtrees; grown as needed. */
     node_cap = count * 2 + 64;
     nodes = PyBytes_FromStringAndSize(NULL, node_cap * HASH);
@@ -186,7 +191,7 @@ link_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
 
     for (i = 0; i < count; i++) {
-        PyObject *item = PyList_GET_ITEM(batch, i);
+        PyObject *item = PyTuple_GET_ITEM(items, i);
         PyObject *type, *sid, *data, *waiter, *raw;
         PyObject *type_names = NULL, *sid_names = NULL, *fresh = NULL;
         Py_ssize_t names_len;
@@ -350,6 +355,7 @@ link_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 done:
     if (ctx != NULL)
         EVP_MD_CTX_free(ctx);
+    Py_XDECREF(items);
     Py_XDECREF(records);
     Py_XDECREF(nodes);
     Py_XDECREF(sessions);
