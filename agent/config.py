@@ -40,9 +40,10 @@ class AgentSettings:
     upstream_mark: int = 0x52460000
     mark_mask: int = 0xFFFF0000
     listen_addresses: tuple[str, ...] = ("0.0.0.0", "::")
-    # Largest single protocol message the agent reads whole (statements, their
-    # parameters, server replies it decodes) before the session is ended; rows
-    # and COPY data pass in pieces whatever their size.
+    # Largest single protocol message the agent reads whole (statements, server
+    # replies it decodes) before the session is ended; rows, COPY data and
+    # larger Binds pass in pieces whatever their size (a Bind's values kept to
+    # max_statement_bytes each for the record).
     max_message_bytes: int = 64 * 1024 * 1024
     # How much of a statement's text is kept in its audit record.
     max_statement_bytes: int = 64 * 1024

@@ -141,7 +141,7 @@ class PostgresSession:
         self.max_statement = max_statement
         self.clock = clock
         self.cancel_target = cancel_target
-        self.frontend = pg.FrontendParser(max_message)
+        self.frontend = pg.FrontendParser(max_message, keep=max_statement)
         self.backend = pg.BackendScanner(max_message)
         self.started = clock()
         self.phase = "startup"  # startup → auth → ready → closed
@@ -226,7 +226,8 @@ class PostgresSession:
             self._portals[event.portal] = _Portal(
                 event.statement, _parameters(event, self.max_statement, types)
             )
-            actions.to_server.append(event.raw)
+            if event.raw:  # (a large Bind went on already, in pieces)
+                actions.to_server.append(event.raw)
         elif isinstance(event, pg.Execute):
             portal = self._portals.get(event.portal)
             sql = self._statements.get(portal.statement, ("", ()))[0] if portal else ""
@@ -893,13 +894,18 @@ _BINARY_DECODERS: dict[int, Callable[[bytes], Any]] = {
 }
 
 
+_TEXT_OIDS = frozenset({25, 1043})
+
+
 def _parameters(event: pg.Bind, limit: int, types: tuple[int, ...] = ()) -> list[Any]:
     """Bound parameters for the record: text values as text; binary ones decoded when their
     type is known and simple, else as type OID and length."""
     formats = event.parameter_formats
+    lengths = event.parameter_lengths  # a large Bind's values may have been cut short
     out: list[Any] = []
     for i, value in enumerate(event.parameters):
         fmt = formats[0] if len(formats) == 1 else (formats[i] if i < len(formats) else 0)
+        length = lengths[i] if lengths is not None else len(value or b"")
         if value is None:
             out.append(None)
         elif fmt == 0:
@@ -907,6 +913,8 @@ def _parameters(event: pg.Bind, limit: int, types: tuple[int, ...] = ()) -> list
         else:
             oid = types[i] if i < len(types) and types[i] else None
             decode = _BINARY_DECODERS.get(oid or 0)
+            if length != len(value) and oid not in _TEXT_OIDS:
+                decode = None  # only text reads the same from part of its value
             try:
                 decoded = decode(value[:limit]) if decode is not None else None
             except (struct.error, ValueError):
@@ -914,5 +922,5 @@ def _parameters(event: pg.Bind, limit: int, types: tuple[int, ...] = ()) -> list
             if decoded is not None:
                 out.append(decoded)
             else:
-                out.append({"format": "binary", "type_oid": oid, "length": len(value)})
+                out.append({"format": "binary", "type_oid": oid, "length": length})
     return out

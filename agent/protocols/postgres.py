@@ -144,6 +144,17 @@ class Bind:
     parameters: tuple[bytes | None, ...]
     result_formats: tuple[int, ...]
     raw: bytes
+    # Set for a Bind over max_message, passed on in pieces (BindPiece) as it came: each
+    # parameter's real length (-1 for NULL), its value in ``parameters`` possibly cut
+    # short, and ``raw`` empty.
+    parameter_lengths: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BindPiece:
+    """Part of a Bind over max_message, to pass on as it is; the Bind event follows its end."""
+
+    raw: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,8 +229,8 @@ class FunctionCall:
 
 FrontendEvent = (
     StartupMessage | SSLRequest | GSSENCRequest | CancelRequest | Query | Parse | Bind
-    | Execute | Describe | Close | Sync | Flush | Terminate | PasswordMessage | CopyData
-    | CopyDone | CopyFail | FunctionCall
+    | BindPiece | Execute | Describe | Close | Sync | Flush | Terminate | PasswordMessage
+    | CopyData | CopyDone | CopyFail | FunctionCall
 )
 
 
@@ -352,25 +363,147 @@ def _decode_frontend(kind: int, raw: bytes) -> FrontendEvent:
     raise ClientProtocolError(f"unknown frontend message type {bytes([kind])!r}")
 
 
+class _BindStream:
+    """A Bind over max_message, read as it passes: the server gets it piece by piece, and
+    what is kept is its body with each parameter value cut to ``keep`` bytes (its length
+    field rewritten to match), all of it at most ``limit`` bytes, plus each value's real
+    length. Its fields are then decoded as any Bind's, from what was kept."""
+
+    # Steps through the body: names, format codes, parameters, then the rest.
+    _PORTAL, _STATEMENT, _FORMATS_COUNT, _FORMATS, _PARAMS_COUNT, _LENGTH, _VALUE, _REST = range(8)
+
+    def __init__(self, length: int, keep: int, limit: int) -> None:
+        self.length = length
+        self.remaining = length - 4  # body bytes still to come
+        self.keep = keep
+        self.limit = limit
+        self.kept = bytearray()
+        self.lengths: list[int] = []
+        self._step = self._PORTAL
+        self._field = 0  # where the field being read starts in ``kept``
+        self._need = 0  # bytes that field needs (fixed-size steps)
+        self._params = 0  # parameters still to read
+        self._value_left = 0  # bytes of the current value still to come
+        self._value_room = 0  # of which still kept
+
+    def feed(self, data: bytes) -> None:
+        """The next ``data`` of the body (no more than ``remaining``)."""
+        self.remaining -= len(data)
+        pos, size = 0, len(data)
+        kept = self.kept
+        while pos < size:
+            step = self._step
+            if step == self._VALUE:
+                take = min(self._value_left, size - pos)
+                keep = min(take, self._value_room)
+                if keep:
+                    kept += data[pos : pos + keep]
+                    self._value_room -= keep
+                self._value_left -= take
+                pos += take
+                if not self._value_left:
+                    self._next_parameter()
+                continue
+            if step in (self._PORTAL, self._STATEMENT):
+                nul = data.find(b"\x00", pos)
+                end = size if nul < 0 else nul + 1
+            elif step == self._REST:
+                end = size
+            else:
+                end = min(size, pos + self._need - (len(kept) - self._field))
+            if len(kept) + end - pos > self.limit:
+                raise ClientProtocolError(
+                    f"Bind fields beyond the limit of {self.limit} bytes (the agent's max_message_bytes)")
+            kept += data[pos:end]
+            pos = end
+            if step in (self._PORTAL, self._STATEMENT):
+                if nul >= 0:
+                    self._step += 1
+                    self._start_fixed(2)
+            elif step != self._REST and len(kept) - self._field == self._need:
+                self._fixed_done()
+
+    def _start_fixed(self, need: int) -> None:
+        self._field = len(self.kept)
+        self._need = need
+        if need == 0:
+            self._fixed_done()
+
+    def _fixed_done(self) -> None:
+        kept, at, step = self.kept, self._field, self._step
+        if step == self._FORMATS_COUNT:
+            count = _INT16.unpack_from(kept, at)[0]
+            if count < 0:
+                raise ClientProtocolError("negative array length")
+            self._step = self._FORMATS
+            self._start_fixed(2 * count)
+        elif step == self._FORMATS:
+            self._step = self._PARAMS_COUNT
+            self._start_fixed(2)
+        elif step == self._PARAMS_COUNT:
+            self._params = max(_INT16.unpack_from(kept, at)[0], 0)
+            self._step = self._LENGTH
+            self._next_parameter(first=True)
+        elif step == self._LENGTH:
+            length = _INT32.unpack_from(kept, at)[0]
+            self.lengths.append(length)
+            if length < -1:
+                raise ClientProtocolError("field length runs past the end of the message")
+            if length <= 0:
+                self._next_parameter()
+                return
+            room = max(min(self.keep, self.limit - len(kept)), 0)
+            _INT32.pack_into(kept, at, min(length, room))
+            self._step = self._VALUE
+            self._value_left = length
+            self._value_room = room
+
+    def _next_parameter(self, first: bool = False) -> None:
+        if not first:
+            self._params -= 1
+        if self._params > 0:
+            self._step = self._LENGTH
+            self._start_fixed(4)
+        else:
+            self._step = self._REST
+
+    def finish(self) -> Bind:
+        """The Bind, once its last byte went by; raises when it ended inside a field."""
+        if self._step != self._REST:
+            raise ClientProtocolError("message ends inside a Bind field")
+        decoded = _decode_frontend(0x42, b"B" + _INT32.pack(len(self.kept) + 4) + bytes(self.kept))
+        assert isinstance(decoded, Bind)
+        return Bind(decoded.portal, decoded.statement, decoded.parameter_formats,
+                    decoded.parameters, decoded.result_formats, b"", tuple(self.lengths))
+
+
 class FrontendParser:
     """Frames and decodes what a client sends.
 
     ``feed(data)`` returns the complete messages found so far; a partial
     message stays buffered, except CopyData, whose pieces are returned as they
-    arrive (COPY FROM STDIN streams; nothing in its data is read). Bounds: a
-    startup packet may not exceed the server's own limit (10000 bytes), any
-    other message but CopyData may not exceed ``max_message``; a declared
+    arrive (COPY FROM STDIN streams; nothing in its data is read), and a Bind
+    over ``max_message``, whose pieces are returned as BindPiece events and
+    then a Bind event with its fields and the first ``keep`` bytes of each
+    parameter value (PostgreSQL takes Binds up to 1 GB: large bytea uploads).
+    Bounds: a startup packet may not exceed the server's own limit (10000
+    bytes), any other message may not exceed ``max_message``; a declared
     length beyond either fails at once, before any body arrives.
     """
 
-    def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
+    def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE, keep: int = 64 * 1024) -> None:
         self.max_message = max_message
+        self.keep = keep
         self._buffer = bytearray()
         self._startup = True
         self._copy_remaining = 0  # bytes of a CopyData still to come, passed on as they do
+        self._bind: _BindStream | None = None  # a Bind over max_message, passing
 
     @property
     def buffered(self) -> int:
+        """Bytes of an incomplete message held, or of a large Bind passed on so far."""
+        if self._bind is not None:
+            return self._bind.length - 4 - self._bind.remaining + 5
         return len(self._buffer)
 
     def startup_done(self) -> None:
@@ -383,6 +516,12 @@ class FrontendParser:
             taken = min(self._copy_remaining, len(data))
             self._copy_remaining -= taken
             events.append(CopyData(taken, data[:taken]))
+            data = data[taken:]
+            if not data:
+                return events
+        if self._bind is not None:
+            taken = min(self._bind.remaining, len(data))
+            self._pass_bind(data[:taken], events)
             data = data[taken:]
             if not data:
                 return events
@@ -429,10 +568,20 @@ class FrontendParser:
                 pos = size
                 break
             if length > self.max_message:
-                raise ClientProtocolError(
-                    f"message of {length} bytes exceeds the limit of {self.max_message} "
-                    "(the agent's max_message_bytes)"
-                )
+                if kind != 0x42:  # B
+                    raise ClientProtocolError(
+                        f"message of {length} bytes exceeds the limit of {self.max_message} "
+                        "(the agent's max_message_bytes)"
+                    )
+                # A Bind this large is passed on as it comes, its values read in part.
+                self._bind = _BindStream(length, self.keep, self.max_message)
+                events.append(BindPiece(bytes(buf[pos : pos + 5])))
+                body_end = min(end, size)
+                self._pass_bind(bytes(buf[pos + 5 : body_end]), events)
+                pos = body_end
+                if self._bind is not None:
+                    break
+                continue
             if size < end:
                 break
             events.append(_decode_frontend(kind, bytes(buf[pos:end])))
@@ -440,6 +589,17 @@ class FrontendParser:
         if pos:
             del buf[:pos]
         return events
+
+    def _pass_bind(self, data: bytes, events: list[FrontendEvent]) -> None:
+        """``data`` of the large Bind: read, and passed on; at its end, the Bind itself."""
+        stream = self._bind
+        assert stream is not None
+        if data:
+            stream.feed(data)
+            events.append(BindPiece(data))
+        if stream.remaining == 0:
+            self._bind = None
+            events.append(stream.finish())
 
 
 # --------------------------------------------------------------------------

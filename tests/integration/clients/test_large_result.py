@@ -111,3 +111,37 @@ def test_copy_of_one_100_mb_message_streams_in_bounded_memory(pghost: Host) -> N
     copy = next(r for r in wait_sessions(pghost.agent, app)[0]
                 if r["type"] == "result" and r["command_tag"] == f"COPY {COPY_ROWS}")
     assert copy["rows"] == COPY_ROWS and copy["copy_bytes"] == len(copy_data())
+
+
+BLOB_BYTES = 100_000_000
+
+
+def upload_blob(conninfo: str, app: str) -> tuple[int, str]:
+    """psycopg binds a 100 MB bytea in binary (one Bind message of that size), then asks the
+    server what it stored."""
+    import psycopg
+
+    blob = bytes(range(256)) * (BLOB_BYTES // 256) + b"end"
+    with psycopg.connect(conninfo, application_name=app, autocommit=True) as conn:
+        conn.execute("create temp table blobs (b bytea)")
+        conn.execute("insert into blobs values (%b)", [blob])
+        row = conn.execute("select length(b), md5(b) from blobs").fetchone()
+    assert row is not None
+    return int(row[0]), str(row[1])
+
+
+def test_a_bind_of_100_mb_streams_in_bounded_memory(pghost: Host) -> None:
+    """A Bind larger than max_message_bytes (64 MiB; PostgreSQL takes up to 1 GB) passes as it
+    arrives: the server stores what it stores directly, the agent's RSS hardly moves, and the
+    record names the parameter's type and real length."""
+    app = app_name("bigbind")
+    assert pghost.agent.process is not None
+    agent_pid = pghost.agent.process.pid
+    direct = call_in(pghost.ns, lambda: upload_blob(pghost.dsn(direct=True), app))
+    before = reset_peak_rss(agent_pid)
+    through = call_in(pghost.ns, lambda: upload_blob(pghost.dsn(), app))
+    assert through == direct and through[0] == BLOB_BYTES + 3
+    assert peak_rss_kb(agent_pid) - before < STREAM_GROWTH_LIMIT_KB
+    insert = next(r for r in wait_sessions(pghost.agent, app)[0]
+                  if r["type"] == "query" and r.get("text", "").startswith("insert into blobs"))
+    assert insert["parameters"] == [{"format": "binary", "type_oid": 17, "length": BLOB_BYTES + 3}]

@@ -251,6 +251,80 @@ def test_frontend_passes_a_large_copy_data_on_in_pieces() -> None:
         parser.feed(msg(b"Q", b"x" * (2 << 20)))
 
 
+def _bind(portal: str, statement: str, formats: list[int], values: list[bytes | None],
+          results: list[int]) -> bytes:
+    body = portal.encode() + b"\x00" + statement.encode() + b"\x00"
+    body += struct.pack(f"!h{len(formats)}h", len(formats), *formats)
+    body += struct.pack("!h", len(values))
+    for value in values:
+        body += struct.pack("!i", -1) if value is None else struct.pack("!i", len(value)) + value
+    return msg(b"B", body + struct.pack(f"!h{len(results)}h", len(results), *results))
+
+
+_names = st.text(alphabet="abc_1", max_size=6)
+_binds = st.builds(
+    _bind, _names, _names, st.lists(st.sampled_from([0, 1]), max_size=3),
+    st.lists(st.one_of(st.none(), st.binary(max_size=90)), max_size=6),
+    st.lists(st.sampled_from([0, 1]), max_size=3),
+)
+
+
+@given(st.lists(_binds, min_size=1, max_size=3), st.data())
+@settings(max_examples=examples(400), deadline=None)
+def test_a_bind_over_max_message_passes_in_pieces_at_any_split(
+    binds: list[bytes], data: st.DataObject
+) -> None:
+    """A Bind larger than max_message is passed on as it comes (its pieces rebuild it) and
+    then decoded from what was kept: the same fields as whole, each value's first bytes
+    (at most ``keep``) and its real length; what follows is framed as usual."""
+    stream = b"".join(binds) + msg(b"S", b"")
+    whole = pg.FrontendParser()
+    whole.startup_done()
+    expected = [e for e in whole.feed(stream) if isinstance(e, pg.Bind)]
+    parser = pg.FrontendParser(max_message=120, keep=16)
+    parser.startup_done()
+    events = feed_in_pieces(parser.feed, stream, data, 40)
+    assert b"".join(e.raw for e in events) == stream
+    assert parser.buffered == 0 and isinstance(events[-1], pg.Sync)
+    got = [e for e in events if isinstance(e, pg.Bind)]
+    assert len(got) == len(expected)
+    for bind, full, raw in zip(got, expected, binds, strict=True):
+        assert (bind.portal, bind.statement, bind.parameter_formats, bind.result_formats) == (
+            full.portal, full.statement, full.parameter_formats, full.result_formats)
+        if len(raw) - 1 <= 120:  # not over max_message: framed whole, as ever
+            assert bind == full
+            continue
+        assert bind.raw == b"" and bind.parameter_lengths == tuple(
+            -1 if v is None else len(v) for v in full.parameters)
+        for value, full_value in zip(bind.parameters, full.parameters, strict=True):
+            if full_value is None:
+                assert value is None
+            else:
+                assert value is not None and len(value) <= 16 and full_value.startswith(value)
+
+
+def test_a_large_bind_keeps_little_and_its_errors_are_protocol_errors() -> None:
+    """A 10 MB bytea Bind (over max_message) fed in 64 KiB chunks: nothing of it is held
+    beyond ``keep`` bytes of its value; a Bind ending inside a field is a protocol error."""
+    value = b"\x01" * 10_000_000
+    stream = _bind("", "s1", [1], [value, b"42"], [1])
+    parser = pg.FrontendParser(max_message=1 << 20, keep=64)
+    parser.startup_done()
+    events: list[pg.FrontendEvent] = []
+    for i in range(0, len(stream), 65536):
+        events += parser.feed(stream[i : i + 65536])
+    bind = events[-1]
+    assert isinstance(bind, pg.Bind) and bind.parameter_lengths == (10_000_000, 2)
+    assert bind.parameters == (value[:64], b"42") and b"".join(e.raw for e in events) == stream
+    # Its body ends inside the first value.
+    cut = msg(b"B", stream[5:-1 - 4 - 2 - 2 - 2][:-3])
+    parser = pg.FrontendParser(max_message=1 << 20)
+    parser.startup_done()
+    with pytest.raises(pg.ClientProtocolError, match="ends inside a Bind field"):
+        for i in range(0, len(cut), 65536):
+            parser.feed(cut[i : i + 65536])
+
+
 def test_backend_garbage_is_a_server_error() -> None:
     """Bytes that are not backend messages raise a server-side protocol error."""
     with pytest.raises(pg.ServerProtocolError):
