@@ -41,9 +41,9 @@ class AgentSettings:
     mark_mask: int = 0xFFFF0000
     listen_addresses: tuple[str, ...] = ("0.0.0.0", "::")
     # Largest single protocol message the agent reads whole (statements, server
-    # replies it decodes) before the session is ended; rows, COPY data and
-    # larger Binds pass in pieces whatever their size (a Bind's values kept to
-    # max_statement_bytes each for the record).
+    # replies it decodes) before the session is ended; rows, COPY data, larger
+    # Binds and function calls pass in pieces whatever their size (a Bind's
+    # values kept to max_statement_bytes each for the record).
     max_message_bytes: int = 64 * 1024 * 1024
     # How much of a statement's text is kept in its audit record.
     max_statement_bytes: int = 64 * 1024

@@ -144,15 +144,16 @@ class Bind:
     parameters: tuple[bytes | None, ...]
     result_formats: tuple[int, ...]
     raw: bytes
-    # Set for a Bind over max_message, passed on in pieces (BindPiece) as it came: each
+    # Set for a Bind over max_message, passed on in pieces (MessagePiece) as it came: each
     # parameter's real length (-1 for NULL), its value in ``parameters`` possibly cut
     # short, and ``raw`` empty.
     parameter_lengths: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class BindPiece:
-    """Part of a Bind over max_message, to pass on as it is; the Bind event follows its end."""
+class MessagePiece:
+    """Part of a Bind or FunctionCall over max_message, to pass on as it is (a large Bind's
+    event follows its last piece; a large FunctionCall's event carries its first)."""
 
     raw: bytes
 
@@ -229,7 +230,7 @@ class FunctionCall:
 
 FrontendEvent = (
     StartupMessage | SSLRequest | GSSENCRequest | CancelRequest | Query | Parse | Bind
-    | BindPiece | Execute | Describe | Close | Sync | Flush | Terminate | PasswordMessage
+    | MessagePiece | Execute | Describe | Close | Sync | Flush | Terminate | PasswordMessage
     | CopyData | CopyDone | CopyFail | FunctionCall
 )
 
@@ -483,9 +484,11 @@ class FrontendParser:
     ``feed(data)`` returns the complete messages found so far; a partial
     message stays buffered, except CopyData, whose pieces are returned as they
     arrive (COPY FROM STDIN streams; nothing in its data is read), and a Bind
-    over ``max_message``, whose pieces are returned as BindPiece events and
+    over ``max_message``, whose pieces are returned as MessagePiece events and
     then a Bind event with its fields and the first ``keep`` bytes of each
-    parameter value (PostgreSQL takes Binds up to 1 GB: large bytea uploads).
+    parameter value (PostgreSQL takes Binds up to 1 GB: large bytea uploads),
+    and a FunctionCall over it (lo_write of a large buffer), returned as its
+    event with the first piece, then MessagePiece events.
     Bounds: a startup packet may not exceed the server's own limit (10000
     bytes), any other message may not exceed ``max_message``; a declared
     length beyond either fails at once, before any body arrives.
@@ -498,12 +501,15 @@ class FrontendParser:
         self._startup = True
         self._copy_remaining = 0  # bytes of a CopyData still to come, passed on as they do
         self._bind: _BindStream | None = None  # a Bind over max_message, passing
+        self._pass_remaining = 0  # bytes of a large FunctionCall still to come
 
     @property
     def buffered(self) -> int:
         """Bytes of an incomplete message held, or of a large Bind passed on so far."""
         if self._bind is not None:
             return self._bind.length - 4 - self._bind.remaining + 5
+        if self._pass_remaining:
+            return 1  # inside a large FunctionCall
         return len(self._buffer)
 
     def startup_done(self) -> None:
@@ -522,6 +528,13 @@ class FrontendParser:
         if self._bind is not None:
             taken = min(self._bind.remaining, len(data))
             self._pass_bind(data[:taken], events)
+            data = data[taken:]
+            if not data:
+                return events
+        if self._pass_remaining:
+            taken = min(self._pass_remaining, len(data))
+            self._pass_remaining -= taken
+            events.append(MessagePiece(data[:taken]))
             data = data[taken:]
             if not data:
                 return events
@@ -567,6 +580,17 @@ class FrontendParser:
                 self._copy_remaining = end - size
                 pos = size
                 break
+            if length > self.max_message and kind == 0x46:  # F: lo_write of a large buffer
+                if size - pos < 9:
+                    break  # its function's OID first
+                # Only the function is read; the call goes on as it comes.
+                take = min(end, size)
+                events.append(FunctionCall(_INT32.unpack_from(buf, pos + 5)[0], bytes(buf[pos:take])))
+                self._pass_remaining = end - take
+                pos = take
+                if self._pass_remaining:
+                    break
+                continue
             if length > self.max_message:
                 if kind != 0x42:  # B
                     raise ClientProtocolError(
@@ -575,7 +599,7 @@ class FrontendParser:
                     )
                 # A Bind this large is passed on as it comes, its values read in part.
                 self._bind = _BindStream(length, self.keep, self.max_message)
-                events.append(BindPiece(bytes(buf[pos : pos + 5])))
+                events.append(MessagePiece(bytes(buf[pos : pos + 5])))
                 body_end = min(end, size)
                 self._pass_bind(bytes(buf[pos + 5 : body_end]), events)
                 pos = body_end
@@ -596,7 +620,7 @@ class FrontendParser:
         assert stream is not None
         if data:
             stream.feed(data)
-            events.append(BindPiece(data))
+            events.append(MessagePiece(data))
         if stream.remaining == 0:
             self._bind = None
             events.append(stream.finish())

@@ -145,3 +145,72 @@ def test_a_bind_of_100_mb_streams_in_bounded_memory(pghost: Host) -> None:
     insert = next(r for r in wait_sessions(pghost.agent, app)[0]
                   if r["type"] == "query" and r.get("text", "").startswith("insert into blobs"))
     assert insert["parameters"] == [{"format": "binary", "type_oid": 17, "length": BLOB_BYTES + 3}]
+
+
+def lo_write_blob(conninfo: str, app: str) -> tuple[int, str]:
+    """libpq's lo_write of one 100 MB buffer (a single FunctionCall message of that size),
+    then the server's length and md5 of the large object."""
+    import ctypes
+    import ctypes.util
+
+    libpq = ctypes.CDLL(ctypes.util.find_library("pq"))
+    libpq.PQconnectdb.restype = ctypes.c_void_p
+    libpq.PQconnectdb.argtypes = [ctypes.c_char_p]
+    libpq.PQexec.restype = ctypes.c_void_p
+    libpq.PQexec.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    libpq.PQgetvalue.restype = ctypes.c_char_p
+    libpq.PQgetvalue.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    libpq.PQerrorMessage.restype = ctypes.c_char_p
+    libpq.PQerrorMessage.argtypes = [ctypes.c_void_p]
+    for name in ("PQstatus", "PQfinish", "PQclear", "PQresultStatus"):
+        getattr(libpq, name).argtypes = [ctypes.c_void_p]
+    libpq.lo_creat.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    libpq.lo_creat.restype = ctypes.c_uint
+    libpq.lo_open.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+    libpq.lo_write.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
+    libpq.lo_close.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    inv_write = 0x20000
+
+    conn = libpq.PQconnectdb(f"{conninfo} application_name={app}".encode())
+    try:
+        assert libpq.PQstatus(conn) == 0, libpq.PQerrorMessage(conn)
+
+        def query(sql: str) -> str:
+            result = libpq.PQexec(conn, sql.encode())
+            try:
+                assert libpq.PQresultStatus(result) in (1, 2), libpq.PQerrorMessage(conn)  # OK
+                value = libpq.PQgetvalue(result, 0, 0) if libpq.PQresultStatus(result) == 2 else b""
+                return bytes(value or b"").decode()
+            finally:
+                libpq.PQclear(result)
+
+        blob = bytes(range(256)) * (BLOB_BYTES // 256) + b"end"
+        query("begin")
+        oid = libpq.lo_creat(conn, inv_write)
+        fd = libpq.lo_open(conn, oid, inv_write)
+        written = libpq.lo_write(conn, fd, blob, len(blob))
+        assert written == len(blob), libpq.PQerrorMessage(conn)
+        assert libpq.lo_close(conn, fd) == 0
+        answer = query(f"select length(lo_get({oid})) || ' ' || md5(lo_get({oid}))")
+        query(f"select lo_unlink({oid})")
+        query("commit")
+    finally:
+        libpq.PQfinish(conn)
+    length, md5 = answer.split()
+    return int(length), md5
+
+
+def test_a_function_call_of_100_mb_streams_in_bounded_memory(pghost: Host) -> None:
+    """lo_write of one 100 MB buffer, a FunctionCall larger than max_message_bytes, passes
+    as it arrives: the large object holds what it holds directly, the agent's RSS hardly
+    moves, and the call is recorded."""
+    app = app_name("bigcall")
+    assert pghost.agent.process is not None
+    agent_pid = pghost.agent.process.pid
+    direct = call_in(pghost.ns, lambda: lo_write_blob(pghost.dsn(direct=True), app))
+    before = reset_peak_rss(agent_pid)
+    through = call_in(pghost.ns, lambda: lo_write_blob(pghost.dsn(), app))
+    assert through == direct and through[0] == BLOB_BYTES + 3
+    assert peak_rss_kb(agent_pid) - before < STREAM_GROWTH_LIMIT_KB
+    texts = [r.get("text") for r in wait_sessions(pghost.agent, app)[0] if r["type"] == "query"]
+    assert "-- function call oid 955" in texts  # lowrite

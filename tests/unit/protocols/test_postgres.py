@@ -325,6 +325,26 @@ def test_a_large_bind_keeps_little_and_its_errors_are_protocol_errors() -> None:
             parser.feed(cut[i : i + 65536])
 
 
+@given(st.binary(max_size=300), st.data())
+@settings(max_examples=examples(300), deadline=None)
+def test_a_function_call_over_max_message_passes_in_pieces_at_any_split(
+    argument: bytes, data: st.DataObject
+) -> None:
+    """A FunctionCall larger than max_message (lo_write of a large buffer) is one event naming
+    its function, then pieces; they rebuild it, and what follows is framed as usual."""
+    call = msg(b"F", struct.pack("!ihhhi", 955, 1, 1, 1, len(argument)) + argument
+               + struct.pack("!h", 1))
+    stream = call + msg(b"S", b"")
+    parser = pg.FrontendParser(max_message=64)
+    parser.startup_done()
+    events = feed_in_pieces(parser.feed, stream, data, 40)
+    assert b"".join(e.raw for e in events) == stream
+    calls = [e for e in events if isinstance(e, pg.FunctionCall)]
+    assert [c.function_oid for c in calls] == [955]
+    assert all(isinstance(e, pg.MessagePiece) for e in events[1:-1])
+    assert isinstance(events[-1], pg.Sync) and parser.buffered == 0
+
+
 def test_backend_garbage_is_a_server_error() -> None:
     """Bytes that are not backend messages raise a server-side protocol error."""
     with pytest.raises(pg.ServerProtocolError):
