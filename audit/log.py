@@ -66,6 +66,10 @@ _PRODUCER_TYPES = EVENT_TYPES - STORE_EVENT_TYPES
 _HEAD = struct.Struct(">BBBQBQBB").pack
 _UINT = struct.Struct(">BQ").pack
 
+# Free bytes on the store's filesystem before writing resumes after a failure (or 1 % of
+# the filesystem when that is less): see AuditLog._room_to_resume.
+RESUME_FREE = 16 * 1024 * 1024
+
 # (type, session_id, ts_ns, event bytes, waiter); the waiter is None (batched),
 # a _Waiter (strict) or, for checkpoint records, the tree size they cover.
 _Item = tuple[str, str | None, int, bytes, object]
@@ -724,8 +728,31 @@ class AuditLog:
             if isinstance(item[4], _Waiter):
                 item[4].resolve(-1, error)
 
+    def _room_to_resume(self) -> str | None:
+        """None when the store's filesystem has room to resume writing, else why it waits.
+
+        After a full disk, the small audit.loss record can land in pages LMDB freed inside
+        its own file while the disk stays full; resuming then would admit sessions whose
+        next batches fail again and are lost. So writing resumes only with RESUME_FREE
+        bytes free (or 1 % of the filesystem, if that is less)."""
+        try:
+            fs = os.statvfs(self.store.root)
+        except OSError:
+            return None  # nothing to measure: the commit itself will tell
+        free = fs.f_bavail * fs.f_frsize
+        need = min(RESUME_FREE, fs.f_blocks * fs.f_frsize // 100)
+        if free >= need:
+            return None
+        return (f"waiting for free space: {free} bytes free on the audit trail's filesystem, "
+                f"{need} needed to resume")
+
     def _try_recover(self) -> bool:
         """Try to write the audit.loss record; on success the store is healthy again."""
+        waiting = self._room_to_resume()
+        if waiting is not None:
+            with self._cond:
+                self.failure = waiting
+            return False
         with self._cond:
             lost = dict(self._lost)
             event = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -136,3 +137,33 @@ def test_full_disk_is_reported_counted_and_recovered(small_tmpfs: Path) -> None:
     assert "No space left" in losses[0].event["reason"]
     assert records[-1].type == "checkpoint"
     assert any(r.type == "agent.stop" for r in records)
+
+
+def test_writing_resumes_only_with_room_to_write(small_tmpfs: Path) -> None:
+    """After a full disk, a few kilobytes freed are not enough to resume (the next batches
+    would fail and be lost again): the log stays unhealthy, saying it waits for space; with
+    the space back it resumes and writes one audit.loss record."""
+    signer = Signer.generate(ORIGIN)
+    log = AuditLog(small_tmpfs / "audit", host="full.host", signer=signer, origin=ORIGIN,
+                   queue_size=256, batch_max_records=64, batch_max_delay_ms=1.0,
+                   retry_interval_ms=20.0)
+    try:
+        filler = small_tmpfs / "filler"
+        fill(filler)
+        deadline = time.monotonic() + 30
+        while log.healthy and time.monotonic() < deadline:
+            with contextlib.suppress(AuditUnavailable):
+                log.emit("query", {"text": "x" * 300}, session_id="s")
+        assert not log.healthy, "the store never reported the full disk"
+        os.truncate(filler, filler.stat().st_size - 16 * 1024)  # 16 KiB back: under 1 % of 4 MiB
+        time.sleep(0.5)  # some 25 retries
+        assert not log.healthy
+        assert "waiting for free space" in (log.failure or "")
+        filler.unlink()
+        assert wait_for(lambda: log.healthy), "writing did not resume after space returned"
+    finally:
+        log.close()
+    with Store(small_tmpfs / "audit") as store:
+        records = list(store.iter_records())
+        assert verify(store, signer.verifier, origin=ORIGIN).ok
+    assert [r.type for r in records].count("audit.loss") == 1
