@@ -208,11 +208,14 @@ def test_gone_process_is_none(proc: Path) -> None:
 
 def test_real_child_process() -> None:
     """A process spawned by the test is read from the real /proc with the test as its parent."""
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "marker"])
+    code = "import time; print('up', flush=True); time.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", code, "marker"], stdout=subprocess.PIPE)
     try:
+        # Read once it runs: in the middle of its exec, a process's cmdline reads empty.
+        assert child.stdout is not None and child.stdout.readline() == b"up\n"
         info = ProcReader().process(child.pid)
         assert info is not None
-        assert info.cmdline == (sys.executable, "-c", "import time; time.sleep(30)", "marker")
+        assert info.cmdline == (sys.executable, "-c", code, "marker")
         assert info.exe == os.path.realpath(sys.executable)
         assert info.uid == os.getuid() and info.euid == os.geteuid()
         assert info.ppid == os.getpid()
