@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent.identity.env import find_env_token, read_env_var
+from tests.support.procs import wait_until_running
 
 
 def children(pid: int) -> list[int]:
@@ -45,7 +46,7 @@ def test_reads_the_process_environment() -> None:
     """The variable is read from a live child's /proc/<pid>/environ."""
     child = subprocess.Popen(["sleep", "30"], env={"RINGFENCE_TOKEN": "tok-own", "A": "1"})
     try:
-        time.sleep(0.05)
+        wait_until_running(child.pid, ["sleep", "30"])
         assert read_env_var(child.pid, "RINGFENCE_TOKEN") == "tok-own"
         assert read_env_var(child.pid, "MISSING") is None
         found = find_env_token({"pid": child.pid, "comm": "sleep"}, "RINGFENCE_TOKEN")

@@ -23,6 +23,7 @@ from agent.identity.registry import LoginRegistry
 from agent.identity.resolver import IdentityResolver
 from agent.identity.tokens import TokenVerifier
 from tests.support.oidc import TestIssuer
+from tests.support.procs import wait_until_running
 from tests.unit.identity.conftest import process, service_process
 
 PG = ProtectedService("pg", 5432, "postgres", 15432, ServiceCredentials("app", password_env="X"))
@@ -155,7 +156,7 @@ def child_with_token(idp: TestIssuer) -> Any:
     def start(token: str) -> dict[str, Any]:
         child = subprocess.Popen(["sleep", "30"], env={"RINGFENCE_TOKEN": token})
         procs.append(child)
-        time.sleep(0.05)
+        wait_until_running(child.pid, ["sleep", "30"])
         return process(pid=child.pid, comm="sleep", ancestry=[])
 
     yield start
