@@ -6,12 +6,16 @@ from __future__ import annotations
 import functools
 import socket
 import struct
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from agent.protocols import postgres as pg
 from tests.integration.clients.conftest import Host, app_name, wait_sessions
 from tests.support.netns import call_in
 from tests.support.pgwire import frames, until_ready
+
+T = TypeVar("T")
 
 ROWS = 5_000_000
 QUERY = f"select g, repeat('x', 20) from generate_series(1, {ROWS}) g"
@@ -94,20 +98,28 @@ def copy_in_one_message(address: str | tuple[str, int], app: str) -> list[tuple[
     return answer
 
 
+def same_in_bounded_memory(pghost: Host, run: Callable[[bool], T]) -> T:
+    """``run(direct)`` in the namespace directly, then through the agent: the same answer,
+    and the agent's peak RSS grew by less than STREAM_GROWTH_LIMIT_KB meanwhile."""
+    assert pghost.agent.process is not None
+    agent_pid = pghost.agent.process.pid
+    direct = call_in(pghost.ns, lambda: run(True))
+    before = reset_peak_rss(agent_pid)
+    through = call_in(pghost.ns, lambda: run(False))
+    assert through == direct
+    assert peak_rss_kb(agent_pid) - before < STREAM_GROWTH_LIMIT_KB
+    return through
+
+
 def test_copy_of_one_100_mb_message_streams_in_bounded_memory(pghost: Host) -> None:
     """A CopyData larger than max_message_bytes (64 MiB) passes as it arrives, the server
     loads what it would load directly, and the agent's RSS hardly moves."""
     assert len(copy_data()) > 100_000_000
     app = app_name("bigcopy")
-    assert pghost.agent.process is not None
-    agent_pid = pghost.agent.process.pid
-    direct = call_in(pghost.ns, lambda: copy_in_one_message(
-        str(Path(pghost.server.sockdir) / ".s.PGSQL.5432"), app))
-    before = reset_peak_rss(agent_pid)
-    through = call_in(pghost.ns, lambda: copy_in_one_message(("127.0.0.1", 5432), app))
-    assert through == direct
+    socket_path = str(Path(pghost.server.sockdir) / ".s.PGSQL.5432")
+    through = same_in_bounded_memory(pghost, lambda direct: copy_in_one_message(
+        socket_path if direct else ("127.0.0.1", 5432), app))
     assert (b"C", b"COPY %d\x00" % COPY_ROWS) in through
-    assert peak_rss_kb(agent_pid) - before < STREAM_GROWTH_LIMIT_KB
     copy = next(r for r in wait_sessions(pghost.agent, app)[0]
                 if r["type"] == "result" and r["command_tag"] == f"COPY {COPY_ROWS}")
     assert copy["rows"] == COPY_ROWS and copy["copy_bytes"] == len(copy_data())
@@ -135,13 +147,8 @@ def test_a_bind_of_100_mb_streams_in_bounded_memory(pghost: Host) -> None:
     arrives: the server stores what it stores directly, the agent's RSS hardly moves, and the
     record names the parameter's type and real length."""
     app = app_name("bigbind")
-    assert pghost.agent.process is not None
-    agent_pid = pghost.agent.process.pid
-    direct = call_in(pghost.ns, lambda: upload_blob(pghost.dsn(direct=True), app))
-    before = reset_peak_rss(agent_pid)
-    through = call_in(pghost.ns, lambda: upload_blob(pghost.dsn(), app))
-    assert through == direct and through[0] == BLOB_BYTES + 3
-    assert peak_rss_kb(agent_pid) - before < STREAM_GROWTH_LIMIT_KB
+    through = same_in_bounded_memory(pghost, lambda direct: upload_blob(pghost.dsn(direct), app))
+    assert through[0] == BLOB_BYTES + 3
     insert = next(r for r in wait_sessions(pghost.agent, app)[0]
                   if r["type"] == "query" and r.get("text", "").startswith("insert into blobs"))
     assert insert["parameters"] == [{"format": "binary", "type_oid": 17, "length": BLOB_BYTES + 3}]
@@ -205,12 +212,7 @@ def test_a_function_call_of_100_mb_streams_in_bounded_memory(pghost: Host) -> No
     as it arrives: the large object holds what it holds directly, the agent's RSS hardly
     moves, and the call is recorded."""
     app = app_name("bigcall")
-    assert pghost.agent.process is not None
-    agent_pid = pghost.agent.process.pid
-    direct = call_in(pghost.ns, lambda: lo_write_blob(pghost.dsn(direct=True), app))
-    before = reset_peak_rss(agent_pid)
-    through = call_in(pghost.ns, lambda: lo_write_blob(pghost.dsn(), app))
-    assert through == direct and through[0] == BLOB_BYTES + 3
-    assert peak_rss_kb(agent_pid) - before < STREAM_GROWTH_LIMIT_KB
+    through = same_in_bounded_memory(pghost, lambda direct: lo_write_blob(pghost.dsn(direct), app))
+    assert through[0] == BLOB_BYTES + 3
     texts = [r.get("text") for r in wait_sessions(pghost.agent, app)[0] if r["type"] == "query"]
     assert "-- function call oid 955" in texts  # lowrite
