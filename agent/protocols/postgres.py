@@ -502,14 +502,16 @@ class FrontendParser:
         self._copy_remaining = 0  # bytes of a CopyData still to come, passed on as they do
         self._bind: _BindStream | None = None  # a Bind over max_message, passing
         self._pass_remaining = 0  # bytes of a large FunctionCall still to come
+        self._pass_length = 0  # and all of its bytes
 
     @property
     def buffered(self) -> int:
-        """Bytes of an incomplete message held, or of a large Bind passed on so far."""
+        """Bytes of an incomplete message held, or of a large Bind or FunctionCall passed on
+        so far."""
         if self._bind is not None:
-            return self._bind.length - 4 - self._bind.remaining + 5
+            return self._bind.length + 1 - self._bind.remaining
         if self._pass_remaining:
-            return 1  # inside a large FunctionCall
+            return self._pass_length - self._pass_remaining
         return len(self._buffer)
 
     def startup_done(self) -> None:
@@ -587,6 +589,7 @@ class FrontendParser:
                 take = min(end, size)
                 events.append(FunctionCall(_INT32.unpack_from(buf, pos + 5)[0], bytes(buf[pos:take])))
                 self._pass_remaining = end - take
+                self._pass_length = length + 1
                 pos = take
                 if self._pass_remaining:
                     break
