@@ -30,6 +30,25 @@ def _settings(conf: Path) -> dict[str, str]:
     return out
 
 
+def parse_bool(value: str) -> bool | None:
+    """A boolean as PostgreSQL reads one (its ``parse_bool``), in a setting or a startup
+    parameter: true, yes, on or 1, false, no, off or 0, in any case, or an unambiguous
+    prefix of one of the words ("t", "ye", "of"; "o" alone is neither); None otherwise."""
+    word = value.lower()
+    if not word:
+        return None
+    if word == "1" or "true".startswith(word) or "yes".startswith(word):
+        return True
+    if word == "0" or "false".startswith(word) or "no".startswith(word):
+        return False
+    if len(word) >= 2:
+        if word == "on":
+            return True
+        if "off".startswith(word):
+            return False
+    return None
+
+
 def local_cluster(port: int, globs: tuple[str, ...] = POSTGRESQL_CONF_GLOBS,
                   ) -> tuple[Path, dict[str, str]] | None:
     """The postgresql.conf of the local PostgreSQL cluster on ``port``, and its settings."""

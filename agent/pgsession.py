@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from agent.pgconf import parse_bool
 from agent.protocols import postgres as pg
 from policy import Subject, classify_replication
 from policy.classify import statement_shape as _statement_shape
@@ -55,12 +56,7 @@ def replication_mode(value: str | None) -> str | None:
         return None
     if value == "database":
         return "logical"
-    word = value.lower()
-    # PostgreSQL's parse_bool: true, yes, on or 1, or an unambiguous prefix of a word.
-    if word and ("true".startswith(word) or "yes".startswith(word) or word == "1"
-                 or (len(word) >= 2 and "on".startswith(word))):
-        return "physical"
-    return None
+    return "physical" if parse_bool(value) else None
 
 
 @dataclass(slots=True)

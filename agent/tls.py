@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.config import ServiceTls
-from agent.pgconf import POSTGRESQL_CONF_GLOBS, local_cluster
+from agent.pgconf import POSTGRESQL_CONF_GLOBS, local_cluster, parse_bool
 
 log = logging.getLogger("ringfence.tls")
 
@@ -41,7 +41,7 @@ def find_server_tls_files(port: int, globs: tuple[str, ...] = POSTGRESQL_CONF_GL
     if cluster is None:
         return None
     conf, settings = cluster
-    if settings.get("ssl", "off").lower() not in ("on", "true", "yes", "1"):
+    if not parse_bool(settings.get("ssl", "off")):
         return None
     base = Path(settings.get("data_directory", str(conf.parent)))
     cert = Path(settings.get("ssl_cert_file", "server.crt"))

@@ -35,6 +35,19 @@ def test_server_without_ssl_means_no_tls(tmp_path: Path) -> None:
     assert find_server_tls_files(5432, (pattern,)) is None
 
 
+@pytest.mark.parametrize("value", ["t", "'yes'", "ON", "1", "tru"])
+def test_ssl_is_on_however_postgresql_spells_it(tmp_path: Path, value: str) -> None:
+    """The server reads ``ssl = t`` (any spelling of true) as on: so does the agent."""
+    pattern = conf(tmp_path, "a", f"port = 5432\nssl = {value}\n")
+    assert find_server_tls_files(5432, (pattern,)) is not None
+
+
+@pytest.mark.parametrize("value", ["f", "no", "OFF", "0", "o", "of", "maybe"])
+def test_ssl_is_off_for_false_or_unreadable_values(tmp_path: Path, value: str) -> None:
+    pattern = conf(tmp_path, "a", f"port = 5432\nssl = {value}\n")
+    assert find_server_tls_files(5432, (pattern,)) is None
+
+
 def test_bad_certificate_files_are_a_clear_error(tmp_path: Path) -> None:
     """Configured files that do not load stop the agent with a message naming them."""
     settings = ServiceTls(cert_file=str(tmp_path / "nope.crt"), key_file=str(tmp_path / "nope.key"))
