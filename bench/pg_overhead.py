@@ -134,15 +134,31 @@ def cpu_ticks_split(pid: int | None) -> tuple[int, int, int]:
     return user, system, descendants
 
 
+def machine_ticks() -> list[int]:
+    """The host's CPU time so far by state (/proc/stat's first line: user, nice, system, idle,
+    iowait, irq, softirq, steal, ...), in clock ticks."""
+    with open("/proc/stat") as f:
+        return [int(v) for v in f.readline().split()[1:9]]
+
+
+def idle_and_steal(before: list[int], after: list[int]) -> tuple[float, float]:
+    """Of all CPU time between two readings, the share (%) left idle (idle and iowait) and the
+    share stolen by the hypervisor (steal): a run with much steal says more about the host."""
+    spent = [b - a for a, b in zip(before, after, strict=True)]
+    total = sum(spent) or 1
+    return 100 * (spent[3] + spent[4]) / total, 100 * spent[7] / total
+
+
 def measure(ns: NetNS, server: PgServer, port: int, args: argparse.Namespace,
             logdir: Path, proxy_pid: int | None = None) -> dict[str, Any]:
     """pgbench at each client count (with the proxy's CPU per transaction), then the scan."""
     result: dict[Any, Any] = {}
     hz = os.sysconf("SC_CLK_TCK")
     for clients in CLIENT_COUNTS:
-        before = cpu_ticks_split(proxy_pid)
+        before, machine = cpu_ticks_split(proxy_pid), machine_ticks()
         result[clients] = run = pgbench(ns, server, port, clients, args.seconds, logdir)
         after = cpu_ticks_split(proxy_pid)
+        run["idle_pct"], run["steal_pct"] = idle_and_steal(machine, machine_ticks())
         transactions = run["tps"] * args.seconds
         user, system, children = (
             (a - b) / hz / transactions * 1e6 for a, b in zip(after, before, strict=True))
@@ -237,7 +253,8 @@ def summarize(raw: Path, top: int = 12) -> str:
 METRICS = [(1, "tps"), (1, "p50"), (1, "p99"), (8, "tps"), (8, "p50"), (8, "p99"),
            ("scan", "seconds"), ("scan", "mbps"),
            *((c, m) for c in CLIENT_COUNTS
-             for m in ("agent_cpu_us", "user_cpu_us", "system_cpu_us", "child_cpu_us"))]
+             for m in ("agent_cpu_us", "user_cpu_us", "system_cpu_us", "child_cpu_us",
+                       "idle_pct", "steal_pct"))]
 RATIOS = [("TPS c1", 1, "tps"), ("TPS c8", 8, "tps"), ("p99 c1", 1, "p99"), ("p99 c8", 8, "p99"),
           ("scan MB/s", "scan", "mbps")]
 
@@ -293,6 +310,15 @@ def table(rounds: list[dict[str, dict[Any, Any]]]) -> str:
                      f"writer {rf[c]['child_cpu_us']:.0f})   pyrelay {relay[c]['agent_cpu_us']:.0f} us "
                      f"({split(relay[c])})   haproxy {ha[c]['agent_cpu_us']:.0f} us ({split(ha[c])})"
                      for c in CLIENT_COUNTS)
+    lines.append("the host's CPU during pgbench (median over the rounds), idle / stolen by the "
+                 "hypervisor:")
+    lines.extend(f"  c{c}  " + "   ".join(
+        f"{name} {r[c]['idle_pct']:.0f}% / {r[c]['steal_pct']:.0f}%" for name, r in results.items())
+        for c in CLIENT_COUNTS)
+    steal = max(r[name][c]["steal_pct"] for r in rounds for name in r for c in CLIENT_COUNTS)
+    if steal >= 5:
+        lines.append(f"  up to {steal:.0f}% stolen in one run: the host was busy elsewhere, "
+                     "and its TPS figures say as much about that as about the proxies")
     lines.append("goals: TPS >= 0.75x HAProxy at 1 and 8 clients; scan >= 0.8x direct")
     failed = {f"{name} c{c}": r[name][c]["failed"] for r in rounds for name in r for c in CLIENT_COUNTS
               if r[name][c]["failed"]}
