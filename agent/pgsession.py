@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 from agent.pgconf import parse_bool
 from agent.protocols import postgres as pg
 from policy import Subject, classify_replication
+from policy.classify import MAX_CACHED_TEXT
+from policy.classify import plain_text as _plain_text
 from policy.classify import statement_shape as _statement_shape
 
 if TYPE_CHECKING:
@@ -285,6 +287,30 @@ class PostgresSession:
             actions.to_server.append(event.raw)
         else:
             actions.to_server.append(event.raw)
+
+    def allowed_query(self, data: bytes) -> dict[str, Any] | None:
+        """The common case of :meth:`client_data`, in one step: when ``data`` is one whole
+        simple Query of a shape this session already allowed (see :meth:`_judge`) and
+        nothing else is under way, its query record, the session's state moved on exactly
+        as :meth:`client_data` would, and ``data`` is to go to the server as it is. None
+        for anything else, with nothing changed: then :meth:`client_data` takes it."""
+        policy = self.policy
+        if (policy is None or self.phase != "ready" or self.replication is not None
+                or self.record_level != "statements" or not self.frontend.between_messages
+                or self.subject is not self._reused_subject or not self._reused):
+            return None
+        current = policy()
+        if current is not self._reused_policy or not current.reuses_decisions:
+            return None
+        record = _allowed_query(data, self._reused, self.frontend.max_message,
+                                min(self.max_statement, MAX_CACHED_TEXT), _plain_text)
+        if record is None:
+            return None
+        self.bytes_from_client += len(data)
+        self._segments_sent += 1
+        self.statements += 1
+        self._pending.append(_Pending("query", started=self.clock()))
+        return record
 
     def _judge(self, sql: str) -> Any:
         """The policy's decision on a statement text, or None without a policy.
@@ -920,3 +946,32 @@ def _parameters(event: pg.Bind, limit: int, types: tuple[int, ...] = ()) -> list
             else:
                 out.append({"format": "binary", "type_oid": oid, "length": length})
     return out
+
+
+def _allowed_query_py(
+    data: bytes, reused: dict[bytes, _Reused], max_message: int, max_text: int,
+    plain: Callable[[str], Any],
+) -> dict[str, Any] | None:
+    """The query record of ``data`` when it is one whole simple Query whose text is ASCII,
+    holds no NUL before its end, is at most ``max_text`` bytes and has a plain shape found
+    allowed in ``reused``; None otherwise. (agent/protocols/_pgscan.c has it compiled.)"""
+    size = len(data)
+    if size < 6 or data[0] != 0x51 or data[-1] != 0:
+        return None
+    if _INT32.unpack_from(data, 1)[0] != size - 1 or size - 1 > max_message:
+        return None
+    body = data[5:-1]
+    if len(body) > max_text or not body.isascii() or b"\x00" in body:
+        return None
+    text = body.decode("ascii")
+    shape = plain(text)
+    if type(shape) is not tuple or not shape:
+        return None
+    known = reused.get(shape[0])
+    if known is None or not known.allowed:
+        return None
+    return {"length": len(body), "sha256": hashlib.sha256(body).hexdigest(), "protocol": "simple",
+            "text": text, "truncated": False, "policy": known.record}
+
+
+_allowed_query = pg.native_allowed_query or _allowed_query_py

@@ -34,7 +34,7 @@ from typing import Any, Protocol, cast
 
 from agent.config import Config, ProtectedService
 from agent.pgconf import keepalive_timing
-from agent.pgsession import Actions, PostgresSession
+from agent.pgsession import Actions, PostgresSession, Record
 from agent.protocols import postgres as pg
 from agent.tls import TlsChannel, client_facing_context, upstream_context
 
@@ -360,6 +360,14 @@ class ClientSide(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.pause_reading()
             return
+        if self._deferred is None and self.proxy.audit.healthy:
+            # The commonest case (a statement of a shape this session already allowed) in one
+            # step: forwarded as it is, then recorded, as apply() does for any other.
+            record = session.allowed_query(data)
+            if record is not None:
+                self._write_server(data)
+                self._emit([("query", record)])
+                return
         self.apply(session.client_data(data))
 
     def _choose_upstream_tls(self) -> None:
@@ -619,7 +627,7 @@ class ClientSide(asyncio.Protocol):
             self._deferred.append(actions)
             return
         if actions.durable:
-            if not self._emit(actions):
+            if not self._emit(actions.records):
                 return
             self._deferred = [actions]
             self._pause_both()
@@ -627,16 +635,16 @@ class ClientSide(asyncio.Protocol):
             task.add_done_callback(self._setup_done)
             return
         if actions.records and not self.proxy.audit.healthy:
-            self._emit(actions)  # counts the records as lost and ends the session
+            self._emit(actions.records)  # counts the records as lost and ends the session
             return
         self._carry_out(actions)
-        self._emit(actions)
+        self._emit(actions.records)
 
-    def _emit(self, actions: Actions) -> bool:
-        if not actions.records:
+    def _emit(self, records: list[Record]) -> bool:
+        if not records:
             return True
         try:
-            self.proxy.audit.emit_many(actions.records, session_id=self.session_id)
+            self.proxy.audit.emit_many(records, session_id=self.session_id)
         except Exception as e:
             log.error(
                 "audit write failed; ending session",
@@ -664,7 +672,7 @@ class ClientSide(asyncio.Protocol):
                     return
             self._carry_out(actions)
             # Records of actions that arrived while waiting, in their order.
-            if deferred and not self.closed and not self._emit(deferred[0]):
+            if deferred and not self.closed and not self._emit(deferred[0].records):
                 return
         self._deferred = None
         self._resume_both()

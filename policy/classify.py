@@ -841,6 +841,9 @@ try:  # the same compiled (setup.py); this module works alike without it
 except ImportError:  # a source tree where it was not built, or RINGFENCE_IMPL=python
     _plain_text = _plain_text_py
 NATIVE_SHAPE: Final = _plain_text is not _plain_text_py
+# For callers with a fast path of their own: a plain text's (key, start, end), None for
+# one without exactly one statement, False for a text that is not plain (see _shape).
+plain_text: Final = _plain_text
 
 
 def _scanned_shape(text: str) -> _Shape | None:

@@ -1,4 +1,4 @@
-/* The PostgreSQL reply scanner's innermost loop, compiled.
+/* The PostgreSQL data path's commonest steps, compiled.
  *
  * datarows(data, pos) -> (end, rows, row_bytes)
  *
@@ -10,13 +10,28 @@
  * at one whose length is below 4 (invalid: the caller's general path reports
  * it), or at the end of ``data``. Nothing is copied and nothing is decoded.
  *
- * agent/protocols/postgres.py has the same loop in Python (used when this
- * module is not built); tests/unit/protocols/test_pgscan_native.py holds the
- * two to the same answers.
+ * allowed_query(data, reused, max_message, max_text, plain) -> dict | None
+ *
+ * The query record of ``data`` when it is exactly one whole simple Query
+ * message whose text is ASCII, holds no NUL before its end, is at most
+ * ``max_text`` bytes and has a plain shape (``plain(text)`` returns a tuple
+ * whose first item is the key) found in the dict ``reused`` with a true
+ * ``allowed``; None for anything else. The record is the one the session
+ * builds: length, sha256 (of the text), protocol, text, truncated, and
+ * ``policy`` the entry's ``record``.
+ *
+ * agent/protocols/postgres.py (datarows) and agent/pgsession.py
+ * (allowed_query) have the same in Python, used when this module is not
+ * built; tests/unit/protocols/test_pgscan_native.py and
+ * tests/unit/test_pgsession_fast.py hold each pair to the same answers.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <openssl/evp.h>
+
+/* Fetched once: with OpenSSL 3, EVP_sha256() looks the digest up again on every use. */
+static EVP_MD *sha256_md;
 
 static PyObject *
 datarows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -55,20 +70,159 @@ datarows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(nnn)", pos, rows, row_bytes);
 }
 
+static PyObject *
+allowed_query(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    Py_ssize_t size, n, i, max_message, max_text;
+    const unsigned char *p;
+    PyObject *text = NULL, *shape = NULL, *known, *allowed = NULL, *policy = NULL;
+    PyObject *record = NULL, *value;
+    unsigned char digest[EVP_MAX_MD_SIZE];
+    char hex[2 * EVP_MAX_MD_SIZE];
+    unsigned int dlen = 0;
+    int truth;
+    uint32_t length;
+
+    (void)module;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "allowed_query(data, reused, max_message, max_text, plain) takes 5 arguments");
+        return NULL;
+    }
+    if (!PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "allowed_query: reused must be a dict");
+        return NULL;
+    }
+    max_message = PyNumber_AsSsize_t(args[2], PyExc_OverflowError);
+    if (max_message == -1 && PyErr_Occurred())
+        return NULL;
+    max_text = PyNumber_AsSsize_t(args[3], PyExc_OverflowError);
+    if (max_text == -1 && PyErr_Occurred())
+        return NULL;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    p = (const unsigned char *)view.buf;
+    size = view.len;
+    if (size < 6 || p[0] != 'Q' || p[size - 1] != 0)
+        goto none;
+    length = ((uint32_t)p[1] << 24) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 8) | (uint32_t)p[4];
+    if ((Py_ssize_t)length != size - 1 || (Py_ssize_t)length > max_message)
+        goto none;
+    n = size - 6; /* the text, between the length and the closing NUL */
+    if (n > max_text)
+        goto none;
+    for (i = 0; i < n; i++) {
+        if (p[5 + i] == 0 || p[5 + i] >= 0x80)
+            goto none;
+    }
+    text = PyUnicode_DecodeASCII((const char *)p + 5, n, "strict");
+    if (text == NULL)
+        goto fail;
+    shape = PyObject_CallOneArg(args[4], text);
+    if (shape == NULL)
+        goto fail;
+    if (!PyTuple_Check(shape) || PyTuple_GET_SIZE(shape) < 1)
+        goto none;
+    known = PyDict_GetItemWithError(args[1], PyTuple_GET_ITEM(shape, 0)); /* borrowed */
+    if (known == NULL) {
+        if (PyErr_Occurred())
+            goto fail;
+        goto none;
+    }
+    allowed = PyObject_GetAttrString(known, "allowed");
+    if (allowed == NULL)
+        goto fail;
+    truth = PyObject_IsTrue(allowed);
+    if (truth < 0)
+        goto fail;
+    if (!truth)
+        goto none;
+    policy = PyObject_GetAttrString(known, "record");
+    if (policy == NULL)
+        goto fail;
+    if (EVP_Digest(p + 5, (size_t)n, digest, &dlen, sha256_md, NULL) != 1) {
+        PyErr_SetString(PyExc_RuntimeError, "allowed_query: SHA-256 failed in OpenSSL");
+        goto fail;
+    }
+    for (i = 0; i < (Py_ssize_t)dlen; i++) {
+        hex[2 * i] = "0123456789abcdef"[digest[i] >> 4];
+        hex[2 * i + 1] = "0123456789abcdef"[digest[i] & 15];
+    }
+    record = PyDict_New();
+    if (record == NULL)
+        goto fail;
+    /* The session's order (agent/pgsession.py, _query_record): msgpack keeps it. */
+    value = PyLong_FromSsize_t(n);
+    if (value == NULL || PyDict_SetItemString(record, "length", value) < 0) {
+        Py_XDECREF(value);
+        goto fail;
+    }
+    Py_DECREF(value);
+    value = PyUnicode_DecodeASCII(hex, 2 * (Py_ssize_t)dlen, "strict");
+    if (value == NULL || PyDict_SetItemString(record, "sha256", value) < 0) {
+        Py_XDECREF(value);
+        goto fail;
+    }
+    Py_DECREF(value);
+    value = PyUnicode_InternFromString("simple");
+    if (value == NULL || PyDict_SetItemString(record, "protocol", value) < 0) {
+        Py_XDECREF(value);
+        goto fail;
+    }
+    Py_DECREF(value);
+    if (PyDict_SetItemString(record, "text", text) < 0
+        || PyDict_SetItemString(record, "truncated", Py_False) < 0
+        || PyDict_SetItemString(record, "policy", policy) < 0)
+        goto fail;
+    Py_DECREF(text);
+    Py_DECREF(shape);
+    Py_DECREF(allowed);
+    Py_DECREF(policy);
+    PyBuffer_Release(&view);
+    return record;
+
+none:
+    Py_XDECREF(text);
+    Py_XDECREF(shape);
+    Py_XDECREF(allowed);
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+
+fail:
+    Py_XDECREF(text);
+    Py_XDECREF(shape);
+    Py_XDECREF(allowed);
+    Py_XDECREF(policy);
+    Py_XDECREF(record);
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"datarows", (PyCFunction)(void (*)(void))datarows, METH_FASTCALL,
      "datarows(data, pos) -> (end, rows, row_bytes): the run of whole DataRow messages at pos."},
+    {"allowed_query", (PyCFunction)(void (*)(void))allowed_query, METH_FASTCALL,
+     "allowed_query(data, reused, max_message, max_text, plain) -> dict | None: the record of "
+     "a lone Query whose shape the session already allowed."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "agent.protocols._pgscan",
-    "The PostgreSQL reply scanner's DataRow loop, compiled.", -1, methods,
+    "The PostgreSQL data path's commonest steps, compiled.", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC
 PyInit__pgscan(void)
 {
+    if (sha256_md == NULL) {
+        sha256_md = EVP_MD_fetch(NULL, "SHA256", NULL);
+        if (sha256_md == NULL) {
+            PyErr_SetString(PyExc_ImportError, "OpenSSL has no SHA-256");
+            return NULL;
+        }
+    }
     return PyModule_Create(&module);
 }

@@ -1,1 +1,8 @@
+from collections.abc import Callable
+from typing import Any
+
 def datarows(data: bytes | bytearray | memoryview, pos: int, /) -> tuple[int, int, int]: ...
+def allowed_query(
+    data: bytes, reused: dict[bytes, Any], max_message: int, max_text: int,
+    plain: Callable[[str], Any], /,
+) -> dict[str, Any] | None: ...

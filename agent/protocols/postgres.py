@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 # Startup-phase request codes (the int32 after the length of an untyped packet).
 PROTOCOL_V3: Final = 3 << 16
@@ -66,9 +67,13 @@ def _datarows(data: bytes | bytearray | memoryview, pos: int) -> tuple[int, int,
 try:  # the same loop compiled (setup.py); this module works alike without it
     if os.environ.get("RINGFENCE_IMPL") == "python":
         raise ImportError("RINGFENCE_IMPL=python")
+    from agent.protocols._pgscan import allowed_query as _native_allowed_query
     from agent.protocols._pgscan import datarows as datarows
 except ImportError:  # a source tree where it was not built, or RINGFENCE_IMPL=python
     datarows = _datarows
+    _native_allowed_query = None  # type: ignore[assignment]
+# The compiled step behind agent.pgsession's allowed_query; None without it (it has a twin).
+native_allowed_query: Final[Callable[..., Any] | None] = _native_allowed_query
 NATIVE_SCAN: Final = datarows is not _datarows
 
 
@@ -513,6 +518,13 @@ class FrontendParser:
         if self._pass_remaining:
             return self._pass_length - self._pass_remaining
         return len(self._buffer)
+
+    @property
+    def between_messages(self) -> bool:
+        """Whether the next byte starts a typed message: nothing held, no message being passed
+        on in pieces, the startup packet behind."""
+        return not (self._buffer or self._startup or self._copy_remaining or self._bind is not None
+                    or self._pass_remaining)
 
     def startup_done(self) -> None:
         """Switch to typed messages (after a StartupMessage was accepted)."""
