@@ -168,4 +168,4 @@ def test_compiled_step_passes_errors_on() -> None:
     with pytest.raises(TypeError):
         allowed_query(query, [], MAX_MESSAGE, 1000, plain_text)
     with pytest.raises(TypeError):
-        allowed_query(query, {})  # type: ignore[call-arg]
+        allowed_query(query, {})
