@@ -312,6 +312,31 @@ class PostgresSession:
         self._pending.append(_Pending("query", started=self.clock()))
         return record
 
+    def plain_reply(self, data: bytes) -> dict[str, Any] | None:
+        """The common case of :meth:`server_data` for bytes already forwarded, in one step:
+        when ``data`` is exactly the whole ordinary answer (rows and a CommandComplete, then
+        ReadyForQuery) to the one simple Query awaiting it, its result record, the
+        session's state moved on exactly as :meth:`server_data` would. None for anything
+        else, with nothing changed: then :meth:`server_data` takes it."""
+        pending = self._pending
+        if len(pending) != 1 or self.phase != "ready" or self._describes:
+            return None
+        head = pending[0]
+        if (head.kind != "query" or head.rows or head.command_rows or head.commands
+                or head.copy_bytes or head.error is not None or not self.relays_server_bytes
+                or not self.backend.at_boundary):
+            return None
+        reply = _plain_reply(data, self.backend.max_message)
+        if reply is None:
+            return None
+        tag, rows, status = reply
+        self.bytes_from_server += len(data)
+        pending.popleft()
+        self.transaction = status
+        self._segments_done += 1
+        return {"duration_ms": round((self.clock() - head.started) * 1000.0, 3), "rows": rows,
+                "command_tag": tag, "commands": [tag], "outcome": "success"}
+
     def _judge(self, sql: str) -> Any:
         """The policy's decision on a statement text, or None without a policy.
 
@@ -975,3 +1000,43 @@ def _allowed_query_py(
 
 
 _allowed_query = pg.native_allowed_query or _allowed_query_py
+
+
+def _plain_reply_py(data: bytes, max_message: int) -> tuple[str, int, str] | None:
+    """When ``data`` is exactly an optional RowDescription, DataRows, one CommandComplete
+    with an ASCII tag and ReadyForQuery, each whole and within bounds: (tag, rows, status),
+    rows being the tag's count when it ends in one, else the DataRows; None otherwise.
+    (agent/protocols/_pgscan.c has it compiled.)"""
+    size = len(data)
+    unpack = _INT32.unpack_from
+    pos = 0
+    if size >= 5 and data[0] == 0x54:  # RowDescription
+        length = unpack(data, 1)[0]
+        if length < 6 or length > max_message or length > size - 1:
+            return None
+        pos = length + 1
+    pos, rows, _ = pg._datarows(data, pos)
+    if size - pos < 5 or data[pos] != 0x43:  # CommandComplete
+        return None
+    length = unpack(data, pos + 1)[0]
+    if length < 5 or length > max_message or length > size - pos - 1:
+        return None
+    end = pos + 1 + length
+    nul = data.find(b"\x00", pos + 5, end)
+    if nul < 0 or not data[pos + 5 : nul].isascii():
+        return None
+    tag = data[pos + 5 : nul].decode("ascii")
+    if size - end != 6 or data[end] != 0x5A or unpack(data, end + 1)[0] != 5:  # ReadyForQuery
+        return None
+    status = chr(data[end + 5])
+    if status not in "ITE":
+        return None
+    last = tag.rsplit(" ", 1)[-1]
+    if " " in tag and last.isdigit():
+        if len(last) >= 32:
+            return None
+        return tag, int(last), status
+    return tag, rows, status
+
+
+_plain_reply = pg.native_plain_reply or _plain_reply_py

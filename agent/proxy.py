@@ -796,6 +796,10 @@ class UpstreamSide(asyncio.Protocol):
         if session.relays_server_bytes and client._deferred is None and client.proxy.audit.healthy:
             # Unchanged bytes go to the client before they are scanned and recorded.
             client._write_client(data)
+            record = session.plain_reply(data)  # the commonest answer, in one step
+            if record is not None:
+                client._emit([("result", record)])
+                return
             client.apply(session.server_data(data, forwarded=True))
             return
         client.apply(session.server_data(data))

@@ -20,14 +20,23 @@
  * builds: length, sha256 (of the text), protocol, text, truncated, and
  * ``policy`` the entry's ``record``.
  *
+ * plain_reply(data, max_message) -> (tag, rows, status) | None
+ *
+ * When ``data`` is exactly the commonest answer to a simple Query: an optional
+ * RowDescription, any DataRows, one CommandComplete whose tag is ASCII, then
+ * ReadyForQuery, each whole and within bounds: the tag, the rows the statement
+ * returned (the tag's count when it ends in one, else the DataRows counted)
+ * and the transaction status; None for anything else.
+ *
  * agent/protocols/postgres.py (datarows) and agent/pgsession.py
- * (allowed_query) have the same in Python, used when this module is not
- * built; tests/unit/protocols/test_pgscan_native.py and
+ * (allowed_query, plain_reply) have the same in Python, used when this module
+ * is not built; tests/unit/protocols/test_pgscan_native.py and
  * tests/unit/test_pgsession_fast.py hold each pair to the same answers.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
 #include <openssl/evp.h>
 
 /* Fetched once: with OpenSSL 3, EVP_sha256() looks the digest up again on every use. */
@@ -199,12 +208,111 @@ fail:
     return NULL;
 }
 
+static uint32_t
+length_at(const unsigned char *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | (uint32_t)p[3];
+}
+
+static PyObject *
+plain_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    Py_ssize_t size, pos = 0, rows = 0, max_message, end, i, tag_len, space = -1;
+    const unsigned char *p, *tag;
+    PyObject *result = NULL, *count = NULL;
+    uint32_t length;
+    char status;
+    int counted;
+
+    (void)module;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "plain_reply(data, max_message) takes exactly 2 arguments");
+        return NULL;
+    }
+    max_message = PyNumber_AsSsize_t(args[1], PyExc_OverflowError);
+    if (max_message == -1 && PyErr_Occurred())
+        return NULL;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    p = (const unsigned char *)view.buf;
+    size = view.len;
+    if (size - pos >= 5 && p[pos] == 'T') {
+        length = length_at(p + pos + 1);
+        if (length < 6 || (Py_ssize_t)length > max_message || (Py_ssize_t)length > size - pos - 1)
+            goto none;
+        pos += (Py_ssize_t)length + 1;
+    }
+    while (size - pos >= 5 && p[pos] == 'D') {
+        length = length_at(p + pos + 1);
+        if (length < 4 || (Py_ssize_t)length > size - pos - 1)
+            goto none;
+        rows += 1;
+        pos += (Py_ssize_t)length + 1;
+    }
+    /* CommandComplete: a NUL-terminated ASCII tag */
+    if (size - pos < 5 || p[pos] != 'C')
+        goto none;
+    length = length_at(p + pos + 1);
+    if (length < 5 || (Py_ssize_t)length > max_message || (Py_ssize_t)length > size - pos - 1)
+        goto none;
+    end = pos + 1 + (Py_ssize_t)length;
+    tag = p + pos + 5;
+    for (tag_len = 0; tag + tag_len < p + end && tag[tag_len] != 0; tag_len++) {
+        if (tag[tag_len] >= 0x80)
+            goto none;
+        if (tag[tag_len] == ' ')
+            space = tag_len;
+    }
+    if (tag + tag_len == p + end)
+        goto none; /* not NUL-terminated */
+    pos = end;
+    /* ReadyForQuery, ending the data */
+    if (size - pos != 6 || p[pos] != 'Z' || length_at(p + pos + 1) != 5)
+        goto none;
+    status = (char)p[pos + 5];
+    if (status != 'I' && status != 'T' && status != 'E')
+        goto none;
+    /* The tag's count: its last word, when all digits and not the only word. */
+    counted = space >= 0 && space + 1 < tag_len;
+    for (i = space + 1; counted && i < tag_len; i++) {
+        if (tag[i] < '0' || tag[i] > '9')
+            counted = 0;
+    }
+    if (counted) {
+        char digits[32];
+        if (tag_len - space - 1 >= (Py_ssize_t)sizeof(digits))
+            goto none;
+        memcpy(digits, tag + space + 1, (size_t)(tag_len - space - 1));
+        digits[tag_len - space - 1] = 0;
+        count = PyLong_FromString(digits, NULL, 10);
+    } else {
+        count = PyLong_FromSsize_t(rows);
+    }
+    if (count == NULL)
+        goto fail;
+    result = Py_BuildValue("(s#NC)", (const char *)tag, tag_len, count, (int)status);
+    PyBuffer_Release(&view);
+    return result;
+
+none:
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+
+fail:
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"datarows", (PyCFunction)(void (*)(void))datarows, METH_FASTCALL,
      "datarows(data, pos) -> (end, rows, row_bytes): the run of whole DataRow messages at pos."},
     {"allowed_query", (PyCFunction)(void (*)(void))allowed_query, METH_FASTCALL,
      "allowed_query(data, reused, max_message, max_text, plain) -> dict | None: the record of "
      "a lone Query whose shape the session already allowed."},
+    {"plain_reply", (PyCFunction)(void (*)(void))plain_reply, METH_FASTCALL,
+     "plain_reply(data, max_message) -> (tag, rows, status) | None: a whole ordinary answer to a "
+     "simple Query."},
     {NULL, NULL, 0, NULL},
 };
 

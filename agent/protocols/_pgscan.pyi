@@ -6,3 +6,6 @@ def allowed_query(
     data: bytes, reused: dict[bytes, Any], max_message: int, max_text: int,
     plain: Callable[[str], Any], /,
 ) -> dict[str, Any] | None: ...
+def plain_reply(
+    data: bytes | bytearray | memoryview, max_message: int, /,
+) -> tuple[str, int, str] | None: ...

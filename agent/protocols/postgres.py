@@ -69,11 +69,15 @@ try:  # the same loop compiled (setup.py); this module works alike without it
         raise ImportError("RINGFENCE_IMPL=python")
     from agent.protocols._pgscan import allowed_query as _native_allowed_query
     from agent.protocols._pgscan import datarows as datarows
+    from agent.protocols._pgscan import plain_reply as _native_plain_reply
 except ImportError:  # a source tree where it was not built, or RINGFENCE_IMPL=python
     datarows = _datarows
     _native_allowed_query = None  # type: ignore[assignment]
-# The compiled step behind agent.pgsession's allowed_query; None without it (it has a twin).
+    _native_plain_reply = None  # type: ignore[assignment]
+# The compiled steps behind agent.pgsession's one-step paths; None without them (it has
+# their twins).
 native_allowed_query: Final[Callable[..., Any] | None] = _native_allowed_query
+native_plain_reply: Final[Callable[..., Any] | None] = _native_plain_reply
 NATIVE_SCAN: Final = datarows is not _datarows
 
 

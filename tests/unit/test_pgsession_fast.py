@@ -1,7 +1,9 @@
-"""The one-step path for a statement of a shape the session already allowed
-(``PostgresSession.allowed_query``, compiled in agent/protocols/_pgscan.c) leaves the
-session exactly where the general path (``client_data``) does, with the same record and
-the same bytes for the server; anything else it declines, changing nothing."""
+"""The one-step paths for the commonest traffic leave the session exactly where the
+general paths do, with the same records and bytes; anything else they decline, changing
+nothing: ``PostgresSession.allowed_query`` (a statement of a shape the session already
+allowed) against ``client_data``, ``PostgresSession.plain_reply`` (its ordinary answer)
+against ``server_data``. Their compiled steps (agent/protocols/_pgscan.c) answer as their
+Python twins."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.pgsession import PostgresSession, _allowed_query_py, _Reused
+from agent.pgsession import PostgresSession, _allowed_query_py, _plain_reply_py, _Reused
 from agent.protocols import postgres as pg
 from policy import load_policy
 from policy.classify import plain_text
@@ -23,8 +25,8 @@ from tests.unit.test_pgsession_policy import POLICY, STARTUP
 MAX_MESSAGE = pg.DEFAULT_MAX_MESSAGE
 
 
-def native() -> Any:
-    return compiled("agent.protocols._pgscan", "allowed_query", pg.NATIVE_SCAN)
+def native(name: str = "allowed_query") -> Any:
+    return compiled("agent.protocols._pgscan", name, pg.NATIVE_SCAN)
 
 
 def msg(kind: bytes, body: bytes) -> bytes:
@@ -51,6 +53,10 @@ def state(s: PostgresSession) -> dict[str, Any]:
         "segments_sent": s._segments_sent, "segments_done": s._segments_done,
         "pending": [(p.kind, p.started) for p in s._pending], "reused": sorted(s._reused),
         "phase": s.phase, "transaction": s.transaction, "buffered": s.frontend.buffered,
+        "bytes_from_server": s.bytes_from_server, "ended": s.ended,
+        "pending_counts": [(p.rows, p.command_rows, p.commands, p.copy_bytes, p.error)
+                           for p in s._pending],
+        "scanner_at_boundary": s.backend.at_boundary, "last_error": s.last_error,
     }
 
 
@@ -72,11 +78,56 @@ _chunks = st.one_of(
 )
 
 
+def answer(tag: bytes, rows: int, status: bytes = b"I", described: bool = True) -> bytes:
+    head = REPLY[: REPLY.index(b"D")] if described else b""
+    return (head + msg(b"D", struct.pack("!hi", 1, 1) + b"7") * rows + msg(b"C", tag + b"\x00")
+            + msg(b"Z", status))
+
+
+# Answers: ordinary ones with all kinds of tags, errors, notices, two answers at once,
+# and any of them cut anywhere.
+_tags = st.one_of(
+    st.sampled_from([b"SELECT 1", b"SELECT 0", b"INSERT 0 5", b"BEGIN", b"SET", b"SELECT ",
+                     b"SELECT 00012", b"FETCH 99999999999999999999999999999999999", b"X \xc3\xa9 2",
+                     b"", b"SELECT 1\x00junk"]),
+    st.binary(max_size=12),
+)
+_answers = st.one_of(
+    st.builds(answer, _tags, st.integers(0, 3), st.sampled_from([b"I", b"T", b"E", b"X"]),
+              st.booleans()),
+    st.just(ERROR), st.just(msg(b"N", b"SNOTICE\x00Mhi\x00\x00") + REPLY), st.just(REPLY + REPLY),
+    st.binary(max_size=12),
+)
+_replies: st.SearchStrategy[list[bytes]] = st.one_of(
+    _answers.map(lambda a: [a]),
+    st.tuples(_answers, st.integers(1, 40)).map(lambda ac: [ac[0][: ac[1]], ac[0][ac[1]:]]),
+    st.just([]),
+)
+
+
+def feed_server(fast: PostgresSession, general: PostgresSession, chunks: list[bytes]) -> None:
+    """As the proxy does: bytes it may forward first go to the one-step path, then to
+    server_data (forwarded), the rest to server_data."""
+    for chunk in chunks:
+        if not chunk:
+            continue
+        assert fast.relays_server_bytes == general.relays_server_bytes
+        forwarded = fast.relays_server_bytes
+        record = fast.plain_reply(chunk) if forwarded else None
+        b = general.server_data(chunk, forwarded=forwarded)
+        if record is None:
+            a = fast.server_data(chunk, forwarded=forwarded)
+            assert (a.to_client, a.records) == (b.to_client, b.records)
+        else:
+            assert b.to_client == [] and [("result", record)] == b.records
+        assert state(fast) == state(general)
+
+
 @settings(max_examples=examples(600), deadline=None)
-@given(st.lists(st.tuples(_chunks, st.sampled_from([REPLY, ERROR, b""])), min_size=1, max_size=8))
-def test_same_session_either_way(steps: list[tuple[bytes, bytes]]) -> None:
-    """Fed the same bytes, a session that tries the one-step path first and one that never
-    does send the same bytes to the server and make the same records and state."""
+@given(st.lists(st.tuples(_chunks, _replies), min_size=1, max_size=8))
+def test_same_session_either_way(steps: list[tuple[bytes, list[bytes]]]) -> None:
+    """Fed the same bytes, a session that tries the one-step paths first and one that never
+    does send the same bytes on and make the same records and state."""
     fast, general = ready(), ready()
     for chunk, reply in steps:
         before = state(fast)
@@ -95,9 +146,9 @@ def test_same_session_either_way(steps: list[tuple[bytes, bytes]]) -> None:
         assert state(fast) == state(general)
         if b.close:
             return
-        if reply and fast._pending:
-            assert fast.server_data(reply).records == general.server_data(reply).records
-            assert state(fast) == state(general)
+        feed_server(fast, general, reply)
+        if general.ended:
+            return
 
 
 def test_taken_for_a_shape_already_allowed_and_not_before() -> None:
@@ -113,6 +164,9 @@ def test_taken_for_a_shape_already_allowed_and_not_before() -> None:
     assert record["text"] == "SELECT abalance FROM pgbench_accounts WHERE aid = 73;"
     assert record["policy"]["effect"] == "allow"
     assert [p.kind for p in s._pending] == ["query"]
+    result = s.plain_reply(REPLY)
+    assert result is not None and result["rows"] == 1 and result["command_tag"] == "SELECT 1"
+    assert not s._pending and s.transaction == "I"
 
 
 def test_declined_while_policy_or_subject_changed() -> None:
@@ -169,3 +223,23 @@ def test_compiled_step_passes_errors_on() -> None:
         allowed_query(query, [], MAX_MESSAGE, 1000, plain_text)
     with pytest.raises(TypeError):
         allowed_query(query, {})
+
+
+@settings(max_examples=examples(2000), deadline=None)
+@given(st.one_of(_answers, _answers.map(lambda a: a[:-1]), st.binary(max_size=40)),
+       st.integers(0, 100))
+def test_compiled_reply_step_answers_as_python(data: bytes, max_message: int) -> None:
+    plain_reply = native("plain_reply")
+    for limit in (MAX_MESSAGE, max_message):
+        assert plain_reply(data, limit) == _plain_reply_py(data, limit)
+
+
+def test_reply_step_counts() -> None:
+    """The tag's count when it has one, else the rows; the status as the server sent it."""
+    plain_reply = native("plain_reply")
+    for step in (plain_reply, _plain_reply_py):
+        assert step(answer(b"SELECT 3", 3), MAX_MESSAGE) == ("SELECT 3", 3, "I")
+        assert step(answer(b"INSERT 0 5", 0, b"T", False), MAX_MESSAGE) == ("INSERT 0 5", 5, "T")
+        assert step(answer(b"SHOW", 2), MAX_MESSAGE) == ("SHOW", 2, "I")
+        assert step(answer(b"SELECT 1", 1) + b"x", MAX_MESSAGE) is None
+        assert step(ERROR, MAX_MESSAGE) is None
