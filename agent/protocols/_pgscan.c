@@ -42,6 +42,10 @@
 /* Fetched once: with OpenSSL 3, EVP_sha256() looks the digest up again on every use. */
 static EVP_MD *sha256_md;
 
+/* Names made once: the record's keys, the entry's attributes, "simple". */
+static PyObject *s_length, *s_sha256, *s_protocol, *s_text, *s_truncated, *s_policy;
+static PyObject *s_allowed, *s_record, *s_simple;
+
 static PyObject *
 datarows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -139,7 +143,7 @@ allowed_query(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto fail;
         goto none;
     }
-    allowed = PyObject_GetAttrString(known, "allowed");
+    allowed = PyObject_GetAttr(known, s_allowed);
     if (allowed == NULL)
         goto fail;
     truth = PyObject_IsTrue(allowed);
@@ -147,7 +151,7 @@ allowed_query(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto fail;
     if (!truth)
         goto none;
-    policy = PyObject_GetAttrString(known, "record");
+    policy = PyObject_GetAttr(known, s_record);
     if (policy == NULL)
         goto fail;
     if (EVP_Digest(p + 5, (size_t)n, digest, &dlen, sha256_md, NULL) != 1) {
@@ -163,26 +167,21 @@ allowed_query(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto fail;
     /* The session's order (agent/pgsession.py, _query_record): msgpack keeps it. */
     value = PyLong_FromSsize_t(n);
-    if (value == NULL || PyDict_SetItemString(record, "length", value) < 0) {
+    if (value == NULL || PyDict_SetItem(record, s_length, value) < 0) {
         Py_XDECREF(value);
         goto fail;
     }
     Py_DECREF(value);
     value = PyUnicode_DecodeASCII(hex, 2 * (Py_ssize_t)dlen, "strict");
-    if (value == NULL || PyDict_SetItemString(record, "sha256", value) < 0) {
+    if (value == NULL || PyDict_SetItem(record, s_sha256, value) < 0) {
         Py_XDECREF(value);
         goto fail;
     }
     Py_DECREF(value);
-    value = PyUnicode_InternFromString("simple");
-    if (value == NULL || PyDict_SetItemString(record, "protocol", value) < 0) {
-        Py_XDECREF(value);
-        goto fail;
-    }
-    Py_DECREF(value);
-    if (PyDict_SetItemString(record, "text", text) < 0
-        || PyDict_SetItemString(record, "truncated", Py_False) < 0
-        || PyDict_SetItemString(record, "policy", policy) < 0)
+    if (PyDict_SetItem(record, s_protocol, s_simple) < 0
+        || PyDict_SetItem(record, s_text, text) < 0
+        || PyDict_SetItem(record, s_truncated, Py_False) < 0
+        || PyDict_SetItem(record, s_policy, policy) < 0)
         goto fail;
     Py_DECREF(text);
     Py_DECREF(shape);
@@ -325,6 +324,21 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__pgscan(void)
 {
+    if (s_simple == NULL) {
+        s_length = PyUnicode_InternFromString("length");
+        s_sha256 = PyUnicode_InternFromString("sha256");
+        s_protocol = PyUnicode_InternFromString("protocol");
+        s_text = PyUnicode_InternFromString("text");
+        s_truncated = PyUnicode_InternFromString("truncated");
+        s_policy = PyUnicode_InternFromString("policy");
+        s_allowed = PyUnicode_InternFromString("allowed");
+        s_record = PyUnicode_InternFromString("record");
+        s_simple = PyUnicode_InternFromString("simple");
+        if (s_length == NULL || s_sha256 == NULL || s_protocol == NULL || s_text == NULL
+            || s_truncated == NULL || s_policy == NULL || s_allowed == NULL || s_record == NULL
+            || s_simple == NULL)
+            return NULL;
+    }
     if (sha256_md == NULL) {
         sha256_md = EVP_MD_fetch(NULL, "SHA256", NULL);
         if (sha256_md == NULL) {
