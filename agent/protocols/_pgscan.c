@@ -46,6 +46,27 @@ static EVP_MD *sha256_md;
 static PyObject *s_length, *s_sha256, *s_protocol, *s_text, *s_truncated, *s_policy;
 static PyObject *s_allowed, *s_record, *s_simple;
 
+static uint32_t
+length_at(const unsigned char *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | (uint32_t)p[3];
+}
+
+/* The (data, n) arguments of datarows and plain_reply: a buffer on data, and n. */
+static int
+data_and_size(PyObject *const *args, Py_ssize_t nargs, const char *usage, Py_buffer *view,
+              Py_ssize_t *n)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "%s takes exactly 2 arguments", usage);
+        return -1;
+    }
+    *n = PyNumber_AsSsize_t(args[1], PyExc_OverflowError);
+    if (*n == -1 && PyErr_Occurred())
+        return -1;
+    return PyObject_GetBuffer(args[0], view, PyBUF_SIMPLE);
+}
+
 static PyObject *
 datarows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -54,14 +75,7 @@ datarows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     const unsigned char *p;
 
     (void)module;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "datarows(data, pos) takes exactly 2 arguments");
-        return NULL;
-    }
-    pos = PyNumber_AsSsize_t(args[1], PyExc_OverflowError);
-    if (pos == -1 && PyErr_Occurred())
-        return NULL;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+    if (data_and_size(args, nargs, "datarows(data, pos)", &view, &pos) < 0)
         return NULL;
     p = (const unsigned char *)view.buf;
     size = view.len;
@@ -71,8 +85,7 @@ datarows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     while (size - pos >= 5 && p[pos] == 'D') {
-        int32_t length = (int32_t)(((uint32_t)p[pos + 1] << 24) | ((uint32_t)p[pos + 2] << 16)
-                                   | ((uint32_t)p[pos + 3] << 8) | (uint32_t)p[pos + 4]);
+        int32_t length = (int32_t)length_at(p + pos + 1);
         if (length < 4 || size - pos - 1 < (Py_ssize_t)length)
             break;
         rows += 1;
@@ -119,7 +132,7 @@ allowed_query(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     size = view.len;
     if (size < 6 || p[0] != 'Q' || p[size - 1] != 0)
         goto none;
-    length = ((uint32_t)p[1] << 24) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 8) | (uint32_t)p[4];
+    length = length_at(p + 1);
     if ((Py_ssize_t)length != size - 1 || (Py_ssize_t)length > max_message)
         goto none;
     n = size - 6; /* the text, between the length and the closing NUL */
@@ -207,12 +220,6 @@ fail:
     return NULL;
 }
 
-static uint32_t
-length_at(const unsigned char *p)
-{
-    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | (uint32_t)p[3];
-}
-
 static PyObject *
 plain_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -225,14 +232,7 @@ plain_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     int counted;
 
     (void)module;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "plain_reply(data, max_message) takes exactly 2 arguments");
-        return NULL;
-    }
-    max_message = PyNumber_AsSsize_t(args[1], PyExc_OverflowError);
-    if (max_message == -1 && PyErr_Occurred())
-        return NULL;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+    if (data_and_size(args, nargs, "plain_reply(data, max_message)", &view, &max_message) < 0)
         return NULL;
     p = (const unsigned char *)view.buf;
     size = view.len;
