@@ -334,8 +334,9 @@ class PostgresSession:
         pending.popleft()
         self.transaction = status
         self._segments_done += 1
-        return {"duration_ms": round((self.clock() - head.started) * 1000.0, 3), "rows": rows,
-                "command_tag": tag, "commands": [tag], "outcome": "success"}
+        head.commands.append(tag)
+        head.rows = rows
+        return self._result_record(head)
 
     def _judge(self, sql: str) -> Any:
         """The policy's decision on a statement text, or None without a policy.
@@ -789,6 +790,10 @@ class PostgresSession:
                 self._finish(item, actions)
 
     def _finish(self, item: _Pending, actions: Actions, outcome: str | None = None) -> None:
+        actions.records.append(("result", self._result_record(item, outcome)))
+
+    def _result_record(self, item: _Pending, outcome: str | None = None) -> dict[str, Any]:
+        """The ``result`` record of an answered request."""
         record: dict[str, Any] = {
             "duration_ms": round((self.clock() - item.started) * 1000.0, 3),
             "rows": item.rows + item.command_rows,
@@ -800,7 +805,7 @@ class PostgresSession:
             record["copy_bytes"] = item.copy_bytes
         if item.error:
             record["error"] = item.error
-        actions.records.append(("result", record))
+        return record
 
     # ------------------------------------------------------------- lifecycle
 
