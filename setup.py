@@ -8,7 +8,8 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=[
-        # SHA-256 from the distribution's OpenSSL (libssl-dev to build; libssl3 at run time).
+        # _pgscan and _link: SHA-256 from the distribution's OpenSSL (libssl-dev to build;
+        # libssl3 at run time).
         Extension("agent.protocols._pgscan", ["agent/protocols/_pgscan.c"], libraries=["crypto"]),
         Extension("policy._plainshape", ["policy/_plainshape.c"]),
         Extension("audit._link", ["audit/_link.c"], libraries=["crypto"]),
