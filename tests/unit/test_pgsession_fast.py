@@ -20,7 +20,7 @@ from policy import load_policy
 from policy.classify import plain_text
 from tests.support.fuzz import examples
 from tests.support.native import compiled
-from tests.unit.test_pgsession_policy import POLICY, STARTUP
+from tests.unit.test_pgsession_policy import POLICY, REPO, STARTUP
 
 MAX_MESSAGE = pg.DEFAULT_MAX_MESSAGE
 
@@ -178,18 +178,13 @@ def test_declined_while_policy_or_subject_changed() -> None:
     s.client_data(pg.query_message("select 1 from t where id = 1"))
     s.server_data(REPLY)
     query = pg.query_message("select 1 from t where id = 2")
-    current[0] = load_policy(pg_policy_path())
+    current[0] = load_policy(REPO / "packaging" / "policy.toml")  # the same file, reloaded
     assert s.allowed_query(query) is None
     s.client_data(query)
     s.server_data(REPLY)
     assert s.allowed_query(pg.query_message("select 1 from t where id = 3")) is not None
     s.subject = object()  # type: ignore[assignment]
     assert s.allowed_query(pg.query_message("select 1 from t where id = 4")) is None
-
-
-def pg_policy_path() -> Any:
-    from tests.unit.test_pgsession_policy import REPO
-    return REPO / "packaging" / "policy.toml"
 
 
 # The compiled step against its twin, on any bytes.
