@@ -26,6 +26,10 @@
  * of session_start records, marks [(position in batch, seq)] of items whose
  * waiter is not None, the last leaf and the new size. Keys are seq as 8
  * big-endian bytes.
+ *
+ * batch_items(body, types) reads the commonest frame the writer receives, an agent's
+ * batch of records, straight into queue items (see its comment below); its Python twin
+ * is audit.log._batch_items_py.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -363,9 +367,200 @@ done:
     return result;
 }
 
+/* msgpack, read just far enough for a batch frame: each reader checks that its value
+ * is whole in [*p, end), returns -1 when it is not or is of another kind, and moves *p
+ * past it. */
+static int
+read_count(const unsigned char **p, const unsigned char *end, uint64_t *count)
+{
+    const unsigned char *q = *p;
+    if (q >= end)
+        return -1;
+    if ((*q & 0xF0) == 0x90) {
+        *count = *q & 0x0F;
+        *p = q + 1;
+        return 0;
+    }
+    if (*q == 0xDC && end - q >= 3) {
+        *count = ((uint64_t)q[1] << 8) | q[2];
+        *p = q + 3;
+        return 0;
+    }
+    if (*q == 0xDD && end - q >= 5) {
+        *count = ((uint64_t)q[1] << 24) | ((uint64_t)q[2] << 16) | ((uint64_t)q[3] << 8) | q[4];
+        *p = q + 5;
+        return 0;
+    }
+    return -1;
+}
+
+/* A str (kind 0) or bin (kind 1) of any width: its bytes in *at and *len. */
+static int
+read_raw(const unsigned char **p, const unsigned char *end, int kind, const unsigned char **at,
+         size_t *len)
+{
+    const unsigned char *q = *p;
+    size_t width, n = 0, i;
+    if (q >= end)
+        return -1;
+    if (kind == 0 && (*q & 0xE0) == 0xA0) {
+        n = *q & 0x1F;
+        width = 0;
+    } else if (*q == (kind == 0 ? 0xD9 : 0xC4)) {
+        width = 1;
+    } else if (*q == (kind == 0 ? 0xDA : 0xC5)) {
+        width = 2;
+    } else if (*q == (kind == 0 ? 0xDB : 0xC6)) {
+        width = 4;
+    } else {
+        return -1;
+    }
+    q++;
+    if ((size_t)(end - q) < width)
+        return -1;
+    for (i = 0; i < width; i++)
+        n = (n << 8) | q[i];
+    q += width;
+    if ((size_t)(end - q) < n)
+        return -1;
+    *at = q;
+    *len = n;
+    *p = q + n;
+    return 0;
+}
+
+static int
+read_uint(const unsigned char **p, const unsigned char *end, uint64_t *value)
+{
+    const unsigned char *q = *p;
+    size_t width, i;
+    uint64_t v = 0;
+    if (q >= end)
+        return -1;
+    if (*q < 0x80) {
+        *value = *q;
+        *p = q + 1;
+        return 0;
+    }
+    switch (*q) {
+    case 0xCC: width = 1; break;
+    case 0xCD: width = 2; break;
+    case 0xCE: width = 4; break;
+    case 0xCF: width = 8; break;
+    default: return -1;
+    }
+    q++;
+    if ((size_t)(end - q) < width)
+        return -1;
+    for (i = 0; i < width; i++)
+        v = (v << 8) | q[i];
+    *value = v;
+    *p = q + width;
+    return 0;
+}
+
+/* batch_items(body, types) -> [(type, session_id, ts, data, None), ...] | None
+ *
+ * The records of an agent's batch frame, msgpack ["b", [[type, session_id, ts, data],
+ * ...]], as the writer queues them; None when ``body`` is anything else: another frame,
+ * a value of another kind (session_id is a str or nil, ts an unsigned int, data a bin),
+ * text that is not UTF-8, bytes left over, or a type not in the set ``types``. The
+ * writer then decodes the frame the general way, which says what is wrong. */
+static PyObject *
+batch_items(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    const unsigned char *p, *end, *at;
+    uint64_t count, fields, ts, i;
+    size_t len;
+    PyObject *items = NULL, *types;
+
+    (void)module;
+    if (nargs != 2 || !PyAnySet_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "batch_items(body, types) takes bytes and a set");
+        return NULL;
+    }
+    types = args[1];
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    p = (const unsigned char *)view.buf;
+    end = p + view.len;
+    if (end - p < 3 || p[0] != 0x92 || p[1] != 0xA1 || p[2] != 'b')
+        goto none;
+    p += 3;
+    if (read_count(&p, end, &count) < 0 || count > (uint64_t)(end - p))
+        goto none;
+    items = PyList_New((Py_ssize_t)count);
+    if (items == NULL)
+        goto fail;
+    for (i = 0; i < count; i++) {
+        PyObject *type = NULL, *sid = NULL, *stamp = NULL, *data = NULL, *item;
+        int known;
+        if (read_count(&p, end, &fields) < 0 || fields != 4 || read_raw(&p, end, 0, &at, &len) < 0)
+            goto none;
+        type = PyUnicode_DecodeUTF8((const char *)at, (Py_ssize_t)len, NULL);
+        if (type == NULL)
+            goto bad_text;
+        known = PySet_Contains(types, type);
+        if (known <= 0) {
+            Py_DECREF(type);
+            if (known < 0)
+                goto fail;
+            goto none;
+        }
+        if (p < end && *p == 0xC0) {
+            p++;
+            sid = Py_NewRef(Py_None);
+        } else if (read_raw(&p, end, 0, &at, &len) == 0) {
+            sid = PyUnicode_DecodeUTF8((const char *)at, (Py_ssize_t)len, NULL);
+            if (sid == NULL) {
+                Py_DECREF(type);
+                goto bad_text;
+            }
+        } else {
+            Py_DECREF(type);
+            goto none;
+        }
+        if (read_uint(&p, end, &ts) < 0 || read_raw(&p, end, 1, &at, &len) < 0) {
+            Py_DECREF(type);
+            Py_DECREF(sid);
+            goto none;
+        }
+        stamp = PyLong_FromUnsignedLongLong(ts);
+        data = stamp != NULL ? PyBytes_FromStringAndSize((const char *)at, (Py_ssize_t)len) : NULL;
+        item = data != NULL ? PyTuple_Pack(5, type, sid, stamp, data, Py_None) : NULL;
+        Py_DECREF(type);
+        Py_DECREF(sid);
+        Py_XDECREF(stamp);
+        Py_XDECREF(data);
+        if (item == NULL)
+            goto fail;
+        PyList_SET_ITEM(items, (Py_ssize_t)i, item);
+    }
+    if (p != end)
+        goto none;
+    PyBuffer_Release(&view);
+    return items;
+
+bad_text:
+    if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError))
+        goto fail;
+    PyErr_Clear();
+none:
+    Py_XDECREF(items);
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+fail:
+    Py_XDECREF(items);
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"link", (PyCFunction)(void (*)(void))link_batch, METH_FASTCALL,
      "link(...) -> (records, nodes, sessions, marks, prev, size): one batch's envelopes and hashes."},
+    {"batch_items", (PyCFunction)(void (*)(void))batch_items, METH_FASTCALL,
+     "batch_items(body, types) -> list | None: the records of an agent's batch frame, checked."},
     {NULL, NULL, 0, NULL},
 };
 

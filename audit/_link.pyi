@@ -7,3 +7,7 @@ def link(
     counters: dict[str, int], session_start: str, session_end: str, /,
 ) -> tuple[list[tuple[bytes, bytes]], bytes, list[tuple[bytes, bytes]], list[tuple[int, int]],
            bytes, int]: ...
+
+def batch_items(
+    body: bytes, types: frozenset[str], /,
+) -> list[tuple[str, str | None, int, bytes, object]] | None: ...

@@ -140,13 +140,47 @@ def _link_py(
     return records, b"".join(nodes), sessions, marks, prev, size
 
 
+def _batch_items_py(body: bytes, types: frozenset[str]) -> list[_Item] | None:
+    """The records of an agent's batch frame (msgpack ``["b", [[type, session_id, ts,
+    data], ...]]``) as the writer queues them, ``(type, session_id, ts, data, None)``; None
+    when ``body`` is anything else, holds a value of another kind or a type not in
+    ``types`` (audit/_link.c has it compiled)."""
+    if not body.startswith(b"\x92\xa1b"):
+        return None
+    try:
+        frame = msgpack.unpackb(body, raw=False)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        return None
+    if not isinstance(frame[1], list):
+        return None
+    items: list[_Item] = []
+    for record in frame[1]:
+        if not isinstance(record, list) or len(record) != 4:
+            return None
+        kind, sid, ts, data = record
+        if (not isinstance(kind, str) or kind not in types
+                or not (sid is None or isinstance(sid, str))
+                or type(ts) is not int or ts < 0 or not isinstance(data, bytes)):
+            return None
+        items.append((kind, sid, ts, data, None))
+    return items
+
+
 try:  # the same compiled (setup.py); the writer works alike without it
     if os.environ.get("RINGFENCE_IMPL") == "python":
         raise ImportError("RINGFENCE_IMPL=python")
+    from audit._link import batch_items as _batch_items
     from audit._link import link as _link
 except ImportError:  # a source tree where it was not built, or RINGFENCE_IMPL=python
     _link = _link_py
+    _batch_items = _batch_items_py
 NATIVE_LINK = _link is not _link_py
+
+
+def batch_items(body: bytes) -> list[_Item] | None:
+    """The records of an agent's batch frame ``body`` as queue items, checked: their types
+    are ones producers may emit; None when the frame is anything else (see _batch_items_py)."""
+    return _batch_items(body, _PRODUCER_TYPES)
 
 
 class _Waiter:
@@ -440,21 +474,30 @@ class AuditLog:
         one lock. While the store fails (or once closed) the rest are counted lost, not raised."""
         for item in items:
             require_producer_type(item[0])
+        self.queue_items([(type, session_id, ts, data, None) for type, session_id, ts, data in items])
+
+    def queue_items(self, items: list[_Item]) -> None:
+        """:meth:`emit_encoded_many` for items already checked and made queue items,
+        ``(type, session_id, ts, data, None)`` (see :func:`batch_items`)."""
         cond = self._cond
         queue = self._queue
         with cond:
-            for type, session_id, ts, data in items:
-                while len(queue) >= self.queue_size and self._healthy and not self._closing:
-                    self._blocked += 1
-                    cond.wait()
-                    self._blocked -= 1
-                if self._closing:
-                    return
-                if not self._healthy:
-                    self._count_lost(type, ts)
-                    continue
-                queue.append((type, session_id, ts, data, None))
-                self._accepted += 1
+            if self._healthy and not self._closing and len(queue) + len(items) <= self.queue_size:
+                queue.extend(items)  # the common case: room for all
+                self._accepted += len(items)
+            else:
+                for item in items:
+                    while len(queue) >= self.queue_size and self._healthy and not self._closing:
+                        self._blocked += 1
+                        cond.wait()
+                        self._blocked -= 1
+                    if self._closing:
+                        return
+                    if not self._healthy:
+                        self._count_lost(item[0], item[2])
+                        continue
+                    queue.append(item)
+                    self._accepted += 1
             if self._writer_idle or len(queue) >= self.batch_max_records:
                 cond.notify_all()
 
@@ -547,9 +590,10 @@ class AuditLog:
             n = min(len(self._queue), self.batch_max_records)
             q = self._queue
             batch = [q.popleft() for _ in range(n)]
-            for item in batch:
-                if item[4] is not None:
-                    self._strict_queued -= 1
+            if self._strict_queued:
+                for item in batch:
+                    if item[4] is not None:
+                        self._strict_queued -= 1
             if self._blocked:
                 cond.notify_all()
             done = self._closing and not self._queue

@@ -16,8 +16,8 @@ from tests.support.fuzz import examples
 from tests.support.native import compiled
 
 
-def native() -> Any:
-    return compiled("audit._link", "link", audit_log.NATIVE_LINK)
+def native(name: str = "link") -> Any:
+    return compiled("audit._link", name, audit_log.NATIVE_LINK)
 
 
 _WAITER = object()  # a strict record's waiter: only its presence matters here
@@ -83,3 +83,65 @@ def test_bad_items_are_errors_not_crashes() -> None:
     with pytest.raises(ValueError, match="frontier"):
         link([("query", None, 1, b"", None)], 0, b"\x00" * 32, [], 1, ENVELOPE_VERSION, {}, {},
              lambda t, s: b"", {}, SESSION_START, SESSION_END)
+
+
+# ------------------------------------------------------------- batch frames
+
+_TYPES = frozenset({"query", "result", SESSION_START})
+_fields = st.tuples(
+    st.sampled_from(["query", "result", SESSION_START, "checkpoint", "quer\u00e9"]),
+    st.one_of(st.none(), st.text(max_size=40)),
+    st.integers(0, 2**64 - 1),
+    st.binary(max_size=300),
+)
+
+
+def _frame(records: list[Any]) -> bytes:
+    return msgpack.packb(["b", [list(r) for r in records]], use_bin_type=True)
+
+
+def _twin(body: bytes) -> Any:
+    return audit_log._batch_items_py(body, _TYPES)
+
+
+@settings(max_examples=examples(1000), deadline=None)
+@given(st.lists(_fields, max_size=40))
+def test_batch_frames_read_as_python_reads_them(records: list[Any]) -> None:
+    body = _frame(records)
+    expected = [(*r, None) for r in records] if all(r[0] in _TYPES for r in records) else None
+    assert _twin(body) == expected
+    assert native("batch_items")(body, _TYPES) == expected
+
+
+@settings(max_examples=examples(2000), deadline=None)
+@given(st.lists(_fields, min_size=1, max_size=8), st.data())
+def test_damaged_batch_frames_read_as_python_reads_them(records: list[Any], data: st.DataObject) -> None:
+    body = bytearray(_frame(records))
+    for _ in range(data.draw(st.integers(1, 4))):
+        action = data.draw(st.sampled_from(["flip", "cut", "add"]))
+        at = data.draw(st.integers(0, len(body) - 1)) if body else 0
+        if action == "flip" and body:
+            body[at] = data.draw(st.integers(0, 255))
+        elif action == "cut":
+            del body[at:]
+        else:
+            body[at:at] = data.draw(st.binary(min_size=1, max_size=4))
+    assert native("batch_items")(bytes(body), _TYPES) == _twin(bytes(body))
+
+
+def test_batch_frames_of_other_kinds_are_left_to_the_general_reading() -> None:
+    batch_items = native("batch_items")
+    good = ["query", "s", 1, b"x"]
+    for body in (
+        msgpack.packb(["d", 1, "query", "s", 1, b"x"]),  # a strict record
+        msgpack.packb(["b", [good]]) + b"\x00",  # bytes left over
+        msgpack.packb(["b", [["query", "s", 1, "text, not bin"]]], use_bin_type=True),
+        msgpack.packb(["b", [["query", "s", -1, b"x"]]], use_bin_type=True),
+        msgpack.packb(["b", [["query", 7, 1, b"x"]]], use_bin_type=True),
+        msgpack.packb(["b", [good + [None]]], use_bin_type=True),
+        b"\x92\xa1b\x91\x94\xa5query\xa1\xff\x01\xc4\x00",  # a session id that is not UTF-8
+    ):
+        assert batch_items(body, _TYPES) is None
+        assert _twin(body) is None
+    with pytest.raises(TypeError):
+        batch_items(b"", ["query"])
