@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import msgpack
+
 from agent.pgconf import parse_bool
 from agent.protocols import postgres as pg
 from policy import Subject, classify_replication
@@ -99,6 +101,10 @@ class _Reused:
 
     record: dict[str, Any]  # the query record's "policy" field
     allowed: bool = True
+    encoded: bytes = field(init=False)  # the same as msgpack, for the one-step path
+
+    def __post_init__(self) -> None:
+        self.encoded = msgpack.packb(self.record, use_bin_type=True)
 
 
 _INT32 = struct.Struct("!i")
@@ -288,12 +294,13 @@ class PostgresSession:
         else:
             actions.to_server.append(event.raw)
 
-    def allowed_query(self, data: bytes) -> dict[str, Any] | None:
+    def allowed_query(self, data: bytes) -> bytes | None:
         """The common case of :meth:`client_data`, in one step: when ``data`` is one whole
         simple Query of a shape this session already allowed (see :meth:`_judge`) and
-        nothing else is under way, its query record, the session's state moved on exactly
-        as :meth:`client_data` would, and ``data`` is to go to the server as it is. None
-        for anything else, with nothing changed: then :meth:`client_data` takes it."""
+        nothing else is under way, its query record (already encoded as msgpack, which the
+        audit trail takes as it is), the session's state moved on exactly as
+        :meth:`client_data` would, and ``data`` is to go to the server as it is. None for
+        anything else, with nothing changed: then :meth:`client_data` takes it."""
         policy = self.policy
         if (policy is None or self.phase != "ready" or self.replication is not None
                 or self.record_level != "statements" or not self.frontend.between_messages
@@ -312,12 +319,13 @@ class PostgresSession:
         self._pending.append(_Pending("query", started=self.clock()))
         return record
 
-    def plain_reply(self, data: bytes) -> dict[str, Any] | None:
+    def plain_reply(self, data: bytes) -> bytes | None:
         """The common case of :meth:`server_data` for bytes already forwarded, in one step:
         when ``data`` is exactly the whole ordinary answer (rows and a CommandComplete, then
-        ReadyForQuery) to the one simple Query awaiting it, its result record, the
-        session's state moved on exactly as :meth:`server_data` would. None for anything
-        else, with nothing changed: then :meth:`server_data` takes it."""
+        ReadyForQuery) to the one simple Query awaiting it, its result record (encoded as
+        msgpack, as :meth:`allowed_query`'s), the session's state moved on exactly as
+        :meth:`server_data` would. None for anything else, with nothing changed: then
+        :meth:`server_data` takes it."""
         pending = self._pending
         if len(pending) != 1 or self.phase != "ready" or self._describes:
             return None
@@ -326,17 +334,15 @@ class PostgresSession:
                 or head.copy_bytes or head.error is not None or not self.relays_server_bytes
                 or not self.backend.at_boundary):
             return None
-        reply = _plain_reply(data, self.backend.max_message)
+        reply = _plain_reply(data, self.backend.max_message, _duration_ms(head, self.clock()))
         if reply is None:
             return None
-        tag, rows, status = reply
+        record, status = reply
         self.bytes_from_server += len(data)
         pending.popleft()
         self.transaction = status
         self._segments_done += 1
-        head.commands.append(tag)
-        head.rows = rows
-        return self._result_record(head)
+        return record
 
     def _judge(self, sql: str) -> Any:
         """The policy's decision on a statement text, or None without a policy.
@@ -795,7 +801,7 @@ class PostgresSession:
     def _result_record(self, item: _Pending, outcome: str | None = None) -> dict[str, Any]:
         """The ``result`` record of an answered request."""
         record: dict[str, Any] = {
-            "duration_ms": round((self.clock() - item.started) * 1000.0, 3),
+            "duration_ms": _duration_ms(item, self.clock()),
             "rows": item.rows + item.command_rows,
             "command_tag": item.commands[-1] if item.commands else None,
             "commands": item.commands,
@@ -978,13 +984,19 @@ def _parameters(event: pg.Bind, limit: int, types: tuple[int, ...] = ()) -> list
     return out
 
 
+def _duration_ms(item: _Pending, now: float) -> float:
+    """A result record's duration_ms: from the request to ``now``, in milliseconds."""
+    return round((now - item.started) * 1000.0, 3)
+
+
 def _allowed_query_py(
     data: bytes, reused: dict[bytes, _Reused], max_message: int, max_text: int,
     plain: Callable[[str], Any],
-) -> dict[str, Any] | None:
-    """The query record of ``data`` when it is one whole simple Query whose text is ASCII,
-    holds no NUL before its end, is at most ``max_text`` bytes and has a plain shape found
-    allowed in ``reused``; None otherwise. (agent/protocols/_pgscan.c has it compiled.)"""
+) -> bytes | None:
+    """The query record of ``data``, encoded as msgpack, when it is one whole simple Query
+    whose text is ASCII, holds no NUL before its end, is at most ``max_text`` bytes and has
+    a plain shape found allowed in ``reused``; None otherwise. (agent/protocols/_pgscan.c
+    has it compiled.)"""
     size = len(data)
     if size < 6 or data[0] != 0x51 or data[-1] != 0:
         return None
@@ -1000,18 +1012,21 @@ def _allowed_query_py(
     known = reused.get(shape[0])
     if known is None or not known.allowed:
         return None
-    return {"length": len(body), "sha256": hashlib.sha256(body).hexdigest(), "protocol": "simple",
-            "text": text, "truncated": False, "policy": known.record}
+    record: bytes = msgpack.packb({
+        "length": len(body), "sha256": hashlib.sha256(body).hexdigest(), "protocol": "simple",
+        "text": text, "truncated": False, "policy": known.record,
+    }, use_bin_type=True)
+    return record
 
 
 _allowed_query = pg.native_allowed_query or _allowed_query_py
 
 
-def _plain_reply_py(data: bytes, max_message: int) -> tuple[str, int, str] | None:
+def _plain_reply_py(data: bytes, max_message: int, duration_ms: float) -> tuple[bytes, str] | None:
     """When ``data`` is exactly an optional RowDescription, DataRows, one CommandComplete
-    with an ASCII tag and ReadyForQuery, each whole and within bounds: (tag, rows, status),
-    rows being the tag's count when it ends in one, else the DataRows; None otherwise.
-    (agent/protocols/_pgscan.c has it compiled.)"""
+    with an ASCII tag and ReadyForQuery, each whole and within bounds: its result record,
+    encoded as msgpack, and the transaction status; rows are the tag's count when it ends
+    in one, else the DataRows. None otherwise. (agent/protocols/_pgscan.c has it compiled.)"""
     size = len(data)
     unpack = _INT32.unpack_from
     pos = 0
@@ -1038,10 +1053,14 @@ def _plain_reply_py(data: bytes, max_message: int) -> tuple[str, int, str] | Non
         return None
     last = tag.rsplit(" ", 1)[-1]
     if " " in tag and last.isdigit():
-        if len(last) >= 32:
-            return None
-        return tag, int(last), status
-    return tag, rows, status
+        rows = int(last)
+        if rows >= 1 << 64:
+            return None  # more than a record's uint64 holds: the general path says so
+    record: bytes = msgpack.packb({
+        "duration_ms": duration_ms, "rows": rows, "command_tag": tag, "commands": [tag],
+        "outcome": "success",
+    }, use_bin_type=True)
+    return record, status
 
 
 _plain_reply = pg.native_plain_reply or _plain_reply_py

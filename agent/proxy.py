@@ -29,12 +29,12 @@ import secrets
 import socket
 import ssl
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, cast
 
 from agent.config import Config, ProtectedService
 from agent.pgconf import keepalive_timing
-from agent.pgsession import Actions, PostgresSession, Record
+from agent.pgsession import Actions, PostgresSession
 from agent.protocols import postgres as pg
 from agent.tls import TlsChannel, client_facing_context, upstream_context
 
@@ -50,6 +50,11 @@ HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 
 
+# A record to emit: its type and event, or the event already encoded as msgpack (the
+# session's one-step paths make it so).
+Emitted = tuple[str, dict[str, Any] | bytes]
+
+
 class AuditSink(Protocol):
     """The part of the audit log the proxy uses."""
 
@@ -58,9 +63,8 @@ class AuditSink(Protocol):
 
     def emit(self, type: str, event: dict[str, Any], *, session_id: str | None = None) -> None: ...
 
-    def emit_many(
-        self, records: list[tuple[str, dict[str, Any]]], *, session_id: str | None = None
-    ) -> None: ...
+    def emit_many(self, records: Sequence[Emitted], *, session_id: str | None = None) -> None:
+        """Queue records in order."""
 
     async def emit_durable(
         self, type: str, event: dict[str, Any], *, session_id: str | None = None
@@ -640,7 +644,7 @@ class ClientSide(asyncio.Protocol):
         self._carry_out(actions)
         self._emit(actions.records)
 
-    def _emit(self, records: list[Record]) -> bool:
+    def _emit(self, records: Sequence[Emitted]) -> bool:
         if not records:
             return True
         try:

@@ -70,6 +70,9 @@ _UINT = struct.Struct(">BQ").pack
 # the filesystem when that is less): see AuditLog._room_to_resume.
 RESUME_FREE = 16 * 1024 * 1024
 
+# What a producer emits: an event, or the same already encoded as a msgpack map.
+Event = Mapping[str, Any] | bytes
+
 # (type, session_id, ts_ns, event bytes, waiter); the waiter is None (batched),
 # a _Waiter (strict) or, for checkpoint records, the tree size they cover.
 _Item = tuple[str, str | None, int, bytes, object]
@@ -245,10 +248,15 @@ def thread_packer(tls: threading.local) -> msgpack.Packer:
     return packer
 
 
-def encode_producer_event(tls: threading.local, type: str, event: Mapping[str, Any]) -> bytes:
+def encode_producer_event(
+    tls: threading.local, type: str, event: Event | bytes,
+) -> bytes:
     """A producer's event as msgpack (one Packer per thread in ``tls``); refuses store-only
-    types (UnknownEventType) and what msgpack cannot encode (InvalidEvent)."""
+    types (UnknownEventType) and what msgpack cannot encode (InvalidEvent). An event given
+    as bytes is one its producer already encoded (a msgpack map), taken as it is."""
     require_producer_type(type)
+    if isinstance(event, bytes):
+        return event
     packer = thread_packer(tls)
     try:
         data: bytes = packer.pack(event)
@@ -394,19 +402,19 @@ class AuditLog:
         """Whether the store is writing (False while failing or after close)."""
         return self._healthy and not self._closing
 
-    def emit(self, type: str, event: Mapping[str, Any], *, session_id: str | None = None) -> None:
+    def emit(self, type: str, event: Event, *, session_id: str | None = None) -> None:
         """Queue a record (batched durability); blocks while the queue is full."""
         self._put(type, event, session_id, None)
 
     def emit_many(
-        self, records: Sequence[tuple[str, Mapping[str, Any]]], *, session_id: str | None = None
+        self, records: Sequence[tuple[str, Event]], *, session_id: str | None = None
     ) -> None:
         """:meth:`emit` for several records of one session, in order."""
         for type, event in records:
             self._put(type, event, session_id, None)
 
     async def emit_durable(
-        self, type: str, event: Mapping[str, Any], *, session_id: str | None = None
+        self, type: str, event: Event, *, session_id: str | None = None
     ) -> int:
         """Queue a record and return its seq once its commit is on disk (strict durability)."""
         waiter = _Waiter(asyncio.get_running_loop())
@@ -414,7 +422,7 @@ class AuditLog:
         assert waiter.future is not None
         return await waiter.future
 
-    def emit_durable_sync(self, type: str, event: Mapping[str, Any], *, session_id: str | None = None) -> int:
+    def emit_durable_sync(self, type: str, event: Event, *, session_id: str | None = None) -> int:
         """emit_durable for callers outside an event loop: blocks until the commit is on disk."""
         waiter = _Waiter()
         self._put(type, event, session_id, waiter)
@@ -456,7 +464,7 @@ class AuditLog:
     # ------------------------------------------------------------ producers
 
     def _put(
-        self, type: str, event: Mapping[str, Any], session_id: str | None, waiter: _Waiter | None
+        self, type: str, event: Event, session_id: str | None, waiter: _Waiter | None
     ) -> None:
         data = encode_producer_event(self._tls, type, event)
         self._enqueue(type, session_id, time.time_ns(), data, waiter)

@@ -54,6 +54,7 @@ import msgpack
 from audit.errors import AuditUnavailable, InvalidEvent
 from audit.log import (
     AuditLog,
+    Event,
     _Waiter,
     batch_items,
     encode_producer_event,
@@ -140,7 +141,7 @@ class AuditProcess:
         self.on_gone: Callable[[str], None] | None = None
         self._lock = threading.Lock()  # the outgoing buffer and the socket
         # Batched records not yet sent, encoded when their batch is.
-        self._unencoded: list[tuple[str, str | None, int, Mapping[str, Any]]] = []
+        self._unencoded: list[tuple[str, str | None, int, Event]] = []
         self._flush_loop: asyncio.AbstractEventLoop | None = None  # where a send is scheduled
         # The timer that sends the batch if no later record does (None once a send is due).
         self._flush_timer: asyncio.TimerHandle | None = None
@@ -199,7 +200,7 @@ class AuditProcess:
         """Whether the store is writing (False while failing, after close or without a writer)."""
         return self._healthy and not self._closing
 
-    def emit(self, type: str, event: Mapping[str, Any], *, session_id: str | None = None) -> None:
+    def emit(self, type: str, event: Event, *, session_id: str | None = None) -> None:
         """Queue a record (batched durability); raises AuditUnavailable while the store fails.
 
         On the event loop's thread the event is kept as it is and encoded together with the
@@ -211,7 +212,7 @@ class AuditProcess:
         self.emit_many(((type, event),), session_id=session_id)
 
     def emit_many(
-        self, records: Sequence[tuple[str, Mapping[str, Any]]], *, session_id: str | None = None
+        self, records: Sequence[tuple[str, Event]], *, session_id: str | None = None
     ) -> None:
         """:meth:`emit` for several records of one session, in order, in one call."""
         for type, _ in records:
@@ -250,7 +251,7 @@ class AuditProcess:
             raise AuditUnavailable(f"audit store is failing: {failure}")
 
     async def emit_durable(
-        self, type: str, event: Mapping[str, Any], *, session_id: str | None = None
+        self, type: str, event: Event, *, session_id: str | None = None
     ) -> int:
         """Queue a record and return its seq once its commit is on disk (strict durability)."""
         waiter = _Waiter(asyncio.get_running_loop())
@@ -259,7 +260,7 @@ class AuditProcess:
         return await waiter.future
 
     def emit_durable_sync(
-        self, type: str, event: Mapping[str, Any], *, session_id: str | None = None
+        self, type: str, event: Event, *, session_id: str | None = None
     ) -> int:
         """emit_durable for callers outside an event loop: blocks until the commit is on disk."""
         waiter = _Waiter()
@@ -305,10 +306,10 @@ class AuditProcess:
 
     # --------------------------------------------------------------- inside
 
-    def _encode(self, type: str, event: Mapping[str, Any]) -> bytes:
+    def _encode(self, type: str, event: Event) -> bytes:
         return encode_producer_event(self._tls, type, event)
 
-    def _item(self, type: str, session_id: str | None, ts: int, event: Mapping[str, Any]) -> bytes:
+    def _item(self, type: str, session_id: str | None, ts: int, event: Event) -> bytes:
         """One record of a batch frame, ``[type, session_id, ts, event]`` packed."""
         try:
             data = self._encode(type, event)
@@ -333,7 +334,7 @@ class AuditProcess:
         return loop
 
     def _strict(
-        self, type: str, event: Mapping[str, Any], session_id: str | None, waiter: _Waiter
+        self, type: str, event: Event, session_id: str | None, waiter: _Waiter
     ) -> None:
         data = self._encode(type, event)
         with self._lock:
@@ -371,8 +372,10 @@ class AuditProcess:
             pack = packer.pack
             parts = []
             for record in taken:
+                event = record[3]
                 try:
-                    parts.append(pack((record[0], record[1], record[2], pack(record[3]))))
+                    data = event if event.__class__ is bytes else pack(event)
+                    parts.append(pack((record[0], record[1], record[2], data)))
                 except (TypeError, ValueError, OverflowError):
                     packer.reset()
                     parts.append(self._item(*record))  # says what it could not encode

@@ -10,23 +10,24 @@
  * at one whose length is below 4 (invalid: the caller's general path reports
  * it), or at the end of ``data``. Nothing is copied and nothing is decoded.
  *
- * allowed_query(data, reused, max_message, max_text, plain) -> dict | None
+ * allowed_query(data, reused, max_message, max_text, plain) -> bytes | None
  *
  * The query record of ``data`` when it is exactly one whole simple Query
  * message whose text is ASCII, holds no NUL before its end, is at most
  * ``max_text`` bytes and has a plain shape (``plain(text)`` returns a tuple
  * whose first item is the key) found in the dict ``reused`` with a true
  * ``allowed``; None for anything else. The record is the one the session
- * builds: length, sha256 (of the text), protocol, text, truncated, and
- * ``policy`` the entry's ``record``.
+ * builds, already encoded as msgpack: length, sha256 (of the text), protocol,
+ * text, truncated, and ``policy`` the entry's ``encoded`` (msgpack) record.
  *
- * plain_reply(data, max_message) -> (tag, rows, status) | None
+ * plain_reply(data, max_message, duration_ms) -> (record, status) | None
  *
  * When ``data`` is exactly the commonest answer to a simple Query: an optional
  * RowDescription, any DataRows, one CommandComplete whose tag is ASCII, then
- * ReadyForQuery, each whole and within bounds: the tag, the rows the statement
- * returned (the tag's count when it ends in one, else the DataRows counted)
- * and the transaction status; None for anything else.
+ * ReadyForQuery, each whole and within bounds: the statement's result record,
+ * encoded as msgpack (duration_ms, rows: the tag's count when it ends in one,
+ * else the DataRows counted; command_tag, commands, outcome), and the
+ * transaction status; None for anything else.
  *
  * agent/protocols/postgres.py (datarows) and agent/pgsession.py
  * (allowed_query, plain_reply) have the same in Python, used when this module
@@ -42,15 +43,72 @@
 /* Fetched once: with OpenSSL 3, EVP_sha256() looks the digest up again on every use. */
 static EVP_MD *sha256_md;
 
-/* Names made once: the record's keys, the entry's attributes, "simple". */
-static PyObject *s_length, *s_sha256, *s_protocol, *s_text, *s_truncated, *s_policy;
-static PyObject *s_allowed, *s_record, *s_simple;
+/* Names made once: the entry's attributes. */
+static PyObject *s_allowed, *s_encoded;
 
 static uint32_t
 length_at(const unsigned char *p)
 {
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | (uint32_t)p[3];
 }
+
+/* msgpack writers, in the forms msgpack's Packer picks (the smallest that holds the
+ * value), so that an event written here is byte for byte the one Packer would make. */
+static unsigned char *
+put_be(unsigned char *q, uint64_t v, int width)
+{
+    for (int i = width - 1; i >= 0; i--) {
+        q[i] = (unsigned char)(v & 0xff);
+        v >>= 8;
+    }
+    return q + width;
+}
+
+static unsigned char *
+put_uint(unsigned char *q, uint64_t v)
+{
+    if (v < 0x80) {
+        *q++ = (unsigned char)v;
+        return q;
+    }
+    if (v <= 0xff) {
+        *q++ = 0xCC;
+        return put_be(q, v, 1);
+    }
+    if (v <= 0xffff) {
+        *q++ = 0xCD;
+        return put_be(q, v, 2);
+    }
+    if (v <= 0xffffffffu) {
+        *q++ = 0xCE;
+        return put_be(q, v, 4);
+    }
+    *q++ = 0xCF;
+    return put_be(q, v, 8);
+}
+
+static unsigned char *
+put_str(unsigned char *q, const void *text, size_t n)
+{
+    if (n < 32) {
+        *q++ = (unsigned char)(0xA0 | n);
+    } else if (n <= 0xff) {
+        *q++ = 0xD9;
+        q = put_be(q, n, 1);
+    } else if (n <= 0xffff) {
+        *q++ = 0xDA;
+        q = put_be(q, n, 2);
+    } else {
+        *q++ = 0xDB;
+        q = put_be(q, n, 4);
+    }
+    memcpy(q, text, n);
+    return q + n;
+}
+
+#define PUT_KEY(q, key) put_str((q), (key), sizeof(key) - 1)
+/* The most a str header or an unsigned int takes. */
+#define HEAD_MAX 9
 
 /* The (data, n) arguments of datarows and plain_reply: a buffer on data, and n. */
 static int
@@ -102,8 +160,8 @@ allowed_query(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_buffer view;
     Py_ssize_t size, n, i, max_message, max_text;
     const unsigned char *p;
-    PyObject *text = NULL, *shape = NULL, *known, *allowed = NULL, *policy = NULL;
-    PyObject *record = NULL, *value;
+    PyObject *shape = NULL, *known, *allowed = NULL, *policy = NULL, *record = NULL, *text;
+    unsigned char *q;
     unsigned char digest[EVP_MAX_MD_SIZE];
     char hex[2 * EVP_MAX_MD_SIZE];
     unsigned int dlen = 0;
@@ -146,6 +204,7 @@ allowed_query(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (text == NULL)
         goto fail;
     shape = PyObject_CallOneArg(args[4], text);
+    Py_DECREF(text);
     if (shape == NULL)
         goto fail;
     if (!PyTuple_Check(shape) || PyTuple_GET_SIZE(shape) < 1)
@@ -164,9 +223,13 @@ allowed_query(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto fail;
     if (!truth)
         goto none;
-    policy = PyObject_GetAttr(known, s_record);
+    policy = PyObject_GetAttr(known, s_encoded);
     if (policy == NULL)
         goto fail;
+    if (!PyBytes_Check(policy)) {
+        PyErr_SetString(PyExc_TypeError, "allowed_query: an entry's encoded record must be bytes");
+        goto fail;
+    }
     if (EVP_Digest(p + 5, (size_t)n, digest, &dlen, sha256_md, NULL) != 1) {
         PyErr_SetString(PyExc_RuntimeError, "allowed_query: SHA-256 failed in OpenSSL");
         goto fail;
@@ -175,28 +238,28 @@ allowed_query(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         hex[2 * i] = "0123456789abcdef"[digest[i] >> 4];
         hex[2 * i + 1] = "0123456789abcdef"[digest[i] & 15];
     }
-    record = PyDict_New();
+    /* The session's record (agent/pgsession.py, _query_record), keys in its order. */
+    record = PyBytes_FromStringAndSize(NULL, 64 + 3 * HEAD_MAX + 2 * (Py_ssize_t)dlen + n
+                                             + PyBytes_GET_SIZE(policy));
     if (record == NULL)
         goto fail;
-    /* The session's order (agent/pgsession.py, _query_record): msgpack keeps it. */
-    value = PyLong_FromSsize_t(n);
-    if (value == NULL || PyDict_SetItem(record, s_length, value) < 0) {
-        Py_XDECREF(value);
+    q = (unsigned char *)PyBytes_AS_STRING(record);
+    *q++ = 0x86;
+    q = PUT_KEY(q, "length");
+    q = put_uint(q, (uint64_t)n);
+    q = PUT_KEY(q, "sha256");
+    q = put_str(q, hex, 2 * (size_t)dlen);
+    q = PUT_KEY(q, "protocol");
+    q = PUT_KEY(q, "simple");
+    q = PUT_KEY(q, "text");
+    q = put_str(q, p + 5, (size_t)n);
+    q = PUT_KEY(q, "truncated");
+    *q++ = 0xC2;
+    q = PUT_KEY(q, "policy");
+    memcpy(q, PyBytes_AS_STRING(policy), (size_t)PyBytes_GET_SIZE(policy));
+    q += PyBytes_GET_SIZE(policy);
+    if (_PyBytes_Resize(&record, (Py_ssize_t)(q - (unsigned char *)PyBytes_AS_STRING(record))) < 0)
         goto fail;
-    }
-    Py_DECREF(value);
-    value = PyUnicode_DecodeASCII(hex, 2 * (Py_ssize_t)dlen, "strict");
-    if (value == NULL || PyDict_SetItem(record, s_sha256, value) < 0) {
-        Py_XDECREF(value);
-        goto fail;
-    }
-    Py_DECREF(value);
-    if (PyDict_SetItem(record, s_protocol, s_simple) < 0
-        || PyDict_SetItem(record, s_text, text) < 0
-        || PyDict_SetItem(record, s_truncated, Py_False) < 0
-        || PyDict_SetItem(record, s_policy, policy) < 0)
-        goto fail;
-    Py_DECREF(text);
     Py_DECREF(shape);
     Py_DECREF(allowed);
     Py_DECREF(policy);
@@ -204,14 +267,12 @@ allowed_query(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return record;
 
 none:
-    Py_XDECREF(text);
     Py_XDECREF(shape);
     Py_XDECREF(allowed);
     PyBuffer_Release(&view);
     Py_RETURN_NONE;
 
 fail:
-    Py_XDECREF(text);
     Py_XDECREF(shape);
     Py_XDECREF(allowed);
     Py_XDECREF(policy);
@@ -226,13 +287,23 @@ plain_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_buffer view;
     Py_ssize_t size, pos = 0, rows = 0, max_message, end, i, tag_len, space = -1;
     const unsigned char *p, *tag;
-    PyObject *result = NULL, *count = NULL;
+    PyObject *event;
+    unsigned char *q;
     uint32_t length;
+    uint64_t count, bits;
+    double duration;
     char status;
     int counted;
 
     (void)module;
-    if (data_and_size(args, nargs, "plain_reply(data, max_message)", &view, &max_message) < 0)
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "plain_reply(data, max_message, duration_ms) takes 3 arguments");
+        return NULL;
+    }
+    duration = PyFloat_AsDouble(args[2]);
+    if (duration == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (data_and_size(args, 2, "plain_reply(data, max_message, duration_ms)", &view, &max_message) < 0)
         return NULL;
     p = (const unsigned char *)view.buf;
     size = view.len;
@@ -278,21 +349,39 @@ plain_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (tag[i] < '0' || tag[i] > '9')
             counted = 0;
     }
+    count = (uint64_t)rows;
     if (counted) {
-        char digits[32];
-        if (tag_len - space - 1 >= (Py_ssize_t)sizeof(digits))
-            goto none;
-        memcpy(digits, tag + space + 1, (size_t)(tag_len - space - 1));
-        digits[tag_len - space - 1] = 0;
-        count = PyLong_FromString(digits, NULL, 10);
-    } else {
-        count = PyLong_FromSsize_t(rows);
+        count = 0;
+        for (i = space + 1; i < tag_len; i++) {
+            uint64_t digit = (uint64_t)(tag[i] - '0');
+            if (count > (UINT64_MAX - digit) / 10)
+                goto none; /* more than a record's uint64 holds: the general path says so */
+            count = count * 10 + digit;
+        }
     }
-    if (count == NULL)
+    /* The result record (agent/pgsession.py, _result_record), keys in its order. */
+    event = PyBytes_FromStringAndSize(NULL, 80 + 2 * (HEAD_MAX + tag_len));
+    if (event == NULL)
         goto fail;
-    result = Py_BuildValue("(s#NC)", (const char *)tag, tag_len, count, (int)status);
+    q = (unsigned char *)PyBytes_AS_STRING(event);
+    *q++ = 0x85;
+    q = PUT_KEY(q, "duration_ms");
+    *q++ = 0xCB;
+    memcpy(&bits, &duration, sizeof bits);
+    q = put_be(q, bits, 8);
+    q = PUT_KEY(q, "rows");
+    q = put_uint(q, count);
+    q = PUT_KEY(q, "command_tag");
+    q = put_str(q, tag, (size_t)tag_len);
+    q = PUT_KEY(q, "commands");
+    *q++ = 0x91;
+    q = put_str(q, tag, (size_t)tag_len);
+    q = PUT_KEY(q, "outcome");
+    q = PUT_KEY(q, "success");
     PyBuffer_Release(&view);
-    return result;
+    if (_PyBytes_Resize(&event, (Py_ssize_t)(q - (unsigned char *)PyBytes_AS_STRING(event))) < 0)
+        return NULL;
+    return Py_BuildValue("(NC)", event, (int)status);
 
 none:
     PyBuffer_Release(&view);
@@ -307,11 +396,11 @@ static PyMethodDef methods[] = {
     {"datarows", (PyCFunction)(void (*)(void))datarows, METH_FASTCALL,
      "datarows(data, pos) -> (end, rows, row_bytes): the run of whole DataRow messages at pos."},
     {"allowed_query", (PyCFunction)(void (*)(void))allowed_query, METH_FASTCALL,
-     "allowed_query(data, reused, max_message, max_text, plain) -> dict | None: the record of "
-     "a lone Query whose shape the session already allowed."},
+     "allowed_query(data, reused, max_message, max_text, plain) -> bytes | None: the record "
+     "(msgpack) of a lone Query whose shape the session already allowed."},
     {"plain_reply", (PyCFunction)(void (*)(void))plain_reply, METH_FASTCALL,
-     "plain_reply(data, max_message) -> (tag, rows, status) | None: a whole ordinary answer to a "
-     "simple Query."},
+     "plain_reply(data, max_message, duration_ms) -> (record, status) | None: the result record "
+     "(msgpack) of a whole ordinary answer to a simple Query."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -324,19 +413,10 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__pgscan(void)
 {
-    if (s_simple == NULL) {
-        s_length = PyUnicode_InternFromString("length");
-        s_sha256 = PyUnicode_InternFromString("sha256");
-        s_protocol = PyUnicode_InternFromString("protocol");
-        s_text = PyUnicode_InternFromString("text");
-        s_truncated = PyUnicode_InternFromString("truncated");
-        s_policy = PyUnicode_InternFromString("policy");
+    if (s_encoded == NULL) {
         s_allowed = PyUnicode_InternFromString("allowed");
-        s_record = PyUnicode_InternFromString("record");
-        s_simple = PyUnicode_InternFromString("simple");
-        if (s_length == NULL || s_sha256 == NULL || s_protocol == NULL || s_text == NULL
-            || s_truncated == NULL || s_policy == NULL || s_allowed == NULL || s_record == NULL
-            || s_simple == NULL)
+        s_encoded = PyUnicode_InternFromString("encoded");
+        if (s_allowed == NULL || s_encoded == NULL)
             return NULL;
     }
     if (sha256_md == NULL) {

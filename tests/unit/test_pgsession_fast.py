@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -36,6 +37,12 @@ def msg(kind: bytes, body: bytes) -> bytes:
 REPLY = (msg(b"T", struct.pack("!h", 1) + b"abalance\x00" + struct.pack("!ihihih", 0, 0, 23, 4, -1, 0))
          + msg(b"D", struct.pack("!hi", 1, 2) + b"-1") + msg(b"C", b"SELECT 1\x00") + msg(b"Z", b"I"))
 ERROR = msg(b"E", b"SERROR\x00C42P01\x00Mno such table\x00\x00") + msg(b"Z", b"I")
+
+
+def encoded(records: list[tuple[str, Any]]) -> list[tuple[str, bytes]]:
+    """Records as the audit trail stores their events: msgpack, as the writer gets them."""
+    return [(t, e if isinstance(e, bytes) else msgpack.packb(e, use_bin_type=True))
+            for t, e in records]
 
 
 def ready(policy: Any = POLICY) -> PostgresSession:
@@ -88,7 +95,8 @@ def answer(tag: bytes, rows: int, status: bytes = b"I", described: bool = True) 
 # and any of them cut anywhere.
 _tags = st.one_of(
     st.sampled_from([b"SELECT 1", b"SELECT 0", b"INSERT 0 5", b"BEGIN", b"SET", b"SELECT ",
-                     b"SELECT 00012", b"FETCH 99999999999999999999999999999999999", b"X \xc3\xa9 2",
+                     b"SELECT 00012", b"FETCH 99999999999999999999999999999999999",
+                     b"FETCH 18446744073709551615", b"FETCH 18446744073709551616", b"X \xc3\xa9 2",
                      b"", b"SELECT 1\x00junk"]),
     st.binary(max_size=12),
 )
@@ -119,7 +127,7 @@ def feed_server(fast: PostgresSession, general: PostgresSession, chunks: list[by
             a = fast.server_data(chunk, forwarded=forwarded)
             assert (a.to_client, a.records) == (b.to_client, b.records)
         else:
-            assert b.to_client == [] and [("result", record)] == b.records
+            assert b.to_client == [] and [("result", record)] == encoded(b.records)
         assert state(fast) == state(general)
 
 
@@ -142,7 +150,7 @@ def test_same_session_either_way(steps: list[tuple[bytes, list[bytes]]]) -> None
             fast_out, fast_records = [chunk], [("query", record)]
         b = general.client_data(chunk)
         assert fast_out == b.to_server
-        assert fast_records == b.records + b.durable
+        assert encoded(fast_records) == encoded(b.records + b.durable)
         assert state(fast) == state(general)
         if b.close:
             return
@@ -159,13 +167,16 @@ def test_taken_for_a_shape_already_allowed_and_not_before() -> None:
     s.client_data(first)
     s.server_data(REPLY)
     again = pg.query_message("SELECT abalance FROM pgbench_accounts WHERE aid = 73;")
-    record = s.allowed_query(again)
-    assert record is not None
+    encoded_query = s.allowed_query(again)
+    assert encoded_query is not None
+    record = msgpack.unpackb(encoded_query)
     assert record["text"] == "SELECT abalance FROM pgbench_accounts WHERE aid = 73;"
     assert record["policy"]["effect"] == "allow"
     assert [p.kind for p in s._pending] == ["query"]
-    result = s.plain_reply(REPLY)
-    assert result is not None and result["rows"] == 1 and result["command_tag"] == "SELECT 1"
+    encoded_result = s.plain_reply(REPLY)
+    assert encoded_result is not None
+    result = msgpack.unpackb(encoded_result)
+    assert result["rows"] == 1 and result["command_tag"] == "SELECT 1"
     assert not s._pending and s.transaction == "I"
 
 
@@ -222,19 +233,32 @@ def test_compiled_step_passes_errors_on() -> None:
 
 @settings(max_examples=examples(2000), deadline=None)
 @given(st.one_of(_answers, _answers.map(lambda a: a[:-1]), st.binary(max_size=40)),
-       st.integers(0, 100))
-def test_compiled_reply_step_answers_as_python(data: bytes, max_message: int) -> None:
+       st.integers(0, 100), st.floats())
+def test_compiled_reply_step_answers_as_python(data: bytes, max_message: int,
+                                               duration: float) -> None:
     plain_reply = native("plain_reply")
     for limit in (MAX_MESSAGE, max_message):
-        assert plain_reply(data, limit) == _plain_reply_py(data, limit)
+        assert plain_reply(data, limit, duration) == _plain_reply_py(data, limit, duration)
 
 
 def test_reply_step_counts() -> None:
     """The tag's count when it has one, else the rows; the status as the server sent it."""
     plain_reply = native("plain_reply")
+
+    def read(answer: bytes) -> Any:
+        out = step(answer, MAX_MESSAGE, 1.5)
+        if out is None:
+            return None
+        record = msgpack.unpackb(out[0])
+        assert record["duration_ms"] == 1.5 and record["outcome"] == "success"
+        assert record["commands"] == [record["command_tag"]]
+        return record["command_tag"], record["rows"], out[1]
+
     for step in (plain_reply, _plain_reply_py):
-        assert step(answer(b"SELECT 3", 3), MAX_MESSAGE) == ("SELECT 3", 3, "I")
-        assert step(answer(b"INSERT 0 5", 0, b"T", False), MAX_MESSAGE) == ("INSERT 0 5", 5, "T")
-        assert step(answer(b"SHOW", 2), MAX_MESSAGE) == ("SHOW", 2, "I")
-        assert step(answer(b"SELECT 1", 1) + b"x", MAX_MESSAGE) is None
-        assert step(ERROR, MAX_MESSAGE) is None
+        assert read(answer(b"SELECT 3", 3)) == ("SELECT 3", 3, "I")
+        assert read(answer(b"INSERT 0 5", 0, b"T", False)) == ("INSERT 0 5", 5, "T")
+        assert read(answer(b"SHOW", 2)) == ("SHOW", 2, "I")
+        assert read(answer(b"FETCH 18446744073709551615", 0)) == ("FETCH 18446744073709551615", 2**64 - 1, "I")
+        assert read(answer(b"FETCH 18446744073709551616", 0)) is None  # left to the general path
+        assert read(answer(b"SELECT 1", 1) + b"x") is None
+        assert read(ERROR) is None
