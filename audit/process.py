@@ -4,7 +4,8 @@
 (``emit``, ``emit_durable``, ``emit_durable_sync``, ``flush``, ``close``,
 ``healthy``, ``failure``) and runs the :class:`AuditLog` itself in a child
 (``python -m audit.process``). The agent encodes each event with msgpack as
-before; records emitted on the event loop thread are sent together, about
+before, unless it comes already encoded (bytes: the PostgreSQL session's one-step
+paths write theirs so); records emitted on the event loop thread are sent together, about
 1 ms after the first of them and at most 5 ms (see ``SEND_DELAY_NS``), so that
 the writer wakes once per batch rather than once per loop turn; records from
 other threads, and strict records (with everything batched before them), go
@@ -13,7 +14,8 @@ socket pair, each frame is a 4-byte big-endian length and a msgpack array:
 
 agent → writer: ``["b", [[type, session_id, ts_ns, event], ...]]`` batched
 records; ``["d", id, type, session_id, ts_ns, event]`` a strict record;
-``["f", id]`` flush; ``["c"]`` close.
+``["f", id]`` flush; ``["c"]`` close. The writer reads batch frames into its queue in
+one compiled step (``audit.log.batch_items``) and anything else with msgpack.
 
 writer → agent: ``["ready"]`` or ``["error", message]`` once at start;
 ``["r", id, seq, error]`` a strict record committed (or not);
