@@ -97,7 +97,8 @@ _fields = st.tuples(
 
 
 def _frame(records: list[Any]) -> bytes:
-    return msgpack.packb(["b", [list(r) for r in records]], use_bin_type=True)
+    body: bytes = msgpack.packb(["b", [list(r) for r in records]], use_bin_type=True)
+    return body
 
 
 def _twin(body: bytes) -> Any:
