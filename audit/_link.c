@@ -27,15 +27,17 @@
  * waiter is not None, the last leaf and the new size. Keys are seq as 8
  * big-endian bytes.
  *
- * batch_items(body, types) reads the commonest frame the writer receives, an agent's
- * batch of records, straight into queue items (see its comment below); its Python twin
- * is audit.log._batch_items_py.
+ * batch_frame(records, pack) writes an agent's batch of records as the frame the
+ * writer receives, and batch_items(body, types) reads it straight into the writer's
+ * queue items (see their comments below); their Python twins are in audit/log.py.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
 #include <openssl/evp.h>
+
+#include "_msgpack.h"
 
 #define HASH 32
 #define HEAD 22
@@ -556,9 +558,122 @@ fail:
     return NULL;
 }
 
+/* batch_frame(records, pack) -> bytes
+ *
+ * The agent's batch frame, msgpack ["b", [[type, session_id, ts, data], ...]], of
+ * ``records`` (type, session_id, ts, event): data is the event itself when it is bytes
+ * (already encoded), else ``pack(event)``. Byte for byte what msgpack's Packer makes of
+ * the same (audit.log._batch_frame_py); errors from ``pack`` and values of other kinds
+ * are raised. */
+static PyObject *
+batch_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *records, *pack, *datas = NULL, *frame = NULL;
+    Py_ssize_t count, i, size = 3 + 5;
+    unsigned char *q;
+
+    (void)module;
+    if (nargs != 2 || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "batch_frame(records, pack) takes a list and a callable");
+        return NULL;
+    }
+    records = args[0];
+    pack = args[1];
+    count = PyList_GET_SIZE(records);
+    datas = PyList_New(count);
+    if (datas == NULL)
+        return NULL;
+    /* First the events' bytes and the frame's size, then the frame. */
+    for (i = 0; i < count; i++) {
+        PyObject *record = PyList_GET_ITEM(records, i), *type, *sid, *data;
+        Py_ssize_t len;
+        if (!PyTuple_Check(record) || PyTuple_GET_SIZE(record) != 4) {
+            PyErr_SetString(PyExc_TypeError, "batch_frame: records are 4-tuples");
+            goto done;
+        }
+        type = PyTuple_GET_ITEM(record, 0);
+        sid = PyTuple_GET_ITEM(record, 1);
+        if (!PyUnicode_Check(type) || (sid != Py_None && !PyUnicode_Check(sid))) {
+            PyErr_SetString(PyExc_TypeError, "batch_frame: type and session id are str");
+            goto done;
+        }
+        data = PyTuple_GET_ITEM(record, 3);
+        if (PyBytes_CheckExact(data)) {
+            Py_INCREF(data);
+        } else {
+            data = PyObject_CallOneArg(pack, data);
+            if (data == NULL)
+                goto done;
+            if (!PyBytes_Check(data)) {
+                Py_DECREF(data);
+                PyErr_SetString(PyExc_TypeError, "batch_frame: pack must return bytes");
+                goto done;
+            }
+        }
+        PyList_SET_ITEM(datas, i, data);
+        if (PyUnicode_AsUTF8AndSize(type, &len) == NULL)
+            goto done;
+        size += 1 + 3 * HEAD_MAX + len + PyBytes_GET_SIZE(data);
+        if (sid != Py_None) {
+            if (PyUnicode_AsUTF8AndSize(sid, &len) == NULL)
+                goto done;
+            size += len;
+        }
+    }
+    frame = PyBytes_FromStringAndSize(NULL, size);
+    if (frame == NULL)
+        goto done;
+    q = (unsigned char *)PyBytes_AS_STRING(frame);
+    *q++ = 0x92;
+    *q++ = 0xA1;
+    *q++ = 'b';
+    if (count < 16) {
+        *q++ = (unsigned char)(0x90 | count);
+    } else if (count <= 0xffff) {
+        *q++ = 0xDC;
+        q = put_be(q, (uint64_t)count, 2);
+    } else {
+        *q++ = 0xDD;
+        q = put_be(q, (uint64_t)count, 4);
+    }
+    for (i = 0; i < count; i++) {
+        PyObject *record = PyList_GET_ITEM(records, i), *sid, *data;
+        const char *text;
+        Py_ssize_t len;
+        uint64_t ts;
+        sid = PyTuple_GET_ITEM(record, 1);
+        data = PyList_GET_ITEM(datas, i);
+        ts = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(record, 2));
+        if (ts == (uint64_t)-1 && PyErr_Occurred())
+            goto fail;
+        *q++ = 0x94;
+        text = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(record, 0), &len);
+        q = put_str(q, text, (size_t)len);
+        if (sid == Py_None) {
+            *q++ = 0xC0;
+        } else {
+            text = PyUnicode_AsUTF8AndSize(sid, &len);
+            q = put_str(q, text, (size_t)len);
+        }
+        q = put_uint(q, ts);
+        q = put_raw(q, PyBytes_AS_STRING(data), (size_t)PyBytes_GET_SIZE(data), 1);
+    }
+    if (_PyBytes_Resize(&frame, (Py_ssize_t)(q - (unsigned char *)PyBytes_AS_STRING(frame))) < 0)
+        goto done;
+    goto done;
+
+fail:
+    Py_CLEAR(frame);
+done:
+    Py_DECREF(datas);
+    return frame;
+}
+
 static PyMethodDef methods[] = {
     {"link", (PyCFunction)(void (*)(void))link_batch, METH_FASTCALL,
      "link(...) -> (records, nodes, sessions, marks, prev, size): one batch's envelopes and hashes."},
+    {"batch_frame", (PyCFunction)(void (*)(void))batch_frame, METH_FASTCALL,
+     "batch_frame(records, pack) -> bytes: an agent's batch frame of records."},
     {"batch_items", (PyCFunction)(void (*)(void))batch_items, METH_FASTCALL,
      "batch_items(body, types) -> list | None: the records of an agent's batch frame, checked."},
     {NULL, NULL, 0, NULL},

@@ -1,4 +1,5 @@
 from collections.abc import Callable, Sequence
+from typing import Any
 
 def link(
     batch: Sequence[tuple[str, str | None, int, bytes, object]], seq: int, prev: bytes,
@@ -11,3 +12,7 @@ def link(
 def batch_items(
     body: bytes, types: frozenset[str], /,
 ) -> list[tuple[str, str | None, int, bytes, object]] | None: ...
+
+def batch_frame(
+    records: list[tuple[str, str | None, int, Any]], pack: Callable[[Any], bytes], /,
+) -> bytes: ...

@@ -143,6 +143,26 @@ def _link_py(
     return records, b"".join(nodes), sessions, marks, prev, size
 
 
+def array_header(count: int) -> bytes:
+    """msgpack's header of an array of ``count`` items."""
+    if count < 16:
+        return bytes((0x90 | count,))
+    if count < 0x10000:
+        return b"\xdc" + count.to_bytes(2, "big")
+    return b"\xdd" + count.to_bytes(4, "big")
+
+
+def _batch_frame_py(
+    records: list[tuple[str, str | None, int, Any]], pack: Callable[[Any], bytes], /,
+) -> bytes:
+    """The agent's batch frame (msgpack ``["b", [[type, session_id, ts, data], ...]]``) of
+    ``records`` (type, session_id, ts, event): data is the event when it is bytes (already
+    encoded), else ``pack(event)`` (audit/_link.c has it compiled)."""
+    items = [pack((type, sid, ts, event if event.__class__ is bytes else pack(event)))
+             for type, sid, ts, event in records]
+    return b"\x92\xa1b" + array_header(len(records)) + b"".join(items)
+
+
 def _batch_items_py(body: bytes, types: frozenset[str]) -> list[_Item] | None:
     """The records of an agent's batch frame (msgpack ``["b", [[type, session_id, ts,
     data], ...]]``) as the writer queues them, ``(type, session_id, ts, data, None)``; None
@@ -172,11 +192,13 @@ def _batch_items_py(body: bytes, types: frozenset[str]) -> list[_Item] | None:
 try:  # the same compiled (setup.py); the writer works alike without it
     if os.environ.get("RINGFENCE_IMPL") == "python":
         raise ImportError("RINGFENCE_IMPL=python")
+    from audit._link import batch_frame as batch_frame
     from audit._link import batch_items as _batch_items
     from audit._link import link as _link
 except ImportError:  # a source tree where it was not built, or RINGFENCE_IMPL=python
     _link = _link_py
     _batch_items = _batch_items_py
+    batch_frame = _batch_frame_py
 NATIVE_LINK = _link is not _link_py
 
 
@@ -412,6 +434,10 @@ class AuditLog:
         """:meth:`emit` for several records of one session, in order."""
         for type, event in records:
             self._put(type, event, session_id, None)
+
+    def emit_packed(self, type: str, data: bytes, session_id: str | None) -> None:
+        """:meth:`emit` of an event already encoded (a msgpack map)."""
+        self._put(type, data, session_id, None)
 
     async def emit_durable(
         self, type: str, event: Event, *, session_id: str | None = None

@@ -55,9 +55,12 @@ import msgpack
 
 from audit.errors import AuditUnavailable, InvalidEvent
 from audit.log import (
+    _PRODUCER_TYPES,
     AuditLog,
     Event,
     _Waiter,
+    array_header,
+    batch_frame,
     batch_items,
     encode_producer_event,
     require_producer_type,
@@ -78,6 +81,7 @@ LOCK_NAME = ".writer.lock"
 # SEND_AT_THE_LATEST after it (a timer that busy loops then never need to wake for).
 SEND_DELAY_NS = 1_000_000
 SEND_AT_THE_LATEST = 0.005
+_NEVER = 1 << 64
 
 
 def _send(sock: socket.socket, message: Any) -> None:
@@ -98,15 +102,6 @@ def _encodable(value: Any) -> Any:
     if value is None or isinstance(value, bool | float | bytes):
         return value
     return repr(value)
-
-
-def _array_header(count: int) -> bytes:
-    """msgpack's header of an array of ``count`` items."""
-    if count < 16:
-        return bytes((0x90 | count,))
-    if count < 0x10000:
-        return b"\xdc" + count.to_bytes(2, "big")
-    return b"\xdd" + count.to_bytes(4, "big")
 
 
 def _receive(sock: socket.socket) -> Any:
@@ -147,7 +142,8 @@ class AuditProcess:
         self._flush_loop: asyncio.AbstractEventLoop | None = None  # where a send is scheduled
         # The timer that sends the batch if no later record does (None once a send is due).
         self._flush_timer: asyncio.TimerHandle | None = None
-        self._batch_started = 0  # time.time_ns() of the batch's first record
+        # When a record from the loop's thread must look at the batch again (time.time_ns()).
+        self._check_at = 0
         # The event loop whose thread emitted last, and that thread (see _loop_of_caller).
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -227,16 +223,8 @@ class AuditProcess:
             unencoded = self._unencoded
             for type, event in records:
                 unencoded.append((type, session_id, ts, event))
-            if self._flush_loop is not loop:  # (a loop that ended may have left one unsent)
-                # A new batch: sent by the first loop turn that emits after SEND_DELAY_NS,
-                # or by a timer when no record follows.
-                self._flush_loop = loop
-                self._batch_started = ts
-                self._flush_timer = loop.call_later(SEND_AT_THE_LATEST, self._flush_buffer)
-            elif self._flush_timer is not None and ts - self._batch_started >= SEND_DELAY_NS:
-                self._flush_timer.cancel()
-                self._flush_timer = None
-                loop.call_soon(self._flush_buffer)
+            if ts >= self._check_at or self._flush_loop is not loop:
+                self._batch_step(loop, ts)
             healthy, failure = self._healthy, self.failure
         else:
             with self._lock:
@@ -251,6 +239,35 @@ class AuditProcess:
         if not healthy:
             # The writer counts them as lost (an audit.loss record follows on recovery).
             raise AuditUnavailable(f"audit store is failing: {failure}")
+
+    def emit_packed(self, type: str, data: bytes, session_id: str | None) -> None:
+        """:meth:`emit` of an event already encoded (a msgpack map), in as few steps as
+        can be: the proxy's commonest records, on the event loop's thread."""
+        loop = self._loop
+        if (loop is None or self._closing or type not in _PRODUCER_TYPES
+                or threading.get_ident() != self._loop_thread or not loop.is_running()):
+            self.emit_many(((type, data),), session_id=session_id)  # says what is wrong
+            return
+        ts = time.time_ns()
+        self._unencoded.append((type, session_id, ts, data))
+        if ts >= self._check_at or self._flush_loop is not loop:
+            self._batch_step(loop, ts)
+        if not self._healthy:
+            raise AuditUnavailable(f"audit store is failing: {self.failure}")
+
+    def _batch_step(self, loop: asyncio.AbstractEventLoop, ts: int) -> None:
+        """After a record from the loop's thread: start a batch, or have it sent when due."""
+        if self._flush_loop is not loop:  # (a loop that ended may have left one unsent)
+            # A new batch: sent by the first loop turn that emits after SEND_DELAY_NS,
+            # or by a timer when no record follows.
+            self._flush_loop = loop
+            self._check_at = ts + SEND_DELAY_NS
+            self._flush_timer = loop.call_later(SEND_AT_THE_LATEST, self._flush_buffer)
+        elif self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+            self._check_at = _NEVER  # until this batch is sent
+            loop.call_soon(self._flush_buffer)
 
     async def emit_durable(
         self, type: str, event: Event, *, session_id: str | None = None
@@ -369,20 +386,16 @@ class AuditProcess:
             count = len(unencoded)
             taken = unencoded[:count]
             del unencoded[:count]
-            # The frame ["b", [item, ...]], assembled from the packed items.
+            # The frame ["b", [item, ...]]: in one step, or record by record when one
+            # holds what msgpack cannot encode (_item says what and records it as text).
             packer = thread_packer(self._tls)
-            pack = packer.pack
-            parts = []
-            for record in taken:
-                event = record[3]
-                try:
-                    data = event if event.__class__ is bytes else pack(event)
-                    parts.append(pack((record[0], record[1], record[2], data)))
-                except (TypeError, ValueError, OverflowError):
-                    packer.reset()
-                    parts.append(self._item(*record))  # says what it could not encode
-            items = b"".join(parts)
-            self._send_frame(b"\x92\xa1b" + _array_header(count) + items)
+            try:
+                body = batch_frame(taken, packer.pack)
+            except (TypeError, ValueError, OverflowError):
+                packer.reset()
+                body = (b"\x92\xa1b" + array_header(count)
+                        + b"".join(self._item(*record) for record in taken))
+            self._send_frame(body)
 
     def _send_locked(self, message: Any) -> None:
         """Send a frame (the caller holds the lock)."""

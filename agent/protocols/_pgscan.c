@@ -40,6 +40,8 @@
 #include <string.h>
 #include <openssl/evp.h>
 
+#include "_msgpack.h" /* audit/_msgpack.h */
+
 /* Fetched once: with OpenSSL 3, EVP_sha256() looks the digest up again on every use. */
 static EVP_MD *sha256_md;
 
@@ -51,64 +53,6 @@ length_at(const unsigned char *p)
 {
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | (uint32_t)p[3];
 }
-
-/* msgpack writers, in the forms msgpack's Packer picks (the smallest that holds the
- * value), so that an event written here is byte for byte the one Packer would make. */
-static unsigned char *
-put_be(unsigned char *q, uint64_t v, int width)
-{
-    for (int i = width - 1; i >= 0; i--) {
-        q[i] = (unsigned char)(v & 0xff);
-        v >>= 8;
-    }
-    return q + width;
-}
-
-static unsigned char *
-put_uint(unsigned char *q, uint64_t v)
-{
-    if (v < 0x80) {
-        *q++ = (unsigned char)v;
-        return q;
-    }
-    if (v <= 0xff) {
-        *q++ = 0xCC;
-        return put_be(q, v, 1);
-    }
-    if (v <= 0xffff) {
-        *q++ = 0xCD;
-        return put_be(q, v, 2);
-    }
-    if (v <= 0xffffffffu) {
-        *q++ = 0xCE;
-        return put_be(q, v, 4);
-    }
-    *q++ = 0xCF;
-    return put_be(q, v, 8);
-}
-
-static unsigned char *
-put_str(unsigned char *q, const void *text, size_t n)
-{
-    if (n < 32) {
-        *q++ = (unsigned char)(0xA0 | n);
-    } else if (n <= 0xff) {
-        *q++ = 0xD9;
-        q = put_be(q, n, 1);
-    } else if (n <= 0xffff) {
-        *q++ = 0xDA;
-        q = put_be(q, n, 2);
-    } else {
-        *q++ = 0xDB;
-        q = put_be(q, n, 4);
-    }
-    memcpy(q, text, n);
-    return q + n;
-}
-
-#define PUT_KEY(q, key) put_str((q), (key), sizeof(key) - 1)
-/* The most a str header or an unsigned int takes. */
-#define HEAD_MAX 9
 
 /* The (data, n) arguments of datarows and plain_reply: a buffer on data, and n. */
 static int

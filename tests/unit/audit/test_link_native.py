@@ -146,3 +146,41 @@ def test_batch_frames_of_other_kinds_are_left_to_the_general_reading() -> None:
         assert _twin(body) is None
     with pytest.raises(TypeError):
         batch_items(b"", ["query"])
+
+
+_events = st.one_of(
+    st.binary(max_size=300),  # already encoded
+    st.dictionaries(st.text(max_size=8), st.one_of(st.integers(-(2**63), 2**64 - 1), st.text(max_size=40),
+                                                   st.none(), st.booleans(), st.floats(allow_nan=False)),
+                    max_size=6),
+)
+_records = st.tuples(
+    st.sampled_from(["query", "result", "quer\u00e9"]),
+    st.one_of(st.none(), st.text(max_size=40)),
+    st.integers(0, 2**64 - 1),
+    _events,
+)
+
+
+@settings(max_examples=examples(1000), deadline=None)
+@given(st.lists(_records, max_size=40))
+def test_batch_frames_written_as_python_writes_them(records: list[Any]) -> None:
+    """The frame is msgpack's own encoding of the records, and the writer reads it back."""
+    pack = msgpack.Packer(use_bin_type=True).pack
+    body = native("batch_frame")(records, pack)
+    assert body == audit_log._batch_frame_py(records, pack)
+    assert msgpack.unpackb(body) == ["b", [[t, s, ts, e if isinstance(e, bytes) else pack(e)]
+                                           for t, s, ts, e in records]]
+    assert audit_log._batch_items_py(body, frozenset({"query", "result", "quer\u00e9"})) == \
+        [(t, s, ts, e if isinstance(e, bytes) else pack(e), None) for t, s, ts, e in records]
+
+
+def test_batch_frame_raises_what_it_cannot_write() -> None:
+    """The agent then writes the batch record by record (and says which record)."""
+    batch_frame = native("batch_frame")
+    pack = msgpack.Packer(use_bin_type=True).pack
+    for records in ([("query", None, 1, {"x": object()})], [("query", None, -1, b"")],
+                    [("query", 5, 1, b"")], [("query", None, 1)]):
+        with pytest.raises((TypeError, OverflowError)):
+            batch_frame(records, pack)
+    assert batch_frame([], pack) == b"\x92\xa1b\x90"
