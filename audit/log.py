@@ -270,9 +270,7 @@ def thread_packer(tls: threading.local) -> msgpack.Packer:
     return packer
 
 
-def encode_producer_event(
-    tls: threading.local, type: str, event: Event | bytes,
-) -> bytes:
+def encode_producer_event(tls: threading.local, type: str, event: Event) -> bytes:
     """A producer's event as msgpack (one Packer per thread in ``tls``); refuses store-only
     types (UnknownEventType) and what msgpack cannot encode (InvalidEvent). An event given
     as bytes is one its producer already encoded (a msgpack map), taken as it is."""
