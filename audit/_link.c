@@ -46,15 +46,6 @@
  * implementation up again, which costs more than hashing a record. */
 static EVP_MD *sha256_md;
 
-static void
-put_u64(unsigned char *p, uint64_t v)
-{
-    for (int i = 7; i >= 0; i--) {
-        p[i] = (unsigned char)(v & 0xff);
-        v >>= 8;
-    }
-}
-
 static int
 digest(EVP_MD_CTX *ctx, unsigned char tag, const unsigned char *a, size_t alen,
        const unsigned char *b, size_t blen, unsigned char *out)
@@ -75,7 +66,7 @@ static PyObject *
 key_of(uint64_t seq)
 {
     unsigned char k[8];
-    put_u64(k, seq);
+    put_be(k, seq, 8);
     return PyBytes_FromStringAndSize((const char *)k, 8);
 }
 
@@ -280,9 +271,9 @@ link_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         p[0] = 0x99;
         p[1] = (unsigned char)version;
         p[2] = 0xCF;
-        put_u64(p + 3, seq);
+        put_be(p + 3, seq, 8);
         p[11] = 0xCF;
-        put_u64(p + 12, ts);
+        put_be(p + 12, ts, 8);
         p[20] = 0xC4;
         p[21] = HASH;
         p += HEAD;
@@ -297,7 +288,7 @@ link_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_XDECREF(fresh);
         if (has_index) {
             *p++ = 0xCF;
-            put_u64(p, index);
+            put_be(p, index, 8);
             p += 8;
         } else {
             *p++ = 0xC0;
@@ -384,12 +375,12 @@ read_count(const unsigned char **p, const unsigned char *end, uint64_t *count)
         return 0;
     }
     if (*q == 0xDC && end - q >= 3) {
-        *count = ((uint64_t)q[1] << 8) | q[2];
+        *count = get_be(q + 1, 2);
         *p = q + 3;
         return 0;
     }
     if (*q == 0xDD && end - q >= 5) {
-        *count = ((uint64_t)q[1] << 24) | ((uint64_t)q[2] << 16) | ((uint64_t)q[3] << 8) | q[4];
+        *count = get_be(q + 1, 4);
         *p = q + 5;
         return 0;
     }
@@ -402,7 +393,7 @@ read_raw(const unsigned char **p, const unsigned char *end, int kind, const unsi
          size_t *len)
 {
     const unsigned char *q = *p;
-    size_t width, n = 0, i;
+    size_t width, n = 0;
     if (q >= end)
         return -1;
     if (kind == 0 && (*q & 0xE0) == 0xA0) {
@@ -420,8 +411,8 @@ read_raw(const unsigned char **p, const unsigned char *end, int kind, const unsi
     q++;
     if ((size_t)(end - q) < width)
         return -1;
-    for (i = 0; i < width; i++)
-        n = (n << 8) | q[i];
+    if (width > 0)
+        n = (size_t)get_be(q, (int)width);
     q += width;
     if ((size_t)(end - q) < n)
         return -1;
@@ -435,8 +426,7 @@ static int
 read_uint(const unsigned char **p, const unsigned char *end, uint64_t *value)
 {
     const unsigned char *q = *p;
-    size_t width, i;
-    uint64_t v = 0;
+    size_t width;
     if (q >= end)
         return -1;
     if (*q < 0x80) {
@@ -454,9 +444,7 @@ read_uint(const unsigned char **p, const unsigned char *end, uint64_t *value)
     q++;
     if ((size_t)(end - q) < width)
         return -1;
-    for (i = 0; i < width; i++)
-        v = (v << 8) | q[i];
-    *value = v;
+    *value = get_be(q, (int)width);
     *p = q + width;
     return 0;
 }

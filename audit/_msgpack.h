@@ -1,5 +1,5 @@
 /* msgpack writers for the compiled steps that make records (agent/protocols/_pgscan.c,
- * audit/_link.c), in the forms msgpack's Packer picks (the smallest that holds the
+ * audit/_link.c), with the big-endian numbers they are made of, in the forms msgpack's Packer picks (the smallest that holds the
  * value), so that what they write is byte for byte what Packer would make of the same
  * values. Each returns the position after what it wrote; the caller makes room first
  * (HEAD_MAX bytes for a header or an unsigned int, plus the text). */
@@ -20,6 +20,16 @@ put_be(unsigned char *q, uint64_t v, int width)
         v >>= 8;
     }
     return q + width;
+}
+
+/* The unsigned big-endian number of ``width`` bytes at q (the reverse of put_be). */
+static inline uint64_t
+get_be(const unsigned char *q, int width)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < width; i++)
+        v = (v << 8) | q[i];
+    return v;
 }
 
 static inline unsigned char *

@@ -48,10 +48,11 @@ static EVP_MD *sha256_md;
 /* Names made once: the entry's attributes. */
 static PyObject *s_allowed, *s_encoded;
 
+/* A message's int32 length (big-endian, counting itself). */
 static uint32_t
 length_at(const unsigned char *p)
 {
-    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | (uint32_t)p[3];
+    return (uint32_t)get_be(p, 4);
 }
 
 /* The (data, n) arguments of datarows and plain_reply: a buffer on data, and n. */
