@@ -70,6 +70,23 @@ data_and_size(PyObject *const *args, Py_ssize_t nargs, const char *usage, Py_buf
     return PyObject_GetBuffer(args[0], view, PyBUF_SIMPLE);
 }
 
+/* The end of the run of whole DataRows at pos (see datarows above), adding their count
+ * and size to *rows and *row_bytes. */
+static Py_ssize_t
+run_of_datarows(const unsigned char *p, Py_ssize_t size, Py_ssize_t pos, Py_ssize_t *rows,
+                Py_ssize_t *row_bytes)
+{
+    while (size - pos >= 5 && p[pos] == 'D') {
+        int32_t length = (int32_t)length_at(p + pos + 1);
+        if (length < 4 || size - pos - 1 < (Py_ssize_t)length)
+            break;
+        *rows += 1;
+        *row_bytes += (Py_ssize_t)length + 1;
+        pos += (Py_ssize_t)length + 1;
+    }
+    return pos;
+}
+
 static PyObject *
 datarows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -87,14 +104,7 @@ datarows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "datarows: pos is outside data");
         return NULL;
     }
-    while (size - pos >= 5 && p[pos] == 'D') {
-        int32_t length = (int32_t)length_at(p + pos + 1);
-        if (length < 4 || size - pos - 1 < (Py_ssize_t)length)
-            break;
-        rows += 1;
-        row_bytes += (Py_ssize_t)length + 1;
-        pos += (Py_ssize_t)length + 1;
-    }
+    pos = run_of_datarows(p, size, pos, &rows, &row_bytes);
     PyBuffer_Release(&view);
     return Py_BuildValue("(nnn)", pos, rows, row_bytes);
 }
@@ -230,7 +240,7 @@ static PyObject *
 plain_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer view;
-    Py_ssize_t size, pos = 0, rows = 0, max_message, end, i, tag_len, space = -1;
+    Py_ssize_t size, pos = 0, rows = 0, row_bytes = 0, max_message, end, i, tag_len, space = -1;
     const unsigned char *p, *tag;
     PyObject *event;
     unsigned char *q;
@@ -258,13 +268,8 @@ plain_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto none;
         pos += (Py_ssize_t)length + 1;
     }
-    while (size - pos >= 5 && p[pos] == 'D') {
-        length = length_at(p + pos + 1);
-        if (length < 4 || (Py_ssize_t)length > size - pos - 1)
-            goto none;
-        rows += 1;
-        pos += (Py_ssize_t)length + 1;
-    }
+    /* (A DataRow not whole ends the run there: then no CommandComplete follows it.) */
+    pos = run_of_datarows(p, size, pos, &rows, &row_bytes);
     /* CommandComplete: a NUL-terminated ASCII tag */
     if (size - pos < 5 || p[pos] != 'C')
         goto none;
