@@ -143,24 +143,30 @@ def _link_py(
     return records, b"".join(nodes), sessions, marks, prev, size
 
 
-def array_header(count: int) -> bytes:
-    """msgpack's header of an array of ``count`` items."""
+# How an agent's batch frame begins: msgpack's array of two, then "b".
+_BATCH_HEAD = b"\x92\xa1b"
+
+
+def batch_frame_of(items: Sequence[bytes]) -> bytes:
+    """The agent's batch frame (msgpack ``["b", [[type, session_id, ts, data], ...]]``) of
+    records each already packed as ``[type, session_id, ts, data]``."""
+    count = len(items)
     if count < 16:
-        return bytes((0x90 | count,))
-    if count < 0x10000:
-        return b"\xdc" + count.to_bytes(2, "big")
-    return b"\xdd" + count.to_bytes(4, "big")
+        header = bytes((0x90 | count,))
+    elif count < 0x10000:
+        header = b"\xdc" + count.to_bytes(2, "big")
+    else:
+        header = b"\xdd" + count.to_bytes(4, "big")
+    return _BATCH_HEAD + header + b"".join(items)
 
 
 def _batch_frame_py(
     records: list[tuple[str, str | None, int, Any]], pack: Callable[[Any], bytes], /,
 ) -> bytes:
-    """The agent's batch frame (msgpack ``["b", [[type, session_id, ts, data], ...]]``) of
-    ``records`` (type, session_id, ts, event): data is the event when it is bytes (already
-    encoded), else ``pack(event)`` (audit/_link.c has it compiled)."""
-    items = [pack((type, sid, ts, event if event.__class__ is bytes else pack(event)))
-             for type, sid, ts, event in records]
-    return b"\x92\xa1b" + array_header(len(records)) + b"".join(items)
+    """The batch frame of ``records`` (type, session_id, ts, event): data is the event when
+    it is bytes (already encoded), else ``pack(event)`` (audit/_link.c has it compiled)."""
+    return batch_frame_of([pack((type, sid, ts, event if event.__class__ is bytes else pack(event)))
+                           for type, sid, ts, event in records])
 
 
 def _batch_items_py(body: bytes, types: frozenset[str]) -> list[_Item] | None:
@@ -168,7 +174,7 @@ def _batch_items_py(body: bytes, types: frozenset[str]) -> list[_Item] | None:
     data], ...]]``) as the writer queues them, ``(type, session_id, ts, data, None)``; None
     when ``body`` is anything else, holds a value of another kind or a type not in
     ``types`` (audit/_link.c has it compiled)."""
-    if not body.startswith(b"\x92\xa1b"):
+    if not body.startswith(_BATCH_HEAD):
         return None
     try:
         frame = msgpack.unpackb(body, raw=False)

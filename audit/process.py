@@ -59,8 +59,8 @@ from audit.log import (
     AuditLog,
     Event,
     _Waiter,
-    array_header,
     batch_frame,
+    batch_frame_of,
     batch_items,
     encode_producer_event,
     require_producer_type,
@@ -393,8 +393,7 @@ class AuditProcess:
                 body = batch_frame(taken, packer.pack)
             except (TypeError, ValueError, OverflowError):
                 packer.reset()
-                body = (b"\x92\xa1b" + array_header(count)
-                        + b"".join(self._item(*record) for record in taken))
+                body = batch_frame_of([self._item(*record) for record in taken])
             self._send_frame(body)
 
     def _send_locked(self, message: Any) -> None:
