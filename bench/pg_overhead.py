@@ -141,6 +141,27 @@ def machine_ticks() -> list[int]:
         return [int(v) for v in f.readline().split()[1:9]]
 
 
+def busy_ticks(before: list[int], after: list[int]) -> int:
+    """The host's CPU time between two :func:`machine_ticks` readings spent running anything
+    (user, nice, system, irq, softirq): neither idle nor stolen."""
+    return sum(after[i] - before[i] for i in (0, 1, 2, 5, 6))
+
+
+def postgres_ticks(server: PgServer) -> int:
+    """User plus system clock ticks of all of PostgreSQL's processes so far: the postmaster,
+    its children alive (or ended, not yet reaped) and those it has reaped."""
+    pid = int((server.datadir / "postmaster.pid").read_text().split()[0])
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(v) for v in fields[11:15])
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # reaped meanwhile: counted in the postmaster's figures above
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks
+
+
 def idle_and_steal(before: list[int], after: list[int]) -> tuple[float, float]:
     """Of all CPU time between two readings, the share (%) left idle (idle and iowait) and the
     share stolen by the hypervisor (steal): a run with much steal says more about the host."""
@@ -155,11 +176,19 @@ def measure(ns: NetNS, server: PgServer, port: int, args: argparse.Namespace,
     result: dict[Any, Any] = {}
     hz = os.sysconf("SC_CLK_TCK")
     for clients in CLIENT_COUNTS:
+        postgres, tools = postgres_ticks(server), os.times()
         before, machine = cpu_ticks_split(proxy_pid), machine_ticks()
         result[clients] = run = pgbench(ns, server, port, clients, args.seconds, logdir)
-        after = cpu_ticks_split(proxy_pid)
-        run["idle_pct"], run["steal_pct"] = idle_and_steal(machine, machine_ticks())
+        after, machine_after, tools_after = cpu_ticks_split(proxy_pid), machine_ticks(), os.times()
+        postgres_after = postgres_ticks(server)
+        run["idle_pct"], run["steal_pct"] = idle_and_steal(machine, machine_after)
         transactions = run["tps"] * args.seconds
+        # Where the host's CPU went, a transaction: all of it, PostgreSQL, pgbench (the only
+        # child process this one waits for meanwhile).
+        run["host_cpu_us"] = busy_ticks(machine, machine_after) / hz / transactions * 1e6
+        run["backend_cpu_us"] = (postgres_after - postgres) / hz / transactions * 1e6
+        run["pgbench_cpu_us"] = ((tools_after.children_user + tools_after.children_system)
+                                 - (tools.children_user + tools.children_system)) / transactions * 1e6
         user, system, children = (
             (a - b) / hz / transactions * 1e6 for a, b in zip(after, before, strict=True))
         run["agent_cpu_us"] = user + system + children if proxy_pid else float("nan")
@@ -254,7 +283,8 @@ METRICS = [(1, "tps"), (1, "p50"), (1, "p99"), (8, "tps"), (8, "p50"), (8, "p99"
            ("scan", "seconds"), ("scan", "mbps"),
            *((c, m) for c in CLIENT_COUNTS
              for m in ("agent_cpu_us", "user_cpu_us", "system_cpu_us", "child_cpu_us",
-                       "idle_pct", "steal_pct"))]
+                       "idle_pct", "steal_pct", "host_cpu_us", "backend_cpu_us",
+                       "pgbench_cpu_us"))]
 RATIOS = [("TPS c1", 1, "tps"), ("TPS c8", 8, "tps"), ("p99 c1", 1, "p99"), ("p99 c8", 8, "p99"),
           ("scan MB/s", "scan", "mbps")]
 
@@ -310,6 +340,12 @@ def table(rounds: list[dict[str, dict[Any, Any]]]) -> str:
                      f"writer {rf[c]['child_cpu_us']:.0f})   pyrelay {relay[c]['agent_cpu_us']:.0f} us "
                      f"({split(relay[c])})   haproxy {ha[c]['agent_cpu_us']:.0f} us ({split(ha[c])})"
                      for c in CLIENT_COUNTS)
+    lines.append("the host's CPU per transaction (every process; neither idle nor stolen), of it "
+                 "PostgreSQL + pgbench:")
+    lines.extend(f"  c{c}  " + "   ".join(
+        f"{name} {r[c]['host_cpu_us']:.0f} us ({r[c]['backend_cpu_us']:.0f} + "
+        f"{r[c]['pgbench_cpu_us']:.0f})" for name, r in results.items())
+        for c in CLIENT_COUNTS)
     lines.append("the host's CPU during pgbench (median over the rounds), idle / stolen by the "
                  "hypervisor:")
     lines.extend(f"  c{c}  " + "   ".join(
