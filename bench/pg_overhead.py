@@ -20,9 +20,9 @@ redirected to it; it is started afresh in each round. The table shows the median
 each figure over the rounds, the ratios are taken within each round (their median
 and range are printed), and the proxies' CPU time per transaction (HAProxy's, and
 the agent's with its audit writer process; every thread, user and system) is read
-from /proc. Then it profiles
-the agent with py-spy under ``pgbench -S -c 8`` and prints the functions where its
-time goes. Nothing here asserts a timing.
+from /proc, as is the whole host's CPU per transaction with PostgreSQL's and pgbench's
+shares of it. Then it profiles the agent with py-spy under ``pgbench -S -c 8`` and
+prints the functions where its time goes. Nothing here asserts a timing.
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def measure(ns: NetNS, server: PgServer, port: int, args: argparse.Namespace,
         # Where the host's CPU went, a transaction: all of it, PostgreSQL, pgbench (the only
         # child process this one waits for meanwhile).
         run["host_cpu_us"] = busy_ticks(machine, machine_after) / hz / transactions * 1e6
-        run["backend_cpu_us"] = (postgres_after - postgres) / hz / transactions * 1e6
+        run["postgres_cpu_us"] = (postgres_after - postgres) / hz / transactions * 1e6
         run["pgbench_cpu_us"] = ((tools_after.children_user + tools_after.children_system)
                                  - (tools.children_user + tools.children_system)) / transactions * 1e6
         user, system, children = (
@@ -283,7 +283,7 @@ METRICS = [(1, "tps"), (1, "p50"), (1, "p99"), (8, "tps"), (8, "p50"), (8, "p99"
            ("scan", "seconds"), ("scan", "mbps"),
            *((c, m) for c in CLIENT_COUNTS
              for m in ("agent_cpu_us", "user_cpu_us", "system_cpu_us", "child_cpu_us",
-                       "idle_pct", "steal_pct", "host_cpu_us", "backend_cpu_us",
+                       "idle_pct", "steal_pct", "host_cpu_us", "postgres_cpu_us",
                        "pgbench_cpu_us"))]
 RATIOS = [("TPS c1", 1, "tps"), ("TPS c8", 8, "tps"), ("p99 c1", 1, "p99"), ("p99 c8", 8, "p99"),
           ("scan MB/s", "scan", "mbps")]
@@ -343,7 +343,7 @@ def table(rounds: list[dict[str, dict[Any, Any]]]) -> str:
     lines.append("the host's CPU per transaction (every process; neither idle nor stolen), of it "
                  "PostgreSQL + pgbench:")
     lines.extend(f"  c{c}  " + "   ".join(
-        f"{name} {r[c]['host_cpu_us']:.0f} us ({r[c]['backend_cpu_us']:.0f} + "
+        f"{name} {r[c]['host_cpu_us']:.0f} us ({r[c]['postgres_cpu_us']:.0f} + "
         f"{r[c]['pgbench_cpu_us']:.0f})" for name, r in results.items())
         for c in CLIENT_COUNTS)
     lines.append("the host's CPU during pgbench (median over the rounds), idle / stolen by the "
