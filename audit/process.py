@@ -22,6 +22,11 @@ writer → agent: ``["ready"]`` or ``["error", message]`` once at start;
 ``["f", id, done]``; ``["h", healthy, failure]`` whenever the store starts
 failing or recovers.
 
+Further producers (the agent's session workers, see ``agent.workers``) speak the same
+frames over sockets of their own, handed to the writer when it starts; each is read by a
+thread of its own, and the writer stops only once the agent and every one of them have
+closed.
+
 The writer holds an exclusive lock on the store while it runs, so a restarted
 agent's writer waits for the previous one to commit what it was given. If the
 agent dies, the writer sees the socket close, commits everything it received
@@ -131,8 +136,8 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
 class AuditProcess:
     """The agent's side of an audit trail written by a child process (see the module doc)."""
 
-    def __init__(self, process: subprocess.Popen[bytes], sock: socket.socket) -> None:
-        self._process = process
+    def __init__(self, process: subprocess.Popen[bytes] | None, sock: socket.socket) -> None:
+        self._process = process  # None in a session worker, which shares the agent's writer
         self._sock = sock
         # Called (on a reader thread) if the writer ends while the trail is open.
         self.on_gone: Callable[[str], None] | None = None
@@ -161,22 +166,28 @@ class AuditProcess:
     @classmethod
     def start(
         cls, settings: AuditSettings, *, host: str, state_dir: Path,
-        lock_timeout: float = START_TIMEOUT - 10,
+        lock_timeout: float = START_TIMEOUT - 10, producers: list[socket.socket] | None = None,
     ) -> AuditProcess:
         """Start the writer process and wait until its store is open; raises RuntimeError.
 
         ``lock_timeout``: how long the writer waits for a previous writer of the same store.
+        ``producers``: sockets of further producers (the agent's session workers, see
+        :meth:`attach`), handed to the writer and closed here; the writer takes their frames
+        as the agent's, and stops only after each of them has closed.
         """
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds = [theirs.fileno(), *(p.fileno() for p in producers or ())]
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "audit.process", str(theirs.fileno())],
-                pass_fds=[theirs.fileno()],
+                [sys.executable, "-m", "audit.process", *map(str, fds)],
+                pass_fds=fds,
                 stdin=subprocess.DEVNULL,
                 cwd=str(Path(__file__).resolve().parent.parent),
             )
         finally:
             theirs.close()
+            for producer in producers or ():
+                producer.close()
         mine.settimeout(START_TIMEOUT)
         try:
             _send(mine, ["open", pickle.dumps((settings, host, str(state_dir), lock_timeout))])
@@ -190,6 +201,13 @@ class AuditProcess:
             raise RuntimeError(reason)
         mine.settimeout(None)
         return cls(process, mine)
+
+    @classmethod
+    def attach(cls, sock: socket.socket) -> AuditProcess:
+        """A further producer of a running writer, over the other end of one of the sockets
+        given to :meth:`start` as ``producers``. Its records are the agent's; its
+        :meth:`close` returns once the writer has taken everything it sent."""
+        return cls(None, sock)
 
     # ------------------------------------------------------------ producers
 
@@ -308,6 +326,11 @@ class AuditProcess:
             self._send_buffer()
             self._send_locked(["c"])
             self._closing = True
+        if self._process is None:
+            # A further producer: the writer closes its end once it has taken every frame.
+            self._reader.join(timeout=120)
+            self._sock.close()
+            return
         try:
             self._process.wait(timeout=120)
         except subprocess.TimeoutExpired:
@@ -425,8 +448,11 @@ class AuditProcess:
         except (OSError, ValueError) as e:
             log.error("audit writer connection failed: %s", e)
         if not self._closing:
-            time.sleep(0.1)  # let its exit status be known
-            reason = f"audit writer process ended (exit status {self._process.poll()})"
+            if self._process is None:
+                reason = "the audit writer process ended or closed this producer's connection"
+            else:
+                time.sleep(0.1)  # let its exit status be known
+                reason = f"audit writer process ended (exit status {self._process.poll()})"
             with self._lock:
                 self._writer_gone(reason)
             if self.on_gone is not None:
@@ -491,28 +517,59 @@ def _lock_store(root: Path, timeout: float) -> int:
             time.sleep(0.05)
 
 
-def serve(sock: socket.socket) -> int:
-    """The writer process: open the store, then apply the agent's frames until it goes."""
+def serve(sock: socket.socket, producers: Sequence[socket.socket] = ()) -> int:
+    """The writer process: open the store, then apply the agent's frames until it goes.
+
+    ``producers``: further producers' sockets (the agent's session workers), each read by a
+    thread of its own; the agent's own close waits until each of them has closed, so that
+    everything they sent is committed with the rest.
+    """
     first = _receive(sock)
     if not first or first[0] != "open":
         return 2
     settings, host, state_dir, lock_timeout = pickle.loads(first[1])
+    replies = [_replier(s) for s in (sock, *producers)]
+
+    def on_health(healthy: bool, failure: str | None) -> None:
+        for reply in replies:
+            reply(["h", healthy, failure])
+
+    try:
+        _lock_store(Path(settings.path), lock_timeout)
+        audit_log = AuditLog.open(settings, host=host, state_dir=Path(state_dir),
+                                  on_health=on_health)
+    except Exception as e:
+        replies[0](["error", f"audit trail at {settings.path}: {e}"])
+        return 1
+    replies[0](["ready"])
+    threads = [
+        threading.Thread(target=_apply_frames, args=(s, audit_log, reply),
+                         name=f"producer-{s.fileno()}", daemon=True)
+        for s, reply in zip(producers, replies[1:], strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        _apply_frames(sock, audit_log, replies[0])
+        for thread in threads:
+            thread.join()
+    finally:
+        audit_log.close()
+    return 0
+
+
+def _replier(sock: socket.socket) -> Callable[[Any], None]:
     send_lock = threading.Lock()
 
     def reply(message: Any) -> None:
         with send_lock, contextlib.suppress(OSError):
             _send(sock, message)
 
-    try:
-        _lock_store(Path(settings.path), lock_timeout)
-        audit_log = AuditLog.open(
-            settings, host=host, state_dir=Path(state_dir),
-            on_health=lambda healthy, failure: reply(["h", healthy, failure]),
-        )
-    except Exception as e:
-        reply(["error", f"audit trail at {settings.path}: {e}"])
-        return 1
-    reply(["ready"])
+    return reply
+
+
+def _apply_frames(sock: socket.socket, audit_log: AuditLog, reply: Callable[[Any], None]) -> None:
+    """One producer's frames into the log, until it closes (then its socket is closed)."""
     try:
         while True:
             body = _receive_body(sock)
@@ -543,8 +600,7 @@ def serve(sock: socket.socket) -> int:
     except (OSError, ValueError) as e:
         log.error("audit writer: connection to the agent failed: %s", e)
     finally:
-        audit_log.close()
-    return 0
+        sock.close()
 
 
 def main() -> int:
@@ -552,7 +608,8 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="ringfence audit writer: %(levelname)s %(message)s")
-    return serve(socket.socket(fileno=int(sys.argv[1])))
+    sock, *producers = (socket.socket(fileno=int(fd)) for fd in sys.argv[1:])
+    return serve(sock, producers)
 
 
 if __name__ == "__main__":

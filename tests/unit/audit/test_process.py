@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -275,3 +276,61 @@ def test_events_already_encoded_are_stored_as_they_are(tmp_path: Path) -> None:
     assert [event.get("encoded", False) for _, _, event in records] == [
         True, False, True, True, False, True, True]
     assert {sid for _, sid, _ in records} == {"s1"}
+
+
+def test_further_producers_share_the_trail_and_the_writer_waits_for_them(tmp_path: Path) -> None:
+    """A session worker's producer (attach) writes into the same trail: its batched, strict and
+    flushed records land, each producer's in its order, the chain verifies, and the agent's
+    close waits until the worker has closed, so nothing the worker sent is lost."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    trail = AuditProcess.start(settings(tmp_path), host="test.host", state_dir=tmp_path / "state",
+                               lock_timeout=30.0, producers=[theirs])
+    assert theirs.fileno() == -1  # handed to the writer
+    worker = AuditProcess.attach(ours)
+
+    async def session() -> int:
+        for n in range(3):
+            worker.emit("query", {"w": n}, session_id="w1")
+        return await worker.emit_durable("policy.decision", {"w": 3}, session_id="w1")
+
+    seq = asyncio.run(session())
+    trail.emit("agent.start", {"a": 0})
+    worker.emit("query", {"w": 4}, session_id="w1")  # from outside a loop: sent at once
+    assert worker.flush(timeout=30)
+    assert worker.healthy
+
+    closed = []
+    closer = threading.Thread(target=lambda: (trail.close(), closed.append(True)))
+    closer.start()
+    time.sleep(0.5)
+    assert not closed  # the writer waits for the worker's producer
+    worker.emit("session.end", {"w": 5}, session_id="w1")
+    worker.close()
+    closer.join(60)
+    assert closed
+    records = read_types(tmp_path)
+    assert [e["w"] for _, _, e in records if "w" in e] == [0, 1, 2, 3, 4, 5]
+    assert [e for t, _, e in records if t == "agent.start"] == [{"a": 0}]
+    assert seq == 3  # the fourth record of the trail (seq counts from 0)
+    signer = Signer.parse((tmp_path / "state" / "audit.key").read_text())
+    with Store(tmp_path / "audit") as store:
+        assert verify(store, signer.verifier).problem is None
+
+
+def test_a_producer_sees_the_writer_go(tmp_path: Path) -> None:
+    """When the writer dies, a session worker's producer turns unhealthy and is told, so the
+    worker's sessions fail closed as the agent's do."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    trail = AuditProcess.start(settings(tmp_path), host="test.host", state_dir=tmp_path / "state",
+                               lock_timeout=30.0, producers=[theirs])
+    worker = AuditProcess.attach(ours)
+    gone = threading.Event()
+    worker.on_gone = lambda reason: gone.set()
+    assert trail._process is not None
+    os.kill(trail._process.pid, signal.SIGKILL)
+    assert gone.wait(10)
+    assert not worker.healthy
+    with pytest.raises(AuditUnavailable):
+        worker.emit("query", {"n": 1}, session_id="w1")
+    trail.close()
+    worker.close()
