@@ -51,6 +51,9 @@ class AgentSettings:
     # keeps the redirect rules: protected ports refuse connections until the
     # agent is back, instead of being reachable without an audit trail.
     fail_closed: bool = False
+    # Event loops carrying sessions, each in a process of its own (agent.workers): the
+    # agent's and workers - 1 session workers. 0 ("auto"): one per CPU, at most 4.
+    workers: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,7 +339,16 @@ def _agent(t: _Table) -> AgentSettings:
     max_statement = t.get("max_statement_bytes", int, d.max_statement_bytes)
     if max_statement < 64:
         raise ConfigError(f"{t.key('max_statement_bytes')}: must be at least 64")
+    raw_workers: object = t.get("workers", object, "auto")
+    if raw_workers == "auto":
+        workers = d.workers
+    elif isinstance(raw_workers, int) and not isinstance(raw_workers, bool) and 1 <= raw_workers <= 64:
+        workers = raw_workers
+    else:
+        raise ConfigError(f"{t.key('workers')}: must be \"auto\" or a number from 1 to 64, "
+                          f"got {raw_workers!r}")
     settings = AgentSettings(
+        workers=workers,
         state_dir=t.path("state_dir", d.state_dir),
         run_dir=t.path("run_dir", d.run_dir),
         log_level=t.choice("log_level", ("debug", "info", "warning", "error"), d.log_level),

@@ -16,6 +16,7 @@ import os
 import resource
 import signal
 import socket
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -26,6 +27,7 @@ from agent.notify import sd_notify
 from agent.proxy import Proxy
 from agent.redirect import RedirectError, Redirector
 from agent.tls import TlsError
+from agent.workers import WorkerPool, event_loops
 
 log = logging.getLogger("ringfence.agent")
 
@@ -101,28 +103,37 @@ async def _serve(config: Config) -> int:
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     host = socket.gethostname()
 
+    loops = event_loops(config.agent.workers)
+    # The audit writer's sockets for the session workers, one each (agent.workers).
+    producer_pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                      for _ in range(loops - 1)]
+    worker_sockets = [ours for ours, _ in producer_pairs]
+
     async with AsyncExitStack() as cleanup:
+        for worker_socket in worker_sockets:
+            cleanup.callback(worker_socket.close)
         try:
             # The trail is written by a child process: its hashing and storage never wait
             # on this process's GIL, and it commits what it was given if the agent dies.
             audit_log = await asyncio.to_thread(
-                AuditProcess.start, config.audit, host=host, state_dir=state_dir
+                AuditProcess.start, config.audit, host=host, state_dir=state_dir,
+                producers=[theirs for _, theirs in producer_pairs],
             )
         except Exception as e:
             raise StartupError(str(e) if str(e).startswith("audit trail at") else
                                f"audit trail at {config.audit.path}: {e}") from None
         cleanup.callback(audit_log.close)
 
-        def writer_gone(reason: str) -> None:
+        def gone(reason: str) -> None:
             # Sessions already fail closed without a writer; exiting with an error lets
-            # the service manager restart the agent and its writer.
+            # the service manager restart the agent and its writer (and its workers).
             def end() -> None:
                 stop_reason[0], failed[0] = reason, True
                 stop.set()
 
             loop.call_soon_threadsafe(end)
 
-        audit_log.on_gone = writer_gone
+        audit_log.on_gone = gone
 
         attributor, attribution_mode, attribution_reason = await _start_attribution(config)
         if attributor is not None:
@@ -140,15 +151,24 @@ async def _serve(config: Config) -> int:
                           identity=resolver)
         except TlsError as e:
             raise StartupError(f"tls: {e}") from None
-        reloader = PolicyReloader(policy, audit_log)
+        try:
+            await proxy.start(loops)
+        except OSError as e:
+            raise StartupError(str(e)) from None
+        workers = WorkerPool()
+        workers.on_gone = gone
+        cleanup.callback(workers.stop)
+        try:
+            # On this (the main) thread: a worker dies with the thread that started it.
+            workers.start(config, proxy, worker_sockets, attributor, resolver)
+        except RuntimeError as e:
+            await proxy.stop()
+            raise StartupError(str(e)) from None
+        reloader = PolicyReloader(policy, audit_log, workers.reload_policy)
         loop.add_signal_handler(signal.SIGHUP, reloader.reload)
         if config.policy.reload_interval_seconds > 0:
             watch = loop.create_task(reloader.watch(config.policy.reload_interval_seconds))
             cleanup.callback(watch.cancel)
-        try:
-            await proxy.start()
-        except OSError as e:
-            raise StartupError(str(e)) from None
 
         redirector = Redirector(config.protect, config.redirect, config.agent)
         try:
@@ -177,6 +197,7 @@ async def _serve(config: Config) -> int:
                 "policy_version": policy.version,
                 "attribution_reason": attribution_reason,
                 "redirect_families": [f.name for f in redirector.families],
+                "worker_pids": workers.pids,
             },
         )
         sd_notify("READY=1")
@@ -187,6 +208,7 @@ async def _serve(config: Config) -> int:
                 "version": __version__,
                 "services": [f"{s.name}:{s.port}->{s.listen_port}" for s in config.protect],
                 "attribution": attribution_mode,
+                "event_loops": loops,
             },
         )
 
@@ -207,6 +229,7 @@ async def _serve(config: Config) -> int:
                     "could not remove redirect rules; run `ringfence redirect clean`",
                     extra={"event": "redirect.remove_failed", "error": str(e)},
                 )
+        await asyncio.to_thread(workers.stop)  # their sessions end as the agent's do
         await proxy.stop("agent stopping")
         try:
             audit_log.emit("agent.stop", {"reason": stop_reason[0]})
@@ -245,9 +268,10 @@ async def _start_identity(config: Config, audit_log: Any, cleanup: AsyncExitStac
 class PolicyReloader:
     """Reloads the policy on SIGHUP and when its file changes; a broken file keeps the old one."""
 
-    def __init__(self, holder: Any, audit_log: Any) -> None:
+    def __init__(self, holder: Any, audit_log: Any, also: Callable[[], None] | None = None) -> None:
         self.holder = holder
         self.audit_log = audit_log
+        self.also = also  # after each reload (the session workers load the file again)
 
     def reload(self) -> None:
         self._report(self.holder.version, self.holder.reload(), "signal")
@@ -262,6 +286,8 @@ class PolicyReloader:
 
     def _report(self, previous: str, result: tuple[bool, str], trigger: str) -> None:
         ok, message = result
+        if self.also is not None:
+            self.also()
         level = logging.INFO if ok else logging.ERROR
         log.log(level, "policy reload: %s", message,
                 extra={"event": "policy.reload", "ok": ok, "trigger": trigger})

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import pwd
 import secrets
 import socket
@@ -37,6 +38,7 @@ from agent.pgconf import keepalive_timing
 from agent.pgsession import Actions, PostgresSession
 from agent.protocols import postgres as pg
 from agent.tls import TlsChannel, client_facing_context, upstream_context
+from agent.workers import CancelKeys
 
 log = logging.getLogger("ringfence.proxy")
 
@@ -163,6 +165,7 @@ class Proxy:
         attributor: Attributor | None,
         policy: Callable[[], Any] | None = None,
         identity: Any = None,
+        cancel_keys: Any = None,
     ) -> None:
         self.config = config
         self.audit = audit
@@ -181,7 +184,13 @@ class Proxy:
             self.keepalive[service.name] = keepalive_timing(service.keepalive, service.port)
         self.servers: list[asyncio.base_events.Server] = []
         self.connections: set[ClientSide] = set()
-        self.backend_keys: dict[tuple[str, int, int, bytes], str] = {}
+        self.pid = os.getpid()
+        # Which session holds each backend key: this process's, or the agent's registry
+        # for a session worker (agent.workers.RemoteCancelKeys).
+        self.cancel_keys = CancelKeys() if cancel_keys is None else cancel_keys
+        # Per service, the sockets bound for each listen address: the first served here,
+        # the others handed to session workers (see start).
+        self.listener_sockets: list[tuple[str, list[socket.socket]]] = []
 
     def upstream_tls_context(self, service: ProtectedService) -> ssl.SSLContext:
         """The context for TLS to ``service``'s server (built on first use)."""
@@ -190,35 +199,26 @@ class Proxy:
             context = self._upstream_tls[service.name] = upstream_context(service.tls)
         return context
 
-    async def start(self) -> None:
-        """Bind every listener; raises OSError naming the address on failure."""
-        loop = asyncio.get_running_loop()
+    async def start(self, loops: int = 1) -> None:
+        """Bind every listener and serve it; raises OSError naming the address on failure.
+
+        ``loops`` > 1: each listener is bound that many times (``SO_REUSEPORT``, the kernel
+        spreading connections over them); the first is served here and the others are
+        left in :attr:`listener_sockets` for session workers (``agent.workers``)."""
         for service in self.config.protect:
             for address in self.config.agent.listen_addresses:
-                family = socket.AF_INET6 if ":" in address else socket.AF_INET
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    if family == socket.AF_INET6:
-                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    sock.bind((address, service.listen_port))
-                    sock.listen(1024)
-                    sock.setblocking(False)
-                except OSError as e:
-                    sock.close()
-                    if family == socket.AF_INET6 and e.errno in (97, 99):  # no IPv6 here
-                        log.warning(
-                            "IPv6 unavailable; not listening on %s", address,
-                            extra={"event": "proxy.ipv6_unavailable"},
-                        )
-                        continue
-                    raise OSError(
-                        e.errno, f"cannot listen on [{address}]:{service.listen_port}: {e.strerror}"
-                    ) from None
-                server = await loop.create_server(
-                    self._factory(service), sock=sock, backlog=1024
-                )
-                self.servers.append(server)
+                socks = _bind(address, service.listen_port, loops)
+                if socks:
+                    self.listener_sockets.append((service.name, socks))
+                    await self.serve([(service, socks[0])])
+
+    async def serve(self, listeners: Sequence[tuple[ProtectedService, socket.socket]]) -> None:
+        """Accept sessions on sockets already bound and listening."""
+        loop = asyncio.get_running_loop()
+        for service, sock in listeners:
+            sock.setblocking(False)
+            server = await loop.create_server(self._factory(service), sock=sock, backlog=1024)
+            self.servers.append(server)
 
     def _factory(self, service: ProtectedService) -> Callable[[], ClientSide]:
         return lambda: ClientSide(self, service)
@@ -235,9 +235,38 @@ class Proxy:
 
     def cancel_target(self, destination: tuple[str, int]) -> Callable[[int, bytes], str | None]:
         def lookup(pid: int, secret: bytes) -> str | None:
-            return self.backend_keys.get((destination[0], destination[1], pid, secret))
+            session_id: str | None = self.cancel_keys.lookup(
+                (destination[0], destination[1], pid, secret))
+            return session_id
 
         return lookup
+
+
+def _bind(address: str, port: int, copies: int) -> list[socket.socket]:
+    """``copies`` listening sockets on ``address``:``port`` (SO_REUSEPORT when more than one);
+    none when the address is IPv6 and the host has no IPv6. Raises OSError naming it."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(copies):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if copies > 1:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address, port))
+            sock.listen(1024)
+    except OSError as e:
+        for sock in socks:
+            sock.close()
+        if family == socket.AF_INET6 and e.errno in (97, 99):  # no IPv6 here
+            log.warning("IPv6 unavailable; not listening on %s", address,
+                        extra={"event": "proxy.ipv6_unavailable"})
+            return []
+        raise OSError(e.errno, f"cannot listen on [{address}]:{port}: {e.strerror}") from None
+    return socks
 
 
 def _keep_alive(sock: Any, timing: tuple[int, int, int] | None = None) -> None:
@@ -460,6 +489,7 @@ class ClientSide(asyncio.Protocol):
             "source": _endpoint(peer),
             "destination": _endpoint(destination) if destination else None,
             "listener": _endpoint(local),
+            "agent_pid": self.proxy.pid,
         }
         self.destination = destination
         cfg = self.proxy.config.agent
@@ -744,7 +774,7 @@ class ClientSide(asyncio.Protocol):
         if self.destination is None:
             return
         entry = (self.destination[0], self.destination[1], key[0], key[1])
-        self.proxy.backend_keys[entry] = self.session_id
+        self.proxy.cancel_keys.register(entry, self.session_id)
         self.key_registered = entry
 
     def shutdown(self, reason: str) -> None:
@@ -763,7 +793,7 @@ class ClientSide(asyncio.Protocol):
         self.closed = True
         self.proxy.connections.discard(self)
         if self.key_registered is not None:
-            self.proxy.backend_keys.pop(self.key_registered, None)
+            self.proxy.cancel_keys.unregister(self.key_registered)
         if self.transport is not None:
             self.transport.close()
         if self.upstream is not None and self.upstream.transport is not None:

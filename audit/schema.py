@@ -132,6 +132,8 @@ class SessionStart(TypedDict):
     source: Endpoint
     destination: Endpoint
     listener: Endpoint
+    # The agent process carrying the session: the agent's own or a session worker's.
+    agent_pid: NotRequired[int]
     process: ProcessInfo | None
     attribution: Attribution
     target: Target | None

@@ -35,7 +35,8 @@ class AgentProcess:
     """Writes a config, starts ``ringfence run`` in ``ns``, waits for READY=1."""
 
     def __init__(self, ns: NetNS, workdir: Path, *, bpf_mode: str = "required",
-                 extra: str = "", services: str | None = None, policy: Path | None = None) -> None:
+                 extra: str = "", services: str | None = None, policy: Path | None = None,
+                 agent_settings: str = "") -> None:
         self.ns = ns
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -50,6 +51,7 @@ state_dir = "{workdir / 'state'}"
 run_dir = "{workdir / 'run'}"
 log_format = "text"
 log_level = "debug"
+{agent_settings}
 
 [bpf]
 mode = "{bpf_mode}"
@@ -114,6 +116,17 @@ path = "{policy or REPO / 'packaging' / 'policy.toml'}"
         assert self.process is not None
         self.process.kill()
         self.process.wait()
+
+    def session_pids(self) -> list[int]:
+        """The processes that carry sessions: the agent and its session workers."""
+        assert self.process is not None
+        pids = [self.process.pid]
+        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+                if b"agent.workers" in cmdline:
+                    pids.append(int(child))
+        return pids
 
     @property
     def running(self) -> bool:
