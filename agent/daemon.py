@@ -3,9 +3,13 @@
 Start order: audit log → attribution probes → listeners → redirect rules →
 ``agent.start`` record → ``READY=1``. Rules go in last, so no connection is
 ever redirected to a port nobody listens on. Stop order (SIGTERM/SIGINT):
-rules out first (new connections go straight to the service again), then
-sessions are ended with a clear message, probes detached, ``agent.stop``
-recorded, the audit log closed.
+sessions are ended with a clear message (the session workers' first, then the
+agent's, which refuses new ones with the same message meanwhile), then the rules
+go (new connections go straight to the service again), then the listeners;
+probes detached, ``agent.stop`` recorded, the audit log closed. Sessions end
+before the rules go because removing them can drop the address translation of
+connections already redirected (iptables-nft), and a session's last words would
+then reach its client as a reset.
 """
 
 from __future__ import annotations
@@ -217,6 +221,8 @@ async def _serve(config: Config) -> int:
         sd_notify("STOPPING=1")
         log.log(logging.ERROR if failed[0] else logging.INFO, "stopping: %s", stop_reason[0],
                 extra={"event": "agent.stopping", "reason": stop_reason[0]})
+        await asyncio.to_thread(workers.stop)  # their sessions end as the agent's do
+        proxy.end_sessions("agent stopping")  # new ones get the same answer until the rules go
         if failed[0] and config.agent.fail_closed:
             # As after a crash: protected ports keep refusing until the agent is back.
             log.error("redirect rules kept: [agent] fail_closed = true",
@@ -229,7 +235,6 @@ async def _serve(config: Config) -> int:
                     "could not remove redirect rules; run `ringfence redirect clean`",
                     extra={"event": "redirect.remove_failed", "error": str(e)},
                 )
-        await asyncio.to_thread(workers.stop)  # their sessions end as the agent's do
         await proxy.stop("agent stopping")
         try:
             audit_log.emit("agent.stop", {"reason": stop_reason[0]})

@@ -184,6 +184,7 @@ class Proxy:
             self.keepalive[service.name] = keepalive_timing(service.keepalive, service.port)
         self.servers: list[asyncio.base_events.Server] = []
         self.connections: set[ClientSide] = set()
+        self.stopping: str | None = None  # why every session is being ended (end_sessions)
         self.pid = os.getpid()
         # Which session holds each backend key: this process's, or the agent's registry
         # for a session worker (agent.workers.RemoteCancelKeys).
@@ -223,12 +224,18 @@ class Proxy:
     def _factory(self, service: ProtectedService) -> Callable[[], ClientSide]:
         return lambda: ClientSide(self, service)
 
+    def end_sessions(self, reason: str = "agent stopping") -> None:
+        """End every open session with a clear message, and each new one as it starts,
+        while still listening."""
+        self.stopping = reason
+        for conn in list(self.connections):
+            conn.shutdown(reason)
+
     async def stop(self, reason: str = "agent stopping") -> None:
         """Stop accepting and end every open session with a clear message."""
         for server in self.servers:
             server.close()
-        for conn in list(self.connections):
-            conn.shutdown(reason)
+        self.end_sessions(reason)
         for server in self.servers:
             await server.wait_closed()
         self.servers.clear()
@@ -518,6 +525,11 @@ class ClientSide(asyncio.Protocol):
                 "redirected connection to an unexpected port",
                 extra={"event": "proxy.unexpected_port", "port": destination[1]},
             )
+        if self.proxy.stopping is not None:
+            context["attribution"] = {"source": "unknown", "verified": False}
+            self._refuse_at_startup("57P01", f"terminating connection: ringfence "
+                                    f"{self.proxy.stopping}", self.proxy.stopping)
+            return
         if not self.proxy.audit.healthy:
             context["attribution"] = {"source": "unknown", "verified": False}
             # 57P03 (cannot connect now), as a server that is starting or stopping

@@ -27,8 +27,9 @@ reloaded when the agent's is (SIGHUP from the agent, which records the reload).
 
 Lifetimes: a worker dies with the agent (``PR_SET_PDEATHSIG``); on SIGTERM it ends its
 sessions with the same message as the agent's and closes its producer, so the writer
-commits all it sent; SIGINT (a terminal's Ctrl-C reaches the whole group) is left to the
-agent, which stops the workers in order. If a worker ends on its own, the agent stops with
+commits all it sent. The agent stops its workers before it ends its own sessions and
+removes the redirect rules; SIGINT (a terminal's Ctrl-C reaches the whole group) is left
+to the agent. If a worker ends on its own, the agent stops with
 an error, as when its writer ends, so that the service manager restarts them together.
 """
 
@@ -475,6 +476,7 @@ def worker_main(channel_fd: int, parent: int) -> int:
     """A worker process: serve the listeners the agent handed over until told to stop."""
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the policy is loaded (see below)
     channel = Channel(socket.socket(fileno=channel_fd))
     try:
         (_, (kind, config, audit_fd, listeners, attribution)), _ = channel.receive()
