@@ -19,7 +19,8 @@ since once it runs every TCP connection to port 5432 in the namespace is
 redirected to it; it is started afresh in each round. The table shows the median of
 each figure over the rounds, the ratios are taken within each round (their median
 and range are printed), and the proxies' CPU time per transaction (HAProxy's, and
-the agent's with its audit writer process; every thread, user and system) is read
+the agent's with its session workers and audit writer process; every thread, user and
+system) is read
 from /proc, as is the whole host's CPU per transaction with PostgreSQL's and pgbench's
 shares of it. Then it profiles the agent with py-spy under ``pgbench -S -c 8`` and
 prints the functions where its time goes. Nothing here asserts a timing.
@@ -117,8 +118,9 @@ def cpu_ticks(pid: int | None) -> int:
 
 
 def cpu_ticks_split(pid: int | None) -> tuple[int, int, int]:
-    """Clock ticks of ``pid``'s own threads in user and in system mode, and of its child
-    processes with theirs (both)."""
+    """Clock ticks of ``pid``'s own threads in user and in system mode (with its session
+    workers', the agent's other event loops), and of its other child processes with theirs
+    (both: the agent's audit writer)."""
     if pid is None:
         return 0, 0, 0
     user = system = descendants = 0
@@ -130,7 +132,16 @@ def cpu_ticks_split(pid: int | None) -> tuple[int, int, int]:
             continue  # a thread that just ended
         user += int(fields[11])
         system += int(fields[12])
-        descendants += sum(cpu_ticks(int(child)) for child in children)
+        for child in children:
+            try:
+                worker = b"agent.workers" in Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if worker:
+                u, s, d = cpu_ticks_split(int(child))
+                user, system, descendants = user + u, system + s, descendants + d
+            else:
+                descendants += cpu_ticks(int(child))
     return user, system, descendants
 
 
@@ -208,7 +219,8 @@ def measure_proxy(ns: NetNS, server: PgServer, argv: list[str], port: int,
 
 
 def profile(ns: NetNS, server: PgServer, agent: AgentProcess, args: argparse.Namespace) -> str:
-    """py-spy samples the agent while pgbench -S -c 8 runs; returns a summary of the hot functions.
+    """py-spy samples the agent (its session workers and audit writer too) while pgbench -S -c 8
+    runs; returns a summary of the hot functions.
 
     Two recordings: every sample of a running thread (where wall time goes,
     including waits for the GIL), then only samples of the thread holding the
@@ -230,11 +242,12 @@ def profile(ns: NetNS, server: PgServer, agent: AgentProcess, args: argparse.Nam
         for name, extra in (("active threads", []), ("GIL holder", ["--gil"])):
             raw = args.out / f"profile-{'gil' if extra else 'all'}.txt"
             subprocess.run([pyspy, "record", "--pid", pid, "--duration", str(seconds), "--threads",
-                            "--nonblocking", "--format", "raw", *extra, "-o", str(raw)],
+                            "--subprocesses", "--nonblocking", "--format", "raw", *extra,
+                            "-o", str(raw)],
                            check=True, capture_output=True, timeout=seconds + 60)
             summaries.append(f"[{name}] " + summarize(raw))
         subprocess.run([pyspy, "record", "--pid", pid, "--duration", "3", "--nonblocking",
-                        "-o", str(args.out / "profile.svg")],
+                        "--subprocesses", "-o", str(args.out / "profile.svg")],
                        check=False, capture_output=True, timeout=60)
     finally:
         load.wait(timeout=2 * seconds + 120)
@@ -331,7 +344,8 @@ def table(rounds: list[dict[str, dict[Any, Any]]]) -> str:
             return f"{r['user_cpu_us']:.0f} user + {r['system_cpu_us']:.0f} system"
 
         lines.append("proxy CPU per transaction (all threads and child processes; the proxy's own "
-                     "threads split into user and system time):")
+                     "threads, the agent's session workers included, split into user and system "
+                     "time):")
         lines.extend(f"  c{c}  ringfence {rf[c]['agent_cpu_us']:.0f} us ({split(rf[c])} + audit "
                      f"writer {rf[c]['child_cpu_us']:.0f})   pyrelay {relay[c]['agent_cpu_us']:.0f} us "
                      f"({split(relay[c])})   haproxy {ha[c]['agent_cpu_us']:.0f} us ({split(ha[c])})"
@@ -365,6 +379,8 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows in the large-result scan")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of direct, HAProxy and ringfence; the table shows medians")
+    parser.add_argument("--workers", default="auto",
+                        help="the agent's [agent] workers (event loops carrying sessions)")
     parser.add_argument("--profile-seconds", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "ringfence-bench",
                         help="where profile.svg and profile.txt go")
@@ -396,7 +412,8 @@ def main() -> int:
                 result["pyrelay"] = measure_proxy(
                     ns, server, [sys.executable, str(ROOT / "bench" / "relay_floor.py"),
                                  str(FLOOR_PORT), "5432"], FLOOR_PORT, args, work)
-                agent = AgentProcess(ns, work / "agent")
+                workers = args.workers if args.workers.isdigit() else f'"{args.workers}"'
+                agent = AgentProcess(ns, work / "agent", agent_settings=f"workers = {workers}")
                 agent.start()
                 try:
                     assert agent.process is not None

@@ -42,6 +42,10 @@ def test_environment_variable_chooses_the_file(tmp_path: Path, monkeypatch: pyte
         ({"protect": [{"name": "pg", "port": 5432, "extra": 1}]}, "protect[0].extra: unknown key"),
         ({"agent": {"listen_addresses": ["nope"]}}, "agent.listen_addresses[0]"),
         ({"bpf": {"mode": "sometimes"}}, "bpf.mode"),
+        ({"agent": {"workers": 0}}, 'agent.workers: must be "auto" or a number from 1 to 64'),
+        ({"agent": {"workers": "all"}}, "agent.workers"),
+        ({"agent": {"workers": True}}, "agent.workers"),
+        ({"agent": {"workers": 65}}, "agent.workers"),
         ({"audit": {"path": 3}}, "audit.path: expected str"),
         ({"protect": [{"name": "pg", "keepalive": {"idle": "1min"}}]}, "protect[0].keepalive.idle"),
         ({"protect": [{"name": "pg", "keepalive": {"count": -1}}]}, "protect[0].keepalive.count"),
@@ -64,3 +68,14 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("[agent\n")
     with pytest.raises(ConfigError, match=str(bad)):
         load_config(bad)
+
+
+def test_workers_is_a_count_or_auto() -> None:
+    """[agent] workers: "auto" (stored as 0, one per CPU up to 4, at least 1) or a count."""
+    from agent.workers import AUTO_MAX, event_loops
+
+    assert parse_config({}).agent.workers == 0
+    assert parse_config({"agent": {"workers": "auto"}}).agent.workers == 0
+    assert parse_config({"agent": {"workers": 3}}).agent.workers == 3
+    assert event_loops(3) == 3
+    assert 1 <= event_loops(0) <= AUTO_MAX
