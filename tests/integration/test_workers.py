@@ -3,6 +3,7 @@ trail sees depends on which one carries a session."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -98,6 +99,28 @@ def python_in(ns: NetNS, script: str, *args: str, **kwargs: Any) -> subprocess.P
                     stderr=subprocess.PIPE, text=True, cwd=str(REPO), **kwargs)
 
 
+@contextlib.contextmanager
+def holding(ns: NetNS, prefix: str) -> Iterator[subprocess.Popen[str]]:
+    """HOLD's CONNECTIONS sessions (application names ``prefix0``...), each past its first
+    statement; the script is killed afterwards."""
+    hold = python_in(ns, HOLD, prefix)
+    try:
+        assert hold.stdout is not None and hold.stdin is not None
+        assert hold.stdout.readline().strip() == "ready"
+        yield hold
+    finally:
+        hold.kill()
+        hold.wait()
+
+
+def go(hold: subprocess.Popen[str]) -> Any:
+    """Each held session reads the ledger once more: "ok" or the SQLSTATE, in order."""
+    assert hold.stdin is not None and hold.stdout is not None
+    hold.stdin.write("go\n")
+    hold.stdin.flush()
+    return json.loads(hold.stdout.readline())
+
+
 def starts(records: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
     found = []
     for recs in sessions(records).values():
@@ -115,18 +138,13 @@ def test_the_agent_runs_a_worker_and_sessions_land_on_both(stack: Any) -> None:
     assert len(pids) == 2
     start = agent.wait_for(lambda rs: [r for r in rs if r["type"] == "agent.start"])[-1]
     assert start["worker_pids"] == pids[1:]
-    hold = python_in(ns, HOLD, "spread")
-    try:
-        assert hold.stdout is not None and hold.stdout.readline().strip() == "ready"
+    with holding(ns, "spread") as hold:
         held = agent.wait_for(lambda rs: (lambda s: s if len(s) == CONNECTIONS else None)(
             starts(rs, "spread")))
         assert {s["agent_pid"] for s in held} == set(pids)
         assert all(s["attribution"]["source"] == "bpf" for s in held)
         # Attributed by the agent's probes, whichever process carries the session.
         assert all(s["process"]["pid"] == hold.pid for s in held)
-    finally:
-        hold.kill()
-        hold.wait()
 
 
 def test_cancel_requests_find_their_session_on_any_event_loop(stack: Any) -> None:
@@ -137,14 +155,13 @@ def test_cancel_requests_find_their_session_on_any_event_loop(stack: Any) -> Non
     out, err = cancel.communicate(timeout=300)
     assert json.loads(out) == ["57014"] * CONNECTIONS, err
 
-    def cancels(records: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
-        found = [r for r in records if r["type"] == "session.start" and r.get("cancel")]
-        return found if len(found) >= CONNECTIONS else None
+    def cancels(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [r for r in records if r["type"] == "session.start" and r.get("cancel")]
 
-    records = agent.wait_for(lambda rs: cancels(rs) and rs)
+    records = agent.wait_for(lambda rs: len(cancels(rs)) >= CONNECTIONS and rs)
     sleepers = {s["session_id"]: s for s in starts(records, "sleep")}
     assert len(sleepers) == CONNECTIONS
-    requests = [r for r in records if r["type"] == "session.start" and r.get("cancel")]
+    requests = cancels(records)
     targets = [r["cancel"]["target_session_id"] for r in requests]
     assert sorted(targets) == sorted(sleepers)  # each found, each once
     crossed = [r for r in requests
@@ -156,21 +173,15 @@ def test_a_policy_reload_reaches_sessions_on_every_event_loop(stack: Any) -> Non
     """After SIGHUP to the agent, open sessions on the agent and on its worker alike get the new
     policy at their next statement."""
     ns, _, agent, policy = stack
-    hold = python_in(ns, HOLD, "reload")
     try:
-        assert hold.stdout is not None and hold.stdin is not None
-        assert hold.stdout.readline().strip() == "ready"
-        before = len([r for r in agent.records() if r.get("effect") == "reload"])
-        policy.write_text(BLOCK_READS)
-        assert agent.process is not None
-        agent.process.send_signal(signal.SIGHUP)
-        agent.wait_for(lambda rs: len([r for r in rs if r.get("effect") == "reload"]) > before)
-        hold.stdin.write("go\n")
-        hold.stdin.flush()
-        assert json.loads(hold.stdout.readline()) == ["42501"] * CONNECTIONS
+        with holding(ns, "reload") as hold:
+            before = len([r for r in agent.records() if r.get("effect") == "reload"])
+            policy.write_text(BLOCK_READS)
+            assert agent.process is not None
+            agent.process.send_signal(signal.SIGHUP)
+            agent.wait_for(lambda rs: len([r for r in rs if r.get("effect") == "reload"]) > before)
+            assert go(hold) == ["42501"] * CONNECTIONS
     finally:
-        hold.kill()
-        hold.wait()
         policy.write_text(POLICY)
         if agent.process is not None:
             agent.process.send_signal(signal.SIGHUP)
@@ -183,20 +194,12 @@ def test_a_stop_ends_every_loops_sessions_with_the_agents_message(stack: Any) ->
     why, the worker exits, and the trail holds agent.stop after all of them."""
     ns, _, agent, _ = stack
     pids = agent.session_pids()
-    hold = python_in(ns, HOLD, "stop")
-    try:
-        assert hold.stdout is not None and hold.stdin is not None
-        assert hold.stdout.readline().strip() == "ready"
+    with holding(ns, "stop") as hold:
         assert agent.stop() == 0
         for pid in pids[1:]:
             assert not Path(f"/proc/{pid}").exists()
-        hold.stdin.write("go\n")
-        hold.stdin.flush()
         # Each client got the agent's message, not a reset, wherever its session was.
-        assert json.loads(hold.stdout.readline()) == ["57P01"] * CONNECTIONS
-    finally:
-        hold.kill()
-        hold.wait()
+        assert go(hold) == ["57P01"] * CONNECTIONS
     records = agent.records()
     held = starts(records, "stop")
     assert {s["agent_pid"] for s in held} == set(pids)
