@@ -276,7 +276,11 @@ class PolicyReloader:
     def __init__(self, holder: Any, audit_log: Any, also: Callable[[], None] | None = None) -> None:
         self.holder = holder
         self.audit_log = audit_log
-        self.also = also  # after each reload (the session workers load the file again)
+        # After each reload that loaded (the session workers load the file again). Not after
+        # one that failed: the file is broken, each worker would log the same error, and
+        # every loop keeps the policy in force. An unchanged file is passed on all the same,
+        # so a worker that missed an earlier change catches up.
+        self.also = also
 
     def reload(self) -> None:
         self._report(self.holder.version, self.holder.reload(), "signal")
@@ -291,7 +295,7 @@ class PolicyReloader:
 
     def _report(self, previous: str, result: tuple[bool, str], trigger: str) -> None:
         ok, message = result
-        if self.also is not None:
+        if ok and self.also is not None:
             self.also()
         level = logging.INFO if ok else logging.ERROR
         log.log(level, "policy reload: %s", message,
