@@ -11,11 +11,13 @@ measures, in each of ``--rounds`` rounds (3)
   seconds and MB/s of result text;
 
 directly (TCP to 127.0.0.1:5432), through HAProxy in plain TCP mode
-(127.0.0.1:6432), through ``relay_floor.py`` (127.0.0.1:7432: the agent's event
-loop and shape of code relaying bytes without reading them, the floor under any
-Python session) and through ringfence with full statement recording
-(127.0.0.1:5432, redirected). The others run before the agent starts,
-since once it runs every TCP connection to port 5432 in the namespace is
+(127.0.0.1:6432), through the same HAProxy behind an iptables ``nat`` REDIRECT of
+127.0.0.1:5432 (clients dial 5432 as they do with the agent: what the interception
+itself costs, connection tracking and NAT on every packet), through
+``relay_floor.py`` (127.0.0.1:7432: the agent's event loop and shape of code
+relaying bytes without reading them, the floor under any Python session) and
+through ringfence with full statement recording (127.0.0.1:5432, redirected). The
+others run before the agent starts, since once it runs every TCP connection to port 5432 in the namespace is
 redirected to it; it is started afresh in each round. The table shows the median of
 each figure over the rounds, the ratios are taken within each round (their median
 and range are printed), and the proxies' CPU time per transaction (HAProxy's, and
@@ -53,7 +55,15 @@ FLOOR_PORT = 7432
 CLIENT_COUNTS = (1, 8)
 
 
-def haproxy_config(path: Path) -> None:
+# HAProxy behind a REDIRECT reaches the server from this address, which the rule leaves alone
+# (as the agent's upstream mark does for the agent).
+HAPROXY_SOURCE = "127.0.0.2"
+REDIRECT_RULE = ["OUTPUT", "-p", "tcp", "-d", "127.0.0.1", "--dport", "5432",
+                 "!", "-s", HAPROXY_SOURCE, "-j", "REDIRECT", "--to-ports", str(HAPROXY_PORT)]
+
+
+def haproxy_config(path: Path, source: str | None = None) -> None:
+    server = f"server postgres 127.0.0.1:5432{f' source {source}' if source else ''}"
     path.write_text(f"""global
     maxconn 2000
 defaults
@@ -63,7 +73,7 @@ defaults
     timeout server 1h
 listen postgres
     bind 127.0.0.1:{HAPROXY_PORT}
-    server postgres 127.0.0.1:5432
+    {server}
 """)
 
 
@@ -218,6 +228,16 @@ def measure_proxy(ns: NetNS, server: PgServer, argv: list[str], port: int,
         proxy.wait(30)
 
 
+def measure_redirected(ns: NetNS, server: PgServer, argv: list[str],
+                       args: argparse.Namespace, logdir: Path) -> dict[str, Any]:
+    """:func:`measure_proxy` with clients dialling 5432, redirected to the proxy by iptables."""
+    ns.run(["iptables", "-w", "-t", "nat", "-A", *REDIRECT_RULE])
+    try:
+        return measure_proxy(ns, server, argv, 5432, args, logdir)
+    finally:
+        ns.run(["iptables", "-w", "-t", "nat", "-D", *REDIRECT_RULE])
+
+
 def profile(ns: NetNS, server: PgServer, agent: AgentProcess, args: argparse.Namespace) -> str:
     """py-spy samples the agent (its session workers and audit writer too) while pgbench -S -c 8
     runs; returns a summary of the hot functions.
@@ -317,29 +337,34 @@ def ratios(rounds: list[dict[str, dict[Any, Any]]], name: str, base: str, key: A
 def table(rounds: list[dict[str, dict[Any, Any]]]) -> str:
     """Medians over the rounds; ratios are taken within each round, then their median (range)."""
     results = median_of(rounds)
-    head = (f"{'':<10} {'TPS c1':>9} {'p50 ms':>7} {'p99 ms':>7} {'TPS c8':>9} {'p50 ms':>7} "
+    head = (f"{'':<11} {'TPS c1':>9} {'p50 ms':>7} {'p99 ms':>7} {'TPS c8':>9} {'p50 ms':>7} "
             f"{'p99 ms':>7} {'scan s':>7} {'MB/s':>7}")
     lines = [f"median of {len(rounds)} round(s)", head, "-" * len(head)]
     for name, r in results.items():
         c1, c8, sc = r[1], r[8], r["scan"]
-        lines.append(f"{name:<10} {c1['tps']:>9.0f} {c1['p50']:>7.3f} {c1['p99']:>7.3f} "
+        lines.append(f"{name:<11} {c1['tps']:>9.0f} {c1['p50']:>7.3f} {c1['p99']:>7.3f} "
                      f"{c8['tps']:>9.0f} {c8['p50']:>7.3f} {c8['p99']:>7.3f} "
                      f"{sc['seconds']:>7.2f} {sc['mbps']:>7.1f}")
     lines.append("")
-    for base in ("direct", "haproxy"):
+    for base in ("direct", "haproxy", "haproxy-nat"):
         parts = []
         for label, key, metric in RATIOS:
             values = ratios(rounds, "ringfence", base, key, metric)
             spread = f" ({values[0]:.2f}-{values[-1]:.2f})" if len(values) > 1 else ""
             parts.append(f"{label} {statistics.median(values):.2f}x{spread}")
-        lines.append(f"ringfence/{base:<8} " + "   ".join(parts))
+        lines.append(f"ringfence/{base:<11} " + "   ".join(parts))
     floor = (f"TPS c{c} {statistics.median(ratios(rounds, 'pyrelay', 'haproxy', c, 'tps')):.2f}x"
              for c in CLIENT_COUNTS)
-    lines.append("pyrelay/haproxy    " + "   ".join(floor)
+    lines.append("pyrelay/haproxy       " + "   ".join(floor)
                  + "   (bytes relayed by the agent's event loop, nothing read: the Python floor)")
+    nat = (f"TPS c{c} {statistics.median(ratios(rounds, 'haproxy-nat', 'haproxy', c, 'tps')):.2f}x"
+           for c in CLIENT_COUNTS)
+    lines.append("haproxy-nat/haproxy   " + "   ".join(nat)
+                 + "   (HAProxy behind a REDIRECT like the agent's: what interception costs)")
     cpu = [r["ringfence"][c]["agent_cpu_us"] for r in rounds for c in CLIENT_COUNTS]
     if all(v == v for v in cpu):  # not NaN
         rf, relay, ha = results["ringfence"], results["pyrelay"], results["haproxy"]
+        hanat = results["haproxy-nat"]
         def split(r: dict[str, float]) -> str:
             return f"{r['user_cpu_us']:.0f} user + {r['system_cpu_us']:.0f} system"
 
@@ -349,6 +374,7 @@ def table(rounds: list[dict[str, dict[Any, Any]]]) -> str:
         lines.extend(f"  c{c}  ringfence {rf[c]['agent_cpu_us']:.0f} us ({split(rf[c])} + audit "
                      f"writer {rf[c]['child_cpu_us']:.0f})   pyrelay {relay[c]['agent_cpu_us']:.0f} us "
                      f"({split(relay[c])})   haproxy {ha[c]['agent_cpu_us']:.0f} us ({split(ha[c])})"
+                     f"   haproxy-nat {hanat[c]['agent_cpu_us']:.0f} us"
                      for c in CLIENT_COUNTS)
     lines.append("the host's CPU per transaction (every process; neither idle nor stolen), of it "
                  "PostgreSQL + pgbench:")
@@ -378,7 +404,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=10, help="pgbench duration per run")
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows in the large-result scan")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of direct, HAProxy and ringfence; the table shows medians")
+                        help="rounds of every setup; the table shows medians")
     parser.add_argument("--workers", default="auto",
                         help="the agent's [agent] workers (event loops carrying sessions)")
     parser.add_argument("--profile-seconds", type=int, default=10)
@@ -403,12 +429,15 @@ def main() -> int:
             print(f"PostgreSQL {server.bindir.parent.name}, pgbench -S -T {args.seconds}, "
                   f"scan of {args.rows} rows, {args.rounds} round(s)", flush=True)
             haproxy_config(work / "haproxy.cfg")
+            haproxy_config(work / "haproxy-nat.cfg", source=HAPROXY_SOURCE)
             for number in range(1, args.rounds + 1):
                 result: dict[str, dict[Any, Any]] = {}
                 result["direct"] = measure(ns, server, 5432, args, work)
                 result["haproxy"] = measure_proxy(
                     ns, server, [haproxy, "-db", "-f", str(work / "haproxy.cfg")], HAPROXY_PORT,
                     args, work)
+                result["haproxy-nat"] = measure_redirected(
+                    ns, server, [haproxy, "-db", "-f", str(work / "haproxy-nat.cfg")], args, work)
                 result["pyrelay"] = measure_proxy(
                     ns, server, [sys.executable, str(ROOT / "bench" / "relay_floor.py"),
                                  str(FLOOR_PORT), "5432"], FLOOR_PORT, args, work)
