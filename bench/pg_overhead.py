@@ -15,17 +15,17 @@ directly (TCP to 127.0.0.1:5432), through HAProxy in plain TCP mode
 127.0.0.1:5432 (clients dial 5432 as they do with the agent: what the interception
 itself costs, connection tracking and NAT on every packet), through
 ``relay_floor.py`` (127.0.0.1:7432: the agent's event loop and shape of code
-relaying bytes without reading them, the floor under any Python session) and
-through ringfence with full statement recording (127.0.0.1:5432, redirected). The
-others run before the agent starts, since once it runs every TCP connection to port
-5432 in the namespace is redirected to it; it is started afresh in each round. The table shows the median of
-each figure over the rounds, the ratios are taken within each round (their median
-and range are printed), and the proxies' CPU time per transaction (HAProxy's, and
-the agent's with its session workers and audit writer process; every thread, user and
-system) is read
-from /proc, as is the whole host's CPU per transaction with PostgreSQL's and pgbench's
-shares of it. Then it profiles the agent with py-spy under ``pgbench -S -c 8`` and
-prints the functions where its time goes. Nothing here asserts a timing.
+relaying bytes without reading them, the floor under any Python session) and through
+ringfence with full statement recording (127.0.0.1:5432, redirected). The others run
+before the agent starts, since once it runs every TCP connection to port 5432 in the
+namespace is redirected to it; it is started afresh in each round. The table shows
+the median of each figure over the rounds, the ratios are taken within each round
+(their median and range are printed), and the proxies' CPU time per transaction
+(HAProxy's, and the agent's with its session workers and audit writer process; every
+thread, user and system) is read from /proc, as is the whole host's CPU per
+transaction with PostgreSQL's and pgbench's shares of it. Then it profiles the agent
+with py-spy under ``pgbench -S -c 8`` and prints the functions where its time goes.
+Nothing here asserts a timing.
 """
 
 from __future__ import annotations
