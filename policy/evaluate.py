@@ -325,12 +325,10 @@ class Policy:
         self._memo: dict[tuple[bytes, Subject, Resource], StatementDecision] | None = (
             None if any(m.time is not None or m.pattern is not None for m in matches) else {}
         )
-
-    @property
-    def reuses_decisions(self) -> bool:
-        """Whether a statement's decision depends only on its shape, the subject and the resource
-        (no time windows, no patterns over the text), so it may be reused for the same shape."""
-        return self._memo is not None
+        # Whether a statement's decision depends only on its shape, the subject and the
+        # resource (no time windows, no patterns over the text), so it may be reused for the
+        # same shape. (An attribute, not a property: it is read for every statement.)
+        self.reuses_decisions: bool = self._memo is not None
 
     # -- classification ----------------------------------------------------
 
