@@ -68,8 +68,10 @@ class AuditSink(Protocol):
     def emit_many(self, records: Sequence[Emitted], *, session_id: str | None = None) -> None:
         """Queue records in order."""
 
-    def emit_packed(self, type: str, data: bytes, session_id: str | None) -> None:
-        """Queue a record whose event is already encoded (msgpack)."""
+    def emit_packed(self, type: str, data: bytes, session_id: str | None,
+                    caller: asyncio.AbstractEventLoop | None = None) -> None:
+        """Queue a record whose event is already encoded (msgpack); ``caller``: the loop
+        whose callback makes this call."""
 
     async def emit_durable(
         self, type: str, event: dict[str, Any], *, session_id: str | None = None
@@ -319,6 +321,7 @@ class ClientSide(asyncio.Protocol):
         self._client_hold: list[bytes] | None = None
         self.client_write_paused = False  # the client's transport is above its high-water mark
         self.upstream_write_paused = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop this connection runs on
 
     # asyncio callbacks --------------------------------------------------
 
@@ -330,7 +333,8 @@ class ClientSide(asyncio.Protocol):
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
         _keep_alive(transport.get_extra_info("socket"), self.proxy.keepalive.get(self.service.name))
         self.proxy.connections.add(self)
-        task = asyncio.get_running_loop().create_task(self._setup())
+        self._loop = loop = asyncio.get_running_loop()
+        task = loop.create_task(self._setup())
         task.add_done_callback(self._setup_done)
 
     def _setup_done(self, task: asyncio.Task[None]) -> None:
@@ -702,7 +706,7 @@ class ClientSide(asyncio.Protocol):
     def _emit_packed(self, type: str, data: bytes) -> None:
         """A one-step path's record (already encoded): :meth:`_emit` in fewer steps."""
         try:
-            self.proxy.audit.emit_packed(type, data, self.session_id)
+            self.proxy.audit.emit_packed(type, data, self.session_id, self._loop)
         except Exception as e:
             self._audit_failed(e)
 

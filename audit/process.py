@@ -258,12 +258,17 @@ class AuditProcess:
             # The writer counts them as lost (an audit.loss record follows on recovery).
             raise AuditUnavailable(f"audit store is failing: {failure}")
 
-    def emit_packed(self, type: str, data: bytes, session_id: str | None) -> None:
+    def emit_packed(self, type: str, data: bytes, session_id: str | None,
+                    caller: asyncio.AbstractEventLoop | None = None) -> None:
         """:meth:`emit` of an event already encoded (a msgpack map), in as few steps as
-        can be: the proxy's commonest records, on the event loop's thread."""
+        can be: the proxy's commonest records, on the event loop's thread.
+
+        ``caller``: the loop whose callback is running this call, when the caller knows it
+        (a protocol's ``data_received``); it saves asking which thread and loop this is."""
         loop = self._loop
         if (loop is None or self._closing or type not in _PRODUCER_TYPES
-                or threading.get_ident() != self._loop_thread or not loop.is_running()):
+                or (caller is not loop if caller is not None else
+                    threading.get_ident() != self._loop_thread or not loop.is_running())):
             self.emit_many(((type, data),), session_id=session_id)  # says what is wrong
             return
         ts = time.time_ns()

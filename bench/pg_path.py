@@ -88,6 +88,7 @@ port = 5432
         transport: Any = FakeTransport()
         client.transport = transport
         client._early = None  # setup done
+        client._loop = asyncio.get_running_loop()  # as connection_made would
         client.session = PostgresSession(client.session_id, {"service": "postgres"},
                                          policy=lambda: policy.current)
         client.upstream = upstream = UpstreamSide(client)

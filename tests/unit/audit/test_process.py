@@ -248,9 +248,10 @@ def test_a_store_that_cannot_be_opened_is_reported_at_start(tmp_path: Path) -> N
 
 
 def test_events_already_encoded_are_stored_as_they_are(tmp_path: Path) -> None:
-    """emit_packed (the one-step paths' records, encoded by the session) from the loop, and
-    the same from a thread or after a loop ended, land in order beside ordinary events;
-    a type producers may not emit is refused as emit's is."""
+    """emit_packed (the one-step paths' records, encoded by the session) from the loop, with
+    or without the caller's loop named (a wrong one is not trusted), and the same from a
+    thread or after a loop ended, land in order beside ordinary events; a type producers
+    may not emit is refused as emit's is."""
     import msgpack
 
     trail = start(tmp_path)
@@ -263,18 +264,24 @@ def test_events_already_encoded_are_stored_as_they_are(tmp_path: Path) -> None:
         trail.emit_packed("query", packed(first), "s1")  # the loop not yet known: emit_many
         trail.emit("result", {"n": first + 1}, session_id="s1")
         trail.emit_packed("query", packed(first + 2), "s1")
+        trail.emit_packed("result", packed(first + 3), "s1", asyncio.get_running_loop())
+        other = asyncio.new_event_loop()  # named as the caller, but not this trail's loop
+        try:
+            trail.emit_packed("query", packed(first + 4), "s1", other)
+        finally:
+            other.close()
         with pytest.raises(UnknownEventType):
             trail.emit_packed("checkpoint", packed(-1), "s1")
 
     asyncio.run(loop(0))
-    asyncio.run(loop(3))  # a new loop on the same thread
-    trail.emit_packed("result", packed(6), "s1")  # outside any loop
+    asyncio.run(loop(5))  # a new loop on the same thread
+    trail.emit_packed("result", packed(10), "s1")  # outside any loop
     assert trail.flush(timeout=30)
     trail.close()
     records = read_types(tmp_path)
-    assert [event["n"] for _, _, event in records] == [0, 1, 2, 3, 4, 5, 6]
+    assert [event["n"] for _, _, event in records] == list(range(11))
     assert [event.get("encoded", False) for _, _, event in records] == [
-        True, False, True, True, False, True, True]
+        True, False, True, True, True] * 2 + [True]
     assert {sid for _, sid, _ in records} == {"s1"}
 
 
