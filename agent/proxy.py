@@ -321,6 +321,11 @@ class ClientSide(asyncio.Protocol):
         self._client_hold: list[bytes] | None = None
         self.client_write_paused = False  # the client's transport is above its high-water mark
         self.upstream_write_paused = False
+        # Set once the session is up with neither TLS nor anything of its setup pending
+        # (none of which comes back): both sides' bytes then try the one-step paths first,
+        # without the setup cases in between (see _take_plain_path).
+        self._plain = False
+        self._upstream_transport: asyncio.Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop this connection runs on
 
     # asyncio callbacks --------------------------------------------------
@@ -358,6 +363,20 @@ class ClientSide(asyncio.Protocol):
             self._close_all()
 
     def data_received(self, data: bytes) -> None:
+        if self._plain:
+            # What _client_bytes does once setup is behind, in fewer steps.
+            session = self.session
+            assert session is not None and self._upstream_transport is not None
+            if self.closed:
+                return
+            if self._deferred is None and self.proxy.audit.healthy:
+                record = session.allowed_query(data)
+                if record is not None:
+                    self._upstream_transport.write(data)
+                    self._emit_packed("query", record)
+                    return
+            self.apply(session.client_data(data))
+            return
         if self.closed:
             return
         if self._early is not None:
@@ -414,8 +433,21 @@ class ClientSide(asyncio.Protocol):
             if record is not None:
                 self._write_server(data)
                 self._emit_packed("query", record)
+                self._take_plain_path()
                 return
         self.apply(session.client_data(data))
+
+    def _take_plain_path(self) -> None:
+        """After the session's first one-step statement: when neither side has TLS and no
+        setup step is pending, later bytes go straight to the one-step paths. None of these
+        conditions changes back: TLS starts before the first message or never, and the
+        upstream's state and the held bytes belong to setup."""
+        upstream = self.upstream
+        if (self.tls is None and self.upstream_state == "plain" and self._early is None
+                and self._client_hold is None and upstream is not None and upstream.tls is None
+                and upstream.transport is not None and self.transport is not None):
+            self._upstream_transport = upstream.transport
+            self._plain = True
 
     def _choose_upstream_tls(self) -> None:
         """Before the session's first message goes upstream: TLS to the server or not."""
@@ -766,6 +798,7 @@ class ClientSide(asyncio.Protocol):
             )
         if actions.start_tls and self.tls_context is not None:
             self.tls = TlsChannel(self.tls_context, server_side=True)
+            self._plain = False  # (the session asks for TLS only during setup)
         session = self.session
         if session is not None and session.backend_key and self.key_registered is None:
             self._register_key(session.backend_key)
@@ -832,6 +865,21 @@ class UpstreamSide(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         client = self.client
         session = client.session
+        if client._plain:
+            # The rest of this method once setup is behind, in fewer steps.
+            assert session is not None and client.transport is not None
+            if client.closed:
+                return
+            if session.relays_server_bytes and client._deferred is None and client.proxy.audit.healthy:
+                client.transport.write(data)
+                record = session.plain_reply(data)
+                if record is not None:
+                    client._emit_packed("result", record)
+                    return
+                client.apply(session.server_data(data, forwarded=True))
+                return
+            client.apply(session.server_data(data))
+            return
         if session is None or client.closed:
             return
         state = client.upstream_state
