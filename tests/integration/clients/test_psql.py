@@ -87,7 +87,10 @@ def test_watch_repeats_through_the_agent(pghost: Host) -> None:
         blocks[direct] = (runs[0], len(runs))
     assert blocks[False][0] == blocks[True][0]
     recs = wait_sessions(pghost.agent, app)[0]
-    assert [t.strip() for t in texts(recs)] == [query] * blocks[False][1]
+    recorded = [t.strip() for t in texts(recs)]
+    # The interrupt can come after psql sent one more run and before it printed the answer:
+    # the server got that statement, so it is recorded too.
+    assert recorded in ([query] * blocks[False][1], [query] * (blocks[False][1] + 1))
 
 
 def test_multi_statement_string_identical(pghost: Host) -> None:
