@@ -865,43 +865,10 @@ class UpstreamSide(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         client = self.client
         session = client.session
-        if client._plain:
-            # The rest of this method once setup is behind, in fewer steps.
-            assert session is not None and client.transport is not None
-            if client.closed:
-                return
-            if session.relays_server_bytes and client._deferred is None and client.proxy.audit.healthy:
-                client.transport.write(data)
-                record = session.plain_reply(data)
-                if record is not None:
-                    client._emit_packed("result", record)
-                    return
-                client.apply(session.server_data(data, forwarded=True))
-                return
-            client.apply(session.server_data(data))
-            return
         if session is None or client.closed:
             return
-        state = client.upstream_state
-        if state == "negotiating":
-            self._negotiated(data[:1])
-            data = data[1:]
-            if not data or client.closed:
-                return
-            state = client.upstream_state
-        if self.tls is not None:
-            try:
-                data, reply = self.tls.receive(data)
-            except ssl.SSLError as e:
-                client.apply(session.refuse("08006", f"ringfence: TLS to the server failed: "
-                                            f"{e.reason or e}", f"upstream TLS error: {e}"))
-                return
-            if reply and self.transport is not None:
-                self.transport.write(reply)
-            if state == "handshaking" and self.tls.established:
-                client.upstream_state = "tls"
-                session.context.setdefault("tls", {})["upstream"] = self.tls.summary()
-                client.upstream_tls_ready()
+        if not client._plain:  # (once setup is behind, none of this applies again)
+            data = self._through_setup(client, session, data)
             if not data:
                 return
         if session.relays_server_bytes and client._deferred is None and client.proxy.audit.healthy:
@@ -914,6 +881,31 @@ class UpstreamSide(asyncio.Protocol):
             client.apply(session.server_data(data, forwarded=True))
             return
         client.apply(session.server_data(data))
+
+    def _through_setup(self, client: ClientSide, session: PostgresSession, data: bytes) -> bytes:
+        """The server's bytes through the upstream's TLS negotiation and TLS, when they are
+        on: what is left for the session (empty when nothing is)."""
+        state = client.upstream_state
+        if state == "negotiating":
+            self._negotiated(data[:1])
+            data = data[1:]
+            if not data or client.closed:
+                return b""
+            state = client.upstream_state
+        if self.tls is not None:
+            try:
+                data, reply = self.tls.receive(data)
+            except ssl.SSLError as e:
+                client.apply(session.refuse("08006", f"ringfence: TLS to the server failed: "
+                                            f"{e.reason or e}", f"upstream TLS error: {e}"))
+                return b""
+            if reply and self.transport is not None:
+                self.transport.write(reply)
+            if state == "handshaking" and self.tls.established:
+                client.upstream_state = "tls"
+                session.context.setdefault("tls", {})["upstream"] = self.tls.summary()
+                client.upstream_tls_ready()
+        return data
 
     def _negotiated(self, answer: bytes) -> None:
         """The server's one-byte answer to the agent's SSLRequest."""
