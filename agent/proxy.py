@@ -322,10 +322,9 @@ class ClientSide(asyncio.Protocol):
         self.client_write_paused = False  # the client's transport is above its high-water mark
         self.upstream_write_paused = False
         # Set once the session is up with neither TLS nor anything of its setup pending
-        # (none of which comes back): both sides' bytes then try the one-step paths first,
-        # without the setup cases in between (see _take_plain_path).
+        # (none of which comes back): both sides' bytes then skip the setup steps (see
+        # _take_plain_path).
         self._plain = False
-        self._upstream_transport: asyncio.Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop this connection runs on
 
     # asyncio callbacks --------------------------------------------------
@@ -363,20 +362,6 @@ class ClientSide(asyncio.Protocol):
             self._close_all()
 
     def data_received(self, data: bytes) -> None:
-        if self._plain:
-            # What _client_bytes does once setup is behind, in fewer steps.
-            session = self.session
-            assert session is not None and self._upstream_transport is not None
-            if self.closed:
-                return
-            if self._deferred is None and self.proxy.audit.healthy:
-                record = session.allowed_query(data)
-                if record is not None:
-                    self._upstream_transport.write(data)
-                    self._emit_packed("query", record)
-                    return
-            self.apply(session.client_data(data))
-            return
         if self.closed:
             return
         if self._early is not None:
@@ -389,10 +374,31 @@ class ClientSide(asyncio.Protocol):
         self._client_bytes(data)
 
     def _client_bytes(self, data: bytes) -> None:
-        """Bytes off the client's socket: through TLS when it is on, then to the session."""
+        """Bytes off the client's socket: through TLS and setup when they apply, then to the
+        session."""
         session = self.session
         if session is None or self.closed:
             return
+        if not self._plain:  # (once setup is behind, none of this applies again)
+            data = self._through_setup(session, data)
+            if not data:
+                return
+        if self._deferred is None and self.proxy.audit.healthy:
+            # The commonest case (a statement of a shape this session already allowed) in one
+            # step: forwarded as it is, then recorded, as apply() does for any other.
+            record = session.allowed_query(data)
+            if record is not None:
+                self._write_server(data)
+                self._emit_packed("query", record)
+                if not self._plain:
+                    self._take_plain_path()
+                return
+        self.apply(session.client_data(data))
+
+    def _through_setup(self, session: PostgresSession, data: bytes) -> bytes:
+        """The client's bytes through TLS (direct or after SSLRequest) and the choice of the
+        upstream's TLS, when they apply: what is left for the session now (empty when
+        nothing is, or when it is held until the server's TLS is up)."""
         if self.tls is None and not self._first_byte_seen and data[:1] == b"\x16":
             # A TLS ClientHello first: PostgreSQL 17's direct TLS (sslnegotiation=direct).
             if self.tls_context is None:
@@ -400,7 +406,7 @@ class ClientSide(asyncio.Protocol):
                     "direct TLS (sslnegotiation=direct) requested, but TLS is not configured "
                     "for this service", "failure"))
                 self._close_all()
-                return
+                return b""
             self.tls = TlsChannel(self.tls_context, server_side=True)
             session.tls_started = True
         self._first_byte_seen = True
@@ -411,13 +417,13 @@ class ClientSide(asyncio.Protocol):
             except ssl.SSLError as e:
                 self.apply(session.connection_lost(f"client TLS error: {e.reason or e}", "failure"))
                 self._close_all()
-                return
+                return b""
             if reply and self.transport is not None:
                 self.transport.write(reply)
             if self.tls.established and not was_established:
                 session.context["tls"] = {"client": self.tls.summary()}
             if not data:
-                return
+                return b""
         if self.upstream_state == "new" and not data.startswith(_ENCRYPTION_REQUESTS):
             self._choose_upstream_tls()
         if self._client_hold is not None:
@@ -425,28 +431,17 @@ class ClientSide(asyncio.Protocol):
             self._client_hold.append(data)
             if self.transport is not None:
                 self.transport.pause_reading()
-            return
-        if self._deferred is None and self.proxy.audit.healthy:
-            # The commonest case (a statement of a shape this session already allowed) in one
-            # step: forwarded as it is, then recorded, as apply() does for any other.
-            record = session.allowed_query(data)
-            if record is not None:
-                self._write_server(data)
-                self._emit_packed("query", record)
-                self._take_plain_path()
-                return
-        self.apply(session.client_data(data))
+            return b""
+        return data
 
     def _take_plain_path(self) -> None:
         """After the session's first one-step statement: when neither side has TLS and no
-        setup step is pending, later bytes go straight to the one-step paths. None of these
-        conditions changes back: TLS starts before the first message or never, and the
-        upstream's state and the held bytes belong to setup."""
+        setup step is pending, later bytes skip the setup steps (_through_setup, and the
+        server side's). None of these conditions changes back: TLS starts before the first
+        message or never, and the upstream's state and the held bytes belong to setup."""
         upstream = self.upstream
         if (self.tls is None and self.upstream_state == "plain" and self._early is None
-                and self._client_hold is None and upstream is not None and upstream.tls is None
-                and upstream.transport is not None and self.transport is not None):
-            self._upstream_transport = upstream.transport
+                and self._client_hold is None and upstream is not None and upstream.tls is None):
             self._plain = True
 
     def _choose_upstream_tls(self) -> None:
