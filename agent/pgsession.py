@@ -108,6 +108,13 @@ class _Reused:
 
 
 _INT32 = struct.Struct("!i")
+_INT16 = struct.Struct("!h")
+_PARAMETERS_KEY = msgpack.packb("parameters")
+# The answers to Parse and Bind, and to a Describe of a portal with no rows to describe.
+_PARSE_COMPLETE = b"1\x00\x00\x00\x04"
+_BIND_COMPLETE = b"2\x00\x00\x00\x04"
+_NO_DATA = b"n\x00\x00\x00\x04"
+_SYNC = b"S\x00\x00\x00\x04"
 # Server messages that change nothing the session tracks.
 _PASSIVE = frozenset({
     pg.RowDescription, pg.ParameterStatus, pg.NoticeResponse, pg.ParseComplete, pg.BindComplete,
@@ -118,6 +125,7 @@ _SEGMENT_STARTS = (pg.Query, pg.FunctionCall)
 # Server messages that end an Execute without a CommandComplete.
 _EXECUTE_ENDS = (pg.EmptyQueryResponse, pg.PortalSuspended)
 REUSED_SHAPES = 1024  # allow decisions remembered per session
+EXECUTED_BYTES = 256 * 1024  # bytes of executions' encoded records remembered per session
 
 
 @dataclass(slots=True)
@@ -186,6 +194,10 @@ class PostgresSession:
         self._reused: dict[bytes, _Reused] = {}
         self._reused_policy: Any = None
         self._reused_subject: Any = None
+        # Executions' query records but for their parameters, by statement text (see
+        # allowed_execute).
+        self._executed: dict[str, bytes] = {}
+        self._executed_size = 0  # their bytes
 
     # ------------------------------------------------------------------ client
 
@@ -319,27 +331,100 @@ class PostgresSession:
         self._pending.append(_Pending("query", started=self.clock()))
         return record
 
+    def allowed_execute(self, data: bytes) -> bytes | None:
+        """:meth:`allowed_query` for the extended protocol: when ``data`` is exactly what a
+        driver sends to run a statement once (a Parse the policy allows, or none for a
+        statement this session knows; a Bind; a Describe of its portal or none; an Execute
+        of that portal; a Sync: libpq's PQexecParams and PQexecPrepared) and nothing else is
+        under way, its query record (encoded as msgpack), the session's state moved on
+        exactly as :meth:`client_data` would, and ``data`` is to go to the server as it is.
+        None for anything else, with nothing changed (but the policy's decision on a Parse,
+        remembered as :meth:`_judge` does): then :meth:`client_data` takes it."""
+        if (self.phase != "ready" or self.replication is not None
+                or self.record_level != "statements" or not self.frontend.between_messages
+                or self._describes):
+            return None
+        parts = _bound_execute(data, self.frontend.max_message)
+        if parts is None:
+            return None
+        parse, portal, statement, formats, values = parts
+        if parse is not None:
+            name, sql, types = parse
+            if name != statement:
+                return None
+            decision = self._judge(sql)
+            if decision is not None and not decision.allowed:
+                return None
+            known = sql, types
+        else:
+            known = self._statements.get(statement)  # type: ignore[assignment]
+            if known is None:
+                return None
+        sql, types = known
+        parameters = _parameter_values(formats, values, None, self.max_statement, types)
+        try:
+            encoded = msgpack.packb(parameters, use_bin_type=True)
+        except (OverflowError, ValueError, TypeError):
+            return None  # (a binary integer too large for msgpack: the general path says so)
+        prefix = self._executed.get(sql)
+        if prefix is None:
+            prefix = self._executed_prefix(sql)
+        if parse is not None:
+            self._statements[statement] = known
+        self._portals[portal] = _Portal(statement, parameters)
+        self.bytes_from_client += len(data)
+        self.statements += 1
+        self._pending.append(_Pending("execute", started=self.clock()))
+        self._pending.append(_Pending("sync"))
+        self._segments_sent += 1
+        return prefix + encoded
+
+    def _executed_prefix(self, sql: str) -> bytes:
+        """An execution's query record of ``sql`` as msgpack, but for its parameters (the
+        map's last entry, to follow): remembered for the session, as the statements are."""
+        record = self._query_record(sql, "extended", None)
+        encoded = msgpack.packb(record, use_bin_type=True)
+        prefix: bytes = bytes([0x80 | (len(record) + 1)]) + encoded[1:] + _PARAMETERS_KEY
+        if (len(self._executed) >= REUSED_SHAPES
+                or self._executed_size + len(prefix) > EXECUTED_BYTES):
+            self._executed.clear()
+            self._executed_size = 0
+        if len(prefix) <= EXECUTED_BYTES:
+            self._executed[sql] = prefix
+            self._executed_size += len(prefix)
+        return prefix
+
     def plain_reply(self, data: bytes) -> bytes | None:
         """The common case of :meth:`server_data` for bytes already forwarded, in one step:
         when ``data`` is exactly the whole ordinary answer (rows and a CommandComplete, then
-        ReadyForQuery) to the one simple Query awaiting it, its result record (encoded as
-        msgpack, as :meth:`allowed_query`'s), the session's state moved on exactly as
+        ReadyForQuery) to the one simple Query awaiting it, or to one execution and its Sync
+        (led by ParseComplete, BindComplete, and RowDescription or NoData, as
+        :meth:`allowed_execute` lets them come), its result record (encoded as msgpack, as
+        :meth:`allowed_query`'s), the session's state moved on exactly as
         :meth:`server_data` would. None for anything else, with nothing changed: then
         :meth:`server_data` takes it."""
         pending = self._pending
-        if len(pending) != 1 or self.phase != "ready" or self._describes:
+        if self.phase != "ready" or self._describes:
             return None
-        head = pending[0]
-        if (head.kind != "query" or head.rows or head.command_rows or head.commands
-                or head.copy_bytes or head.error is not None or not self.relays_server_bytes
+        head = pending[0] if pending else None
+        if (head is None or head.rows or head.command_rows or head.commands or head.copy_bytes
+                or head.error is not None or not self.relays_server_bytes
                 or not self.backend.at_boundary):
             return None
-        reply = _plain_reply(data, self.backend.max_message, _duration_ms(head, self.clock()))
+        if head.kind == "query":
+            if len(pending) != 1:
+                return None
+            answer = data
+        elif head.kind == "execute" and len(pending) == 2 and pending[1].kind == "sync":
+            answer = _without_execution_head(data)
+        else:
+            return None
+        reply = _plain_reply(answer, self.backend.max_message, _duration_ms(head, self.clock()))
         if reply is None:
             return None
         record, status = reply
         self.bytes_from_server += len(data)
-        pending.popleft()
+        pending.clear()
         self.transaction = status
         self._segments_done += 1
         return record
@@ -958,10 +1043,18 @@ _TEXT_OIDS = frozenset({25, 1043})
 def _parameters(event: pg.Bind, limit: int, types: tuple[int, ...] = ()) -> list[Any]:
     """Bound parameters for the record: text values as text; binary ones decoded when their
     type is known and simple, else as type OID and length."""
-    formats = event.parameter_formats
-    lengths = event.parameter_lengths  # a large Bind's values may have been cut short
+    # (A large Bind's values may have been cut short: parameter_lengths has their lengths.)
+    return _parameter_values(event.parameter_formats, event.parameters, event.parameter_lengths,
+                             limit, types)
+
+
+def _parameter_values(
+    formats: tuple[int, ...], values: tuple[bytes | None, ...] | list[bytes | None],
+    lengths: tuple[int, ...] | None, limit: int, types: tuple[int, ...],
+) -> list[Any]:
+    """:func:`_parameters` of a Bind's parts."""
     out: list[Any] = []
-    for i, value in enumerate(event.parameters):
+    for i, value in enumerate(values):
         fmt = formats[0] if len(formats) == 1 else (formats[i] if i < len(formats) else 0)
         length = lengths[i] if lengths is not None else len(value or b"")
         if value is None:
@@ -982,6 +1075,107 @@ def _parameters(event: pg.Bind, limit: int, types: tuple[int, ...] = ()) -> list
             else:
                 out.append({"format": "binary", "type_oid": oid, "length": length})
     return out
+
+
+def _bound_execute(
+    data: bytes, max_message: int
+) -> tuple[tuple[str, str, tuple[int, ...]] | None, str, str, tuple[int, ...],
+           list[bytes | None]] | None:
+    """When ``data`` is exactly an optional Parse, a Bind, an optional Describe of a portal,
+    an Execute of the portal bound and a Sync, each whole and at most ``max_message``
+    bytes, with nothing after any message's fields: ``(parse, portal, statement, formats,
+    values)``, the fields read as :class:`~agent.protocols.postgres.FrontendParser` reads
+    them, ``parse`` the Parse's (name, text, parameter types) or None. None otherwise."""
+    size = len(data)
+    unpack = _INT32.unpack_from
+    unpack16 = _INT16.unpack_from
+    pos = 0
+    parse = None
+    if size < 5:
+        return None
+    if data[0] == 0x50:  # Parse
+        length = unpack(data, 1)[0]
+        end = 1 + length
+        name_end = data.find(b"\x00", 5, end)
+        text_end = data.find(b"\x00", name_end + 1, end) if name_end >= 0 else -1
+        if length < 4 or length > max_message or end > size or text_end < 0 or end - text_end < 3:
+            return None
+        count = unpack16(data, text_end + 1)[0]
+        if count < 0 or end - text_end - 3 != 4 * count:
+            return None
+        first = text_end + 3
+        types = tuple(unpack(data, first + 4 * i)[0] & 0xFFFFFFFF for i in range(count))
+        parse = (data[5:name_end].decode("utf-8", "replace"),
+                 data[name_end + 1 : text_end].decode("utf-8", "replace"), types)
+        pos = end
+    if size - pos < 5 or data[pos] != 0x42:  # Bind
+        return None
+    length = unpack(data, pos + 1)[0]
+    end = pos + 1 + length
+    portal_end = data.find(b"\x00", pos + 5, end)
+    name_end = data.find(b"\x00", portal_end + 1, end) if portal_end >= 0 else -1
+    if length < 4 or length > max_message or end > size or name_end < 0:
+        return None
+    portal = data[pos + 5 : portal_end]
+    statement = data[portal_end + 1 : name_end].decode("utf-8", "replace")
+    at = name_end + 1
+    if end - at < 2:
+        return None
+    count = unpack16(data, at)[0]
+    at += 2
+    if count < 0 or end - at < 2 * count + 2:
+        return None
+    formats = tuple(unpack16(data, at + 2 * i)[0] for i in range(count))
+    at += 2 * count
+    count = unpack16(data, at)[0]
+    at += 2
+    values: list[bytes | None] = []
+    for _ in range(count):
+        if end - at < 4:
+            return None
+        value_length = unpack(data, at)[0]
+        at += 4
+        if value_length == -1:
+            values.append(None)
+            continue
+        if value_length < 0 or end - at < value_length:
+            return None
+        values.append(data[at : at + value_length])
+        at += value_length
+    if end - at < 2:
+        return None
+    count = unpack16(data, at)[0]
+    if count < 0 or end - at - 2 != 2 * count:
+        return None
+    pos = end
+    if size - pos >= 6 and data[pos] == 0x44 and data[pos + 5] == 0x50:  # Describe (portal)
+        length = unpack(data, pos + 1)[0]
+        end = pos + 1 + length
+        if (length < 6 or length > max_message or end > size
+                or data.find(b"\x00", pos + 6, end) != end - 1):
+            return None
+        pos = end
+    # Execute of the portal bound, then Sync, and nothing after.
+    end = pos + 1 + len(portal) + 1 + 4 + 4
+    if (size != end + 5 or data[pos] != 0x45 or unpack(data, pos + 1)[0] != end - pos - 1
+            or end - pos - 1 > max_message
+            or data[pos + 5 : pos + 5 + len(portal)] != portal
+            or data[pos + 5 + len(portal)] != 0 or data[end:] != _SYNC):
+        return None
+    return parse, portal.decode("utf-8", "replace"), statement, formats, values
+
+
+def _without_execution_head(data: bytes) -> bytes:
+    """``data`` without the ParseComplete, BindComplete, and NoData that may lead the answer
+    to one execution (the general path takes them as passing)."""
+    pos = 0
+    if data.startswith(_PARSE_COMPLETE):
+        pos = 5
+    if data.startswith(_BIND_COMPLETE, pos):
+        pos += 5
+    if data.startswith(_NO_DATA, pos):
+        pos += 5
+    return data[pos:] if pos else data
 
 
 def _duration_ms(item: _Pending, now: float) -> float:

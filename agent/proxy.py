@@ -384,9 +384,11 @@ class ClientSide(asyncio.Protocol):
             if not data:
                 return
         if self._deferred is None and self.proxy.audit.healthy:
-            # The commonest case (a statement of a shape this session already allowed) in one
-            # step: forwarded as it is, then recorded, as apply() does for any other.
-            record = session.allowed_query(data)
+            # The commonest cases (a statement of a shape this session already allowed, or
+            # one run in the extended protocol) in one step: forwarded as they are, then
+            # recorded, as apply() does for any other.
+            record = (session.allowed_query(data) if data[0] == 0x51  # Query
+                      else session.allowed_execute(data))
             if record is not None:
                 self._write_server(data)
                 self._emit_packed("query", record)

@@ -1,7 +1,8 @@
 """The one-step paths for the commonest traffic leave the session exactly where the
 general paths do, with the same records and bytes; anything else they decline, changing
 nothing: ``PostgresSession.allowed_query`` (a statement of a shape the session already
-allowed) against ``client_data``, ``PostgresSession.plain_reply`` (its ordinary answer)
+allowed) and ``PostgresSession.allowed_execute`` (a statement run once in the extended
+protocol) against ``client_data``, ``PostgresSession.plain_reply`` (their ordinary answer)
 against ``server_data``. Their compiled steps (agent/protocols/_pgscan.c) answer as their
 Python twins."""
 
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 
 from agent.pgsession import PostgresSession, _allowed_query_py, _plain_reply_py, _Reused
 from agent.protocols import postgres as pg
+from audit.process import _encodable
 from policy import load_policy
 from policy.classify import plain_text
 from tests.support.fuzz import examples
@@ -40,9 +42,16 @@ ERROR = msg(b"E", b"SERROR\x00C42P01\x00Mno such table\x00\x00") + msg(b"Z", b"I
 
 
 def encoded(records: list[tuple[str, Any]]) -> list[tuple[str, bytes]]:
-    """Records as the audit trail stores their events: msgpack, as the writer gets them."""
-    return [(t, e if isinstance(e, bytes) else msgpack.packb(e, use_bin_type=True))
-            for t, e in records]
+    """Records as the audit trail stores their events: msgpack, as the writer gets them
+    (what msgpack cannot encode made text, as the agent's side of the writer does)."""
+    out = []
+    for t, e in records:
+        try:
+            data = e if isinstance(e, bytes) else msgpack.packb(e, use_bin_type=True)
+        except OverflowError:
+            data = msgpack.packb(_encodable(e), use_bin_type=True)
+        out.append((t, data))
+    return out
 
 
 def ready(policy: Any = POLICY) -> PostgresSession:
@@ -64,6 +73,8 @@ def state(s: PostgresSession) -> dict[str, Any]:
         "pending_counts": [(p.rows, p.command_rows, p.commands, p.copy_bytes, p.error)
                            for p in s._pending],
         "scanner_at_boundary": s.backend.at_boundary, "last_error": s.last_error,
+        "statements_known": s._statements, "describes": list(s._describes),
+        "portals": {name: (p.statement, p.parameters) for name, p in s._portals.items()},
     }
 
 
@@ -77,11 +88,69 @@ _texts = st.one_of(
     st.text(st.characters(codec="ascii"), max_size=30),
     st.text(max_size=10),
 )
+def cstring(text: str) -> bytes:
+    return text.encode() + b"\x00"
+
+
+def execution(parse: tuple[str, str, list[int]] | None, portal: str, statement: str,
+              formats: list[int], values: list[bytes | None], results: list[int],
+              describe: bytes | None, execute: tuple[str, int] | None, sync: bytes) -> bytes:
+    """A statement run in the extended protocol, as drivers send it, or something close."""
+    data = b""
+    if parse is not None:
+        name, text, types = parse
+        data += msg(b"P", cstring(name) + cstring(text) + struct.pack("!h", len(types))
+                    + b"".join(struct.pack("!I", t) for t in types))
+    data += msg(b"B", cstring(portal) + cstring(statement)
+                + struct.pack(f"!h{len(formats)}h", len(formats), *formats)
+                + struct.pack("!h", len(values))
+                + b"".join(struct.pack("!i", -1) if v is None else struct.pack("!i", len(v)) + v
+                           for v in values)
+                + struct.pack(f"!h{len(results)}h", len(results), *results))
+    if describe is not None:
+        data += msg(b"D", describe)
+    if execute is not None:
+        data += msg(b"E", cstring(execute[0]) + struct.pack("!i", execute[1]))
+    return data + sync
+
+
+_names = st.sampled_from(["", "P0_1", "s2"])
+_executions = st.builds(
+    execution,
+    st.none() | st.tuples(_names, _texts | st.just("SELECT abalance FROM pgbench_accounts "
+                                                  "WHERE aid = $1"),
+                          st.lists(st.sampled_from([0, 16, 23, 25, 701, 2**32 - 1]), max_size=3)),
+    st.sampled_from(["", "p1"]), _names | st.just("unknown"),
+    st.lists(st.sampled_from([0, 1, 2, -1]), max_size=3),
+    st.lists(st.none() | st.binary(max_size=9) | st.integers(0, 10**6).map(lambda n: b"%d" % n),
+             max_size=3),
+    st.lists(st.sampled_from([0, 1]), max_size=2),
+    st.none() | st.sampled_from([b"P\x00", b"Pp1\x00", b"S\x00", b"SP0_1\x00", b"P", b"P\x00x"]),
+    st.none() | st.tuples(st.sampled_from(["", "p1"]), st.sampled_from([0, 1, -1])),
+    st.sampled_from([msg(b"S", b""), b"", msg(b"H", b""), msg(b"S", b"x")]),
+)
+# As libpq sends them: PQexecParams (with its Parse) and PQexecPrepared (without).
+_driver_executions = st.builds(
+    lambda parse, name, portal, values, types: execution(
+        (name, parse, types) if parse else None, portal, name, [], values, [],
+        b"P" + cstring(portal), (portal, 0), msg(b"S", b"")),
+    st.none() | st.just("SELECT abalance FROM pgbench_accounts WHERE aid = $1") | _texts,
+    _names, st.sampled_from(["", "p1"]),
+    st.lists(st.none() | st.integers(0, 10**6).map(lambda n: b"%d" % n), max_size=3),
+    st.lists(st.sampled_from([0, 23, 25]), max_size=3),
+)
 _chunks = st.one_of(
+    _driver_executions,
+    _driver_executions,
     _texts.map(pg.query_message),
     _texts.map(pg.query_message).map(lambda q: q + q),  # two in one chunk
     st.tuples(_texts.map(pg.query_message), st.integers(1, 8)).map(lambda qc: qc[0][: -qc[1]]),
     st.binary(max_size=20),
+    _executions,
+    _executions.map(lambda e: e + e),
+    st.tuples(_executions, st.integers(1, 8)).map(lambda ec: ec[0][: -ec[1]]),
+    st.tuples(_executions, st.integers(0, 200), st.integers(0, 255)).map(
+        lambda eib: eib[0][: eib[1]] + bytes([eib[2]]) + eib[0][eib[1] + 1 :]),  # one byte changed
 )
 
 
@@ -100,9 +169,17 @@ _tags = st.one_of(
                      b"", b"SELECT 1\x00junk"]),
     st.binary(max_size=12),
 )
+PARSED, BOUND, NO_DATA = msg(b"1", b""), msg(b"2", b""), msg(b"n", b"")
 _answers = st.one_of(
     st.builds(answer, _tags, st.integers(0, 3), st.sampled_from([b"I", b"T", b"E", b"X"]),
               st.booleans()),
+    st.builds(lambda head, a: head + a,  # in the extended protocol
+              st.sampled_from([BOUND, PARSED + BOUND, BOUND + NO_DATA, PARSED + BOUND + NO_DATA,
+                               PARSED, NO_DATA + BOUND, BOUND + BOUND]),
+              st.builds(answer, _tags, st.integers(0, 3), st.sampled_from([b"I", b"T"]),
+                        st.booleans())),
+    st.just(BOUND + msg(b"s", b"") + msg(b"Z", b"I")),  # PortalSuspended
+    st.just(PARSED + BOUND + ERROR),
     st.just(ERROR), st.just(msg(b"N", b"SNOTICE\x00Mhi\x00\x00") + REPLY), st.just(REPLY + REPLY),
     st.binary(max_size=12),
 )
@@ -111,6 +188,11 @@ _replies: st.SearchStrategy[list[bytes]] = st.one_of(
     st.tuples(_answers, st.integers(1, 40)).map(lambda ac: [ac[0][: ac[1]], ac[0][ac[1]:]]),
     st.just([]),
 )
+
+
+def one_step(s: PostgresSession, chunk: bytes) -> bytes | None:
+    """The client side's one-step path, chosen as the proxy chooses it."""
+    return s.allowed_query(chunk) if chunk[:1] == b"Q" else s.allowed_execute(chunk)
 
 
 def feed_server(fast: PostgresSession, general: PostgresSession, chunks: list[bytes]) -> None:
@@ -140,7 +222,7 @@ def test_same_session_either_way(steps: list[tuple[bytes, list[bytes]]]) -> None
     fast_records: list[tuple[str, Any]]
     for chunk, reply in steps:
         before = state(fast)
-        record = fast.allowed_query(chunk)
+        record = one_step(fast, chunk)
         if record is None:
             assert state(fast) == before  # declined: nothing changed
             a = fast.client_data(chunk)
@@ -150,7 +232,7 @@ def test_same_session_either_way(steps: list[tuple[bytes, list[bytes]]]) -> None
         else:
             fast_out, fast_records = [chunk], [("query", record)]
         b = general.client_data(chunk)
-        assert fast_out == b.to_server
+        assert b"".join(fast_out) == b"".join(b.to_server)
         assert encoded(fast_records) == encoded(b.records + b.durable)
         assert state(fast) == state(general)
         if b.close:
@@ -179,6 +261,57 @@ def test_taken_for_a_shape_already_allowed_and_not_before() -> None:
     result = msgpack.unpackb(encoded_result)
     assert result["rows"] == 1 and result["command_tag"] == "SELECT 1"
     assert not s._pending and s.transaction == "I"
+
+
+SELECT_ONE = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
+
+
+def prepared(portal: str, key: bytes, parse: bool = False, text: str = SELECT_ONE) -> bytes:
+    """pgbench -M prepared's transaction (with its Parse: -M extended's, unnamed)."""
+    name = "" if parse else "P0_1"
+    return execution((name, text, []) if parse else None, portal, name, [], [key], [],
+                     b"P" + cstring(portal), (portal, 0), msg(b"S", b""))
+
+
+def test_extended_executions_taken_in_one_step() -> None:
+    """pgbench -M prepared and -M extended: each execution in one step, recorded with its
+    text and parameters as the general path records it, and its answer too."""
+    s = ready()
+    s.client_data(msg(b"P", b"P0_1\x00" + cstring(SELECT_ONE) + b"\x00\x00")
+                  + msg(b"S", b""))  # prepared once (PQprepare)
+    s.server_data(PARSED + msg(b"Z", b"I"))
+    for key, data in ((b"73", prepared("", b"73")), (b"74", prepared("", b"74", parse=True))):
+        encoded_query = s.allowed_execute(data)
+        assert encoded_query is not None
+        record = msgpack.unpackb(encoded_query)
+        assert record == {"length": len(SELECT_ONE), "sha256": record["sha256"],
+                          "protocol": "extended", "text": SELECT_ONE, "truncated": False,
+                          "parameters": [key.decode()]}
+        assert [p.kind for p in s._pending] == ["execute", "sync"]
+        head = PARSED + BOUND if data[:1] == b"P" else BOUND
+        encoded_result = s.plain_reply(head + REPLY)
+        assert encoded_result is not None
+        result = msgpack.unpackb(encoded_result)
+        assert result["rows"] == 1 and result["command_tag"] == "SELECT 1"
+        assert not s._pending and s.transaction == "I"
+    assert s.statements == 2
+
+
+def test_extended_declined_when_the_general_path_must_decide() -> None:
+    """A Parse the policy blocks, a statement the session does not know, and a value the
+    record cannot hold as it is: each declined, and the general path records it."""
+    s = ready()
+    blocked = prepared("", b"1", parse=True, text="DROP TABLE pgbench_accounts")
+    assert s.allowed_execute(blocked) is None
+    actions = s.client_data(blocked)
+    assert [t for t, _ in actions.durable] == ["policy.decision"]
+    s.server_data(msg(b"E", b"SERROR\x00C42601\x00Msyntax\x00\x00") + msg(b"Z", b"I"))
+    assert s.allowed_execute(prepared("", b"1")) is None  # no statement P0_1 here
+    huge = execution(("", "SELECT $1::int4", [23]), "", "", [1], [b"\x7f" * 9], [], None,
+                     ("", 0), msg(b"S", b""))
+    assert s.allowed_execute(huge) is None
+    records = encoded(s.client_data(huge).records)
+    assert msgpack.unpackb(records[0][1])["parameters"] == [str(int.from_bytes(b"\x7f" * 9))]
 
 
 def test_declined_while_policy_or_subject_changed() -> None:
