@@ -125,6 +125,8 @@ _SEGMENT_STARTS = (pg.Query, pg.FunctionCall)
 # Server messages that end an Execute without a CommandComplete.
 _EXECUTE_ENDS = (pg.EmptyQueryResponse, pg.PortalSuspended)
 REUSED_SHAPES = 1024  # allow decisions remembered per session
+REUSED_TEXT = 16 * 1024  # characters of a Parse's text remembered with its decision, at most
+REUSED_TEXTS = 256 * 1024  # and of all of them, per session
 EXECUTED_BYTES = 256 * 1024  # bytes of executions' encoded records remembered per session
 
 
@@ -194,6 +196,8 @@ class PostgresSession:
         self._reused: dict[bytes, _Reused] = {}
         self._reused_policy: Any = None
         self._reused_subject: Any = None
+        self._reused_texts: dict[str, _Reused] = {}  # Parse texts of shapes in _reused
+        self._reused_texts_size = 0  # their characters
         # Executions' query records but for their parameters, by statement text (see
         # allowed_execute).
         self._executed: dict[str, bytes] = {}
@@ -226,7 +230,7 @@ class PostgresSession:
             else:
                 actions.to_server.append(event.raw)
         elif isinstance(event, pg.Parse):
-            decision = self._judge(event.sql)
+            decision = self._judge(event.sql, parsed=True)
             if decision is not None and not decision.allowed:
                 self.statements += 1
                 actions.records.append(("query", self._query_record(event.sql, "extended", decision)))
@@ -352,7 +356,7 @@ class PostgresSession:
             name, sql, types = parse
             if name != statement:
                 return None
-            decision = self._judge(sql)
+            decision = self._judge(sql, parsed=True)
             if decision is not None and not decision.allowed:
                 return None
             known = sql, types
@@ -363,7 +367,7 @@ class PostgresSession:
         sql, types = known
         parameters = _parameter_values(formats, values, None, self.max_statement, types)
         try:
-            encoded = msgpack.packb(parameters, use_bin_type=True)
+            encoded: bytes = msgpack.packb(parameters, use_bin_type=True)
         except (OverflowError, ValueError, TypeError):
             return None  # (a binary integer too large for msgpack: the general path says so)
         prefix = self._executed.get(sql)
@@ -429,13 +433,16 @@ class PostgresSession:
         self._segments_done += 1
         return record
 
-    def _judge(self, sql: str) -> Any:
+    def _judge(self, sql: str, parsed: bool = False) -> Any:
         """The policy's decision on a statement text, or None without a policy.
 
         When the policy decides by shape, subject and resource only, an allow
         for a statement's shape is remembered for this session (and this
         policy version and subject), and later statements of that shape skip
-        classification and evaluation.
+        classification and evaluation. ``parsed``: the text of a Parse, which
+        drivers send again as it is (its values come in Binds): such a text is
+        remembered with its shape's decision, so that the next Parse of it
+        skips working out its shape too.
         """
         if self.policy is None:
             return None
@@ -444,20 +451,37 @@ class PostgresSession:
         if policy is not self._reused_policy or subject is not self._reused_subject:
             self._reused_policy, self._reused_subject = policy, subject
             self._reused.clear()
+            self._reused_texts.clear()
+            self._reused_texts_size = 0
         if self.replication is not None:
             command = classify_replication(sql)
             if command is not None:
                 return policy.statement(subject or Subject(), self._resource(), command)
-        shape = _statement_shape(sql) if policy.reuses_decisions else None
-        if shape is not None:
-            known = self._reused.get(shape)
+        if parsed:
+            known = self._reused_texts.get(sql)
             if known is not None:
                 return known
-        decision = policy.statement(subject or Subject(), self._resource(), policy.prepared(sql))
-        if shape is not None and decision.allowed and decision.classification.shape == shape:
+        shape = _statement_shape(sql) if policy.reuses_decisions else None
+        decision: Any = None
+        if shape is not None:
+            decision = self._reused.get(shape)
+        if decision is None:
+            decision = policy.statement(subject or Subject(), self._resource(),
+                                        policy.prepared(sql))
+            if shape is None or not decision.allowed or decision.classification.shape != shape:
+                return decision
             if len(self._reused) >= REUSED_SHAPES:
                 self._reused.clear()
+                self._reused_texts.clear()
+                self._reused_texts_size = 0
             self._reused[shape] = _Reused(_policy_field(decision))
+        if parsed and shape is not None and len(sql) <= REUSED_TEXT:
+            if (len(self._reused_texts) >= REUSED_SHAPES
+                    or self._reused_texts_size + len(sql) > REUSED_TEXTS):
+                self._reused_texts.clear()
+                self._reused_texts_size = 0
+            self._reused_texts[sql] = self._reused[shape]
+            self._reused_texts_size += len(sql)
         return decision
 
     def _resource(self) -> Any:

@@ -68,6 +68,7 @@ def state(s: PostgresSession) -> dict[str, Any]:
         "bytes_from_client": s.bytes_from_client, "statements": s.statements,
         "segments_sent": s._segments_sent, "segments_done": s._segments_done,
         "pending": [(p.kind, p.started) for p in s._pending], "reused": sorted(s._reused),
+        "reused_texts": sorted(s._reused_texts),
         "phase": s.phase, "transaction": s.transaction, "buffered": s.frontend.buffered,
         "bytes_from_server": s.bytes_from_server, "ended": s.ended,
         "pending_counts": [(p.rows, p.command_rows, p.commands, p.copy_bytes, p.error)
@@ -295,6 +296,27 @@ def test_extended_executions_taken_in_one_step() -> None:
         assert result["rows"] == 1 and result["command_tag"] == "SELECT 1"
         assert not s._pending and s.transaction == "I"
     assert s.statements == 2
+
+
+def test_a_parse_text_judged_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A driver's Parse of the same text again: neither the policy nor the shape is worked
+    out again, until the policy changes."""
+    import agent.pgsession as pgsession
+
+    shapes: list[str] = []
+    shape_of = pgsession._statement_shape
+    monkeypatch.setattr(pgsession, "_statement_shape", lambda t: shapes.append(t) or shape_of(t))
+    current = [POLICY]
+    s = PostgresSession("s1", {"service": "postgres"}, policy=lambda: current[0])
+    s.client_data(STARTUP)
+    s.server_data(msg(b"R", struct.pack("!i", 0)) + msg(b"Z", b"I"))
+    for key in (b"1", b"2", b"3"):
+        assert s.allowed_execute(prepared("", key, parse=True)) is not None
+        assert s.plain_reply(PARSED + BOUND + REPLY) is not None
+    assert shapes == [SELECT_ONE]
+    current[0] = load_policy(REPO / "packaging" / "policy.toml")  # a reload
+    assert s.allowed_execute(prepared("", b"4", parse=True)) is not None
+    assert shapes == [SELECT_ONE, SELECT_ONE]
 
 
 def test_extended_declined_when_the_general_path_must_decide() -> None:
