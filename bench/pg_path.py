@@ -7,7 +7,8 @@ It drives the proxy's two protocol callbacks with the bytes of a select-only
 transaction through fake transports: with ``--mode simple`` (the default) a simple
 Query, then RowDescription, DataRow, CommandComplete and ReadyForQuery; with
 ``--mode prepared``, as ``pgbench -M prepared`` sends it, Bind, Describe, Execute and
-Sync of a statement prepared once, then BindComplete and the same answer. With the
+Sync of a statement prepared once, then BindComplete and the same answer; with
+``--mode extended`` the same led by a Parse each time, as ``-M extended`` sends it. With the
 default policy and a real audit writer process: framing, the shape key and decision,
 the session's bookkeeping, both records queued and encoded and sent to the writer.
 It prints the event-loop thread's CPU time a transaction. On this shared machine that figure moves with
@@ -50,7 +51,8 @@ LOGIN = (message(b"R", struct.pack("!i", 0)) + message(b"K", struct.pack("!ii", 
 ROWS = (message(b"T", struct.pack("!h", 1) + b"abalance\x00" + struct.pack("!ihihih", 0, 0, 23, 4, -1, 0))
          + message(b"D", struct.pack("!hi", 1, 4) + b"-123")
          + message(b"C", b"SELECT 1\x00") + message(b"Z", b"I"))
-REPLY = {"simple": ROWS, "prepared": message(b"2", b"") + ROWS}
+REPLY = {"simple": ROWS, "prepared": message(b"2", b"") + ROWS,
+         "extended": message(b"1", b"") + message(b"2", b"") + ROWS}
 SELECT = "SELECT abalance FROM pgbench_accounts WHERE aid = {};"
 
 
@@ -58,11 +60,12 @@ def requests(mode: str) -> tuple[bytes, list[bytes]]:
     """What the client sends first (once), and the transactions' requests, for ``mode``."""
     if mode == "simple":
         return b"", [pg.query_message(SELECT.format(n)) for n in range(1, 1001)]
-    prepare = (message(b"P", b"P0_1\x00" + SELECT.format("$1").encode() + b"\x00\x00\x00")
-               + message(b"S", b""))
-    return prepare, [
-        message(b"B", b"\x00P0_1\x00" + struct.pack("!hhi", 0, 1, len(str(n))) + str(n).encode()
-                + struct.pack("!h", 0))
+    name = b"P0_1" if mode == "prepared" else b""
+    parse = message(b"P", name + b"\x00" + SELECT.format("$1").encode() + b"\x00\x00\x00")
+    return parse + message(b"S", b"") if mode == "prepared" else b"", [
+        (b"" if mode == "prepared" else parse)
+        + message(b"B", b"\x00" + name + b"\x00" + struct.pack("!hhi", 0, 1, len(str(n)))
+                  + str(n).encode() + struct.pack("!h", 0))
         + message(b"D", b"P\x00") + message(b"E", b"\x00" + struct.pack("!i", 0))
         + message(b"S", b"")
         for n in range(1, 1001)
