@@ -1,12 +1,15 @@
 """PostgreSQL through ringfence against direct connections and HAProxy (a C TCP proxy).
 
 Run as root: ``.venv/bin/python bench/pg_overhead.py`` (options: --seconds, --rows,
---rounds, --profile-seconds, --out). In a fresh network namespace it starts a real
+--rounds, --mode, --workers, --profile-seconds, --out). In a fresh network namespace it starts a real
 PostgreSQL server, settles it (VACUUM ANALYZE, CHECKPOINT, a short warm-up), then
 measures, in each of ``--rounds`` rounds (3)
 
 * ``pgbench -S`` (select-only) with 1 and 8 clients: TPS, and p50/p99 latency
-  from pgbench's per-transaction logs;
+  from pgbench's per-transaction logs; ``--mode`` is pgbench's ``-M``: ``simple``
+  (the default) sends each statement as a Query, ``extended`` as a Parse, Bind and
+  Execute, ``prepared`` as a Bind and Execute of a statement prepared once, as
+  drivers do;
 * a large-result scan (``--rows`` rows of about 110 bytes, read by psql):
   seconds and MB/s of result text;
 
@@ -85,12 +88,13 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 def pgbench(ns: NetNS, server: PgServer, port: int, clients: int, seconds: int,
-            logdir: Path) -> dict[str, float]:
-    """pgbench -S; TPS from its summary, latencies (ms) from its per-transaction log."""
+            logdir: Path, mode: str = "simple") -> dict[str, float]:
+    """pgbench -S -M ``mode``; TPS from its summary, latencies (ms) from its per-transaction
+    log."""
     for old in logdir.glob("pgbench_log*"):
         old.unlink()
     argv = [server.tool("pgbench"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-S",
-            "-n", "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(seconds),
+            "-M", mode, "-n", "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(seconds),
             "--log", f"--log-prefix={logdir}/pgbench_log", "postgres"]
     done = ns.run(argv, timeout=seconds + 120)
     tps = float(re.search(r"tps = ([\d.]+)", done.stdout).group(1))  # type: ignore[union-attr]
@@ -195,7 +199,8 @@ def measure(ns: NetNS, server: PgServer, port: int, args: argparse.Namespace,
     for clients in CLIENT_COUNTS:
         postgres, tools = postgres_ticks(server), os.times()
         before, machine = cpu_ticks_split(proxy_pid), machine_ticks()
-        result[clients] = run = pgbench(ns, server, port, clients, args.seconds, logdir)
+        result[clients] = run = pgbench(ns, server, port, clients, args.seconds, logdir,
+                                        args.mode)
         after, machine_after, tools_after = cpu_ticks_split(proxy_pid), machine_ticks(), os.times()
         postgres_after = postgres_ticks(server)
         run["idle_pct"], run["steal_pct"] = idle_and_steal(machine, machine_after)
@@ -253,7 +258,8 @@ def profile(ns: NetNS, server: PgServer, agent: AgentProcess, args: argparse.Nam
     args.out.mkdir(parents=True, exist_ok=True)
     seconds = args.profile_seconds
     load = ns.popen([server.tool("pgbench"), "-h", "127.0.0.1", "-p", "5432", "-U", "postgres",
-                     "-S", "-n", "-c", "8", "-j", "2", "-T", str(2 * seconds + 10), "postgres"],
+                     "-S", "-M", args.mode, "-n", "-c", "8", "-j", "2", "-T",
+                     str(2 * seconds + 10), "postgres"],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pid = str(agent.process.pid)
     summaries = []
@@ -405,6 +411,8 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows in the large-result scan")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of every setup; the table shows medians")
+    parser.add_argument("--mode", choices=["simple", "extended", "prepared"], default="simple",
+                        help="pgbench's query protocol (-M)")
     parser.add_argument("--workers", default="auto",
                         help="the agent's [agent] workers (event loops carrying sessions)")
     parser.add_argument("--profile-seconds", type=int, default=10)
@@ -426,7 +434,8 @@ def main() -> int:
                     "-c", "VACUUM ANALYZE", "-c", "CHECKPOINT", "postgres"], timeout=600)
             ns.run([server.tool("pgbench"), "-h", str(server.sockdir), "-U", "postgres", "-S", "-n",
                     "-c", "8", "-j", "2", "-T", "3", "postgres"], timeout=120)
-            print(f"PostgreSQL {server.bindir.parent.name}, pgbench -S -T {args.seconds}, "
+            print(f"PostgreSQL {server.bindir.parent.name}, pgbench -S -M {args.mode} "
+                  f"-T {args.seconds}, "
                   f"scan of {args.rows} rows, {args.rounds} round(s)", flush=True)
             haproxy_config(work / "haproxy.cfg")
             haproxy_config(work / "haproxy-nat.cfg", source=HAPROXY_SOURCE)
@@ -453,7 +462,8 @@ def main() -> int:
                         print()
                         print(table(rounds))
                         print()
-                        print(f"py-spy on the agent under pgbench -S -c 8 ({args.profile_seconds} s):")
+                        print(f"py-spy on the agent under pgbench -S -M {args.mode} -c 8 "
+                              f"({args.profile_seconds} s):")
                         print(profile(ns, server, agent, args))
                         print(f"flame graph: {args.out / 'profile.svg'}")
                 finally:
