@@ -1101,15 +1101,17 @@ def _parameter_values(
     return out
 
 
-def _bound_execute(
-    data: bytes, max_message: int
-) -> tuple[tuple[str, str, tuple[int, ...]] | None, str, str, tuple[int, ...],
-           list[bytes | None]] | None:
+_Execution = tuple[tuple[str, str, tuple[int, ...]] | None, str, str, tuple[int, ...],
+                   list[bytes | None]]
+
+
+def _bound_execute_py(data: bytes, max_message: int) -> _Execution | None:
     """When ``data`` is exactly an optional Parse, a Bind, an optional Describe of a portal,
     an Execute of the portal bound and a Sync, each whole and at most ``max_message``
     bytes, with nothing after any message's fields: ``(parse, portal, statement, formats,
     values)``, the fields read as :class:`~agent.protocols.postgres.FrontendParser` reads
-    them, ``parse`` the Parse's (name, text, parameter types) or None. None otherwise."""
+    them, ``parse`` the Parse's (name, text, parameter types) or None. None otherwise.
+    (agent/protocols/_pgscan.c has it compiled.)"""
     size = len(data)
     unpack = _INT32.unpack_from
     unpack16 = _INT16.unpack_from
@@ -1187,6 +1189,10 @@ def _bound_execute(
             or data[pos + 5 + len(portal)] != 0 or data[end:] != _SYNC):
         return None
     return parse, portal.decode("utf-8", "replace"), statement, formats, values
+
+
+_bound_execute: Callable[[bytes, int], _Execution | None] = (
+    pg.native_bound_execute or _bound_execute_py)
 
 
 def _without_execution_head(data: bytes) -> bytes:

@@ -29,8 +29,18 @@
  * else the DataRows counted; command_tag, commands, outcome), and the
  * transaction status; None for anything else.
  *
+ * bound_execute(data, max_message) -> (parse, portal, statement, formats, values) | None
+ *
+ * When ``data`` is exactly an optional Parse, a Bind, an optional Describe of
+ * a portal, an Execute of the portal bound and a Sync, each whole and at most
+ * ``max_message`` bytes, with nothing after any message's fields: the Bind's
+ * portal and statement names (decoded as UTF-8, errors replaced), its
+ * parameter format codes (a tuple) and its values (a list of bytes, None for
+ * NULL), and ``parse`` the Parse's (name, text, parameter types) or None.
+ * None for anything else.
+ *
  * agent/protocols/postgres.py (datarows) and agent/pgsession.py
- * (allowed_query, plain_reply) have the same in Python, used when this module
+ * (allowed_query, plain_reply, bound_execute) have the same in Python, used when this module
  * is not built; tests/unit/protocols/test_pgscan_native.py and
  * tests/unit/test_pgsession_fast.py hold each pair to the same answers.
  */
@@ -342,6 +352,181 @@ fail:
     return NULL;
 }
 
+/* A big-endian int16 at p. */
+static int
+int16_at(const unsigned char *p)
+{
+    return (int16_t)(uint16_t)get_be(p, 2);
+}
+
+/* The NUL ending the string at pos, before end; -1 when there is none. */
+static Py_ssize_t
+nul_in(const unsigned char *p, Py_ssize_t pos, Py_ssize_t end)
+{
+    const unsigned char *nul;
+
+    if (pos >= end)
+        return -1;
+    nul = memchr(p + pos, 0, (size_t)(end - pos));
+    return nul == NULL ? -1 : nul - p;
+}
+
+/* A message's end when a whole one of ``kind`` starts at pos, its length within
+ * [minimum, max_message]; -1 otherwise. */
+static Py_ssize_t
+message_end(const unsigned char *p, Py_ssize_t size, Py_ssize_t pos, unsigned char kind,
+            int32_t minimum, Py_ssize_t max_message)
+{
+    int32_t length;
+
+    if (size - pos < 5 || p[pos] != kind)
+        return -1;
+    length = (int32_t)length_at(p + pos + 1);
+    if (length < minimum || (Py_ssize_t)length > max_message || size - pos - 1 < (Py_ssize_t)length)
+        return -1;
+    return pos + 1 + (Py_ssize_t)length;
+}
+
+static PyObject *
+text_of(const unsigned char *p, Py_ssize_t start, Py_ssize_t end)
+{
+    return PyUnicode_DecodeUTF8((const char *)p + start, end - start, "replace");
+}
+
+static PyObject *
+bound_execute(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    Py_ssize_t size, max_message, pos = 0, end, at, name_end, text_end, portal_end, portal_len;
+    Py_ssize_t i, count;
+    const unsigned char *p;
+    PyObject *parse = NULL, *portal = NULL, *statement = NULL, *formats = NULL, *values = NULL;
+    PyObject *item;
+
+    (void)module;
+    if (data_and_size(args, nargs, "bound_execute(data, max_message)", &view, &max_message) < 0)
+        return NULL;
+    p = (const unsigned char *)view.buf;
+    size = view.len;
+    if (size >= 1 && p[0] == 'P') {
+        PyObject *types;
+
+        end = message_end(p, size, 0, 'P', 4, max_message);
+        if (end < 0 || (name_end = nul_in(p, 5, end)) < 0
+                || (text_end = nul_in(p, name_end + 1, end)) < 0 || end - text_end < 3)
+            goto none;
+        count = int16_at(p + text_end + 1);
+        if (count < 0 || end - text_end - 3 != 4 * count)
+            goto none;
+        types = PyTuple_New(count);
+        if (types == NULL)
+            goto fail;
+        for (i = 0; i < count; i++) {
+            item = PyLong_FromUnsignedLong((unsigned long)length_at(p + text_end + 3 + 4 * i));
+            if (item == NULL) {
+                Py_DECREF(types);
+                goto fail;
+            }
+            PyTuple_SET_ITEM(types, i, item);
+        }
+        parse = Py_BuildValue("(NNN)", text_of(p, 5, name_end),
+                              text_of(p, name_end + 1, text_end), types);
+        if (parse == NULL)
+            goto fail;
+        pos = end;
+    }
+    end = message_end(p, size, pos, 'B', 4, max_message);
+    if (end < 0 || (portal_end = nul_in(p, pos + 5, end)) < 0
+            || (name_end = nul_in(p, portal_end + 1, end)) < 0)
+        goto none;
+    at = name_end + 1;
+    if (end - at < 2)
+        goto none;
+    count = int16_at(p + at);
+    at += 2;
+    if (count < 0 || end - at < 2 * count + 2)
+        goto none;
+    formats = PyTuple_New(count);
+    if (formats == NULL)
+        goto fail;
+    for (i = 0; i < count; i++) {
+        item = PyLong_FromLong(int16_at(p + at + 2 * i));
+        if (item == NULL)
+            goto fail;
+        PyTuple_SET_ITEM(formats, i, item);
+    }
+    at += 2 * count;
+    count = int16_at(p + at);
+    at += 2;
+    values = PyList_New(0);
+    if (values == NULL)
+        goto fail;
+    for (i = 0; i < count; i++) {
+        int32_t value_length;
+
+        if (end - at < 4)
+            goto none;
+        value_length = (int32_t)length_at(p + at);
+        at += 4;
+        if (value_length == -1) {
+            if (PyList_Append(values, Py_None) < 0)
+                goto fail;
+            continue;
+        }
+        if (value_length < 0 || end - at < (Py_ssize_t)value_length)
+            goto none;
+        item = PyBytes_FromStringAndSize((const char *)p + at, value_length);
+        if (item == NULL || PyList_Append(values, item) < 0) {
+            Py_XDECREF(item);
+            goto fail;
+        }
+        Py_DECREF(item);
+        at += value_length;
+    }
+    if (end - at < 2)
+        goto none;
+    count = int16_at(p + at);
+    if (count < 0 || end - at - 2 != 2 * count)
+        goto none;
+    portal_len = portal_end - pos - 5;
+    pos = end;
+    if (size - pos >= 6 && p[pos] == 'D' && p[pos + 5] == 'P') {  /* Describe (portal) */
+        end = message_end(p, size, pos, 'D', 6, max_message);
+        if (end < 0 || nul_in(p, pos + 6, end) != end - 1)
+            goto none;
+        pos = end;
+    }
+    /* Execute of the portal bound, then Sync, and nothing after. */
+    end = pos + portal_len + 10;
+    if (size != end + 5 || message_end(p, size, pos, 'E', 4, max_message) != end
+            || memcmp(p + pos + 5, p + portal_end - portal_len, (size_t)portal_len) != 0
+            || p[pos + 5 + portal_len] != 0 || memcmp(p + end, "S\0\0\0\4", 5) != 0)
+        goto none;
+    portal = text_of(p, portal_end - portal_len, portal_end);
+    statement = text_of(p, portal_end + 1, name_end);
+    if (portal == NULL || statement == NULL)
+        goto fail;
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(NNNNN)", parse != NULL ? parse : Py_NewRef(Py_None), portal,
+                         statement, formats, values);
+
+none:
+    PyBuffer_Release(&view);
+    Py_XDECREF(parse);
+    Py_XDECREF(formats);
+    Py_XDECREF(values);
+    Py_RETURN_NONE;
+
+fail:
+    PyBuffer_Release(&view);
+    Py_XDECREF(parse);
+    Py_XDECREF(portal);
+    Py_XDECREF(statement);
+    Py_XDECREF(formats);
+    Py_XDECREF(values);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"datarows", (PyCFunction)(void (*)(void))datarows, METH_FASTCALL,
      "datarows(data, pos) -> (end, rows, row_bytes): the run of whole DataRow messages at pos."},
@@ -351,6 +536,9 @@ static PyMethodDef methods[] = {
     {"plain_reply", (PyCFunction)(void (*)(void))plain_reply, METH_FASTCALL,
      "plain_reply(data, max_message, duration_ms) -> (record, status) | None: the result record "
      "(msgpack) of a whole ordinary answer to a simple Query."},
+    {"bound_execute", (PyCFunction)(void (*)(void))bound_execute, METH_FASTCALL,
+     "bound_execute(data, max_message) -> (parse, portal, statement, formats, values) | None: "
+     "a statement run once in the extended protocol, read."},
     {NULL, NULL, 0, NULL},
 };
 

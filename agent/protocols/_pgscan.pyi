@@ -9,3 +9,7 @@ def allowed_query(
 def plain_reply(
     data: bytes | bytearray | memoryview, max_message: int, duration_ms: float, /,
 ) -> tuple[bytes, str] | None: ...
+def bound_execute(
+    data: bytes | bytearray | memoryview, max_message: int, /,
+) -> tuple[tuple[str, str, tuple[int, ...]] | None, str, str, tuple[int, ...],
+           list[bytes | None]] | None: ...

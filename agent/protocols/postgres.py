@@ -68,16 +68,19 @@ try:  # the same loop compiled (setup.py); this module works alike without it
     if os.environ.get("RINGFENCE_IMPL") == "python":
         raise ImportError("RINGFENCE_IMPL=python")
     from agent.protocols._pgscan import allowed_query as _native_allowed_query
+    from agent.protocols._pgscan import bound_execute as _native_bound_execute
     from agent.protocols._pgscan import datarows as datarows
     from agent.protocols._pgscan import plain_reply as _native_plain_reply
 except ImportError:  # a source tree where it was not built, or RINGFENCE_IMPL=python
     datarows = _datarows
     _native_allowed_query = None  # type: ignore[assignment]
+    _native_bound_execute = None  # type: ignore[assignment]
     _native_plain_reply = None  # type: ignore[assignment]
 # The compiled steps behind agent.pgsession's one-step paths; None without them (it has
 # their twins).
 native_allowed_query: Final[Callable[..., Any] | None] = _native_allowed_query
 native_plain_reply: Final[Callable[..., Any] | None] = _native_plain_reply
+native_bound_execute: Final[Callable[..., Any] | None] = _native_bound_execute
 NATIVE_SCAN: Final = datarows is not _datarows
 
 

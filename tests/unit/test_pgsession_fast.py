@@ -16,7 +16,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.pgsession import PostgresSession, _allowed_query_py, _plain_reply_py, _Reused
+from agent.pgsession import (
+    PostgresSession,
+    _allowed_query_py,
+    _bound_execute_py,
+    _plain_reply_py,
+    _Reused,
+)
 from agent.protocols import postgres as pg
 from audit.process import _encodable
 from policy import load_policy
@@ -385,6 +391,32 @@ def test_compiled_step_passes_errors_on() -> None:
         allowed_query(query, [], MAX_MESSAGE, 1000, plain_text)
     with pytest.raises(TypeError):
         allowed_query(query, {})
+
+
+@settings(max_examples=examples(2000), deadline=None)
+@given(_chunks, st.integers(0, 100))
+def test_compiled_execution_step_answers_as_python(data: bytes, max_message: int) -> None:
+    bound_execute = native("bound_execute")
+    for limit in (MAX_MESSAGE, max_message):
+        assert bound_execute(data, limit) == _bound_execute_py(data, limit)
+
+
+def test_compiled_execution_step_reads_what_drivers_send() -> None:
+    """Both steps read pgbench's requests (so the property above compares answers, not
+    only refusals), and refuse a bad argument."""
+    bound_execute = native("bound_execute")
+    with_parse = execution(("", SELECT_ONE, [23, 2**32 - 1]), "p1", "", [1, 0], [b"\x00\x01", None],
+                           [1], b"Pp1\x00", ("p1", 0), msg(b"S", b""))
+    expected = (("", SELECT_ONE, (23, 2**32 - 1)), "p1", "", (1, 0), [b"\x00\x01", None])
+    for step in (bound_execute, _bound_execute_py):
+        assert step(with_parse, MAX_MESSAGE) == expected
+        assert step(prepared("", b"42"), MAX_MESSAGE) == (None, "", "P0_1", (), [b"42"])
+        assert step(with_parse, 20) is None  # the Parse is over the limit
+        assert step(with_parse[:-1], MAX_MESSAGE) is None
+    with pytest.raises(TypeError):
+        bound_execute(with_parse)
+    with pytest.raises(TypeError):
+        bound_execute("text", MAX_MESSAGE)
 
 
 @settings(max_examples=examples(2000), deadline=None)
