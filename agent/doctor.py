@@ -192,22 +192,29 @@ def _bpf_checks(config: Config) -> list[Check]:
 
 def compiled_check() -> Check:
     """The compiled parts of the data path (setup.py); without them the agent and its audit
-    writer run on their Python twins, alike but with more CPU a statement and a row."""
-    from agent.protocols.postgres import NATIVE_SCAN
-    from audit.log import NATIVE_LINK
-    from policy.classify import NATIVE_SHAPE
+    writer run on their Python twins, alike but with more CPU a statement and a row. A
+    module built from older sources (a name the code imports is not in it) is told apart
+    from one not built at all."""
+    from agent.protocols.postgres import NATIVE_SCAN_ERROR
+    from audit.log import NATIVE_LINK_ERROR
+    from policy.classify import NATIVE_SHAPE_ERROR
 
-    modules = (("agent/protocols/_pgscan", NATIVE_SCAN), ("policy/_plainshape", NATIVE_SHAPE),
-               ("audit/_link", NATIVE_LINK))
-    missing = [name for name, built in modules if not built]
-    if not missing:
+    modules = (("agent/protocols/_pgscan", NATIVE_SCAN_ERROR),
+               ("policy/_plainshape", NATIVE_SHAPE_ERROR), ("audit/_link", NATIVE_LINK_ERROR))
+    failed = [(name, error) for name, error in modules if error is not None]
+    if not failed:
         return Check("compiled data path", True, ", ".join(name for name, _ in modules) + " built")
     if os.environ.get("RINGFENCE_IMPL") == "python":
         return Check("compiled data path", False,
                      "RINGFENCE_IMPL=python: the Python twins are in use (more CPU)",
                      "unset RINGFENCE_IMPL")
+    missing = [name for name, error in failed if isinstance(error, ModuleNotFoundError)]
+    stale = [f"{name} ({error})" for name, error in failed
+             if not isinstance(error, ModuleNotFoundError)]
+    problems = ([f"not built: {', '.join(missing)}"] if missing else []) + (
+        [f"built from older sources: {', '.join(stale)}"] if stale else [])
     return Check("compiled data path", False,
-                 f"not built: {', '.join(missing)} (the Python twins cost more CPU)",
+                 "; ".join(problems) + " (the Python twins cost more CPU)",
                  "reinstall the package; in a checkout, `./dev.sh setup` "
                  "(needs gcc, python3-dev and libssl-dev)")
 

@@ -195,13 +195,16 @@ def _batch_items_py(body: bytes, types: frozenset[str]) -> list[_Item] | None:
     return items
 
 
+# Why the compiled steps are not in use, for `ringfence doctor`; None when they are.
+NATIVE_LINK_ERROR: ImportError | None = None
 try:  # the same compiled (setup.py); the writer works alike without it
     if os.environ.get("RINGFENCE_IMPL") == "python":
         raise ImportError("RINGFENCE_IMPL=python")
     from audit._link import batch_frame as batch_frame
     from audit._link import batch_items as _batch_items
     from audit._link import link as _link
-except ImportError:  # a source tree where it was not built, or RINGFENCE_IMPL=python
+except ImportError as e:  # a source tree where it was not built, or RINGFENCE_IMPL=python
+    NATIVE_LINK_ERROR = e
     _link = _link_py
     _batch_items = _batch_items_py
     batch_frame = _batch_frame_py

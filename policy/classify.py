@@ -834,11 +834,14 @@ def _plain_text_py(text: str) -> tuple[bytes, int, int] | None | Literal[False]:
     return _plain(text) if _is_plain(text) else False
 
 
+# Why the compiled step is not in use, for `ringfence doctor`; None when it is.
+NATIVE_SHAPE_ERROR: ImportError | None = None
 try:  # the same compiled (setup.py); this module works alike without it
     if os.environ.get("RINGFENCE_IMPL") == "python":
         raise ImportError("RINGFENCE_IMPL=python")
     from policy._plainshape import plain as _plain_text
-except ImportError:  # a source tree where it was not built, or RINGFENCE_IMPL=python
+except ImportError as e:  # a source tree where it was not built, or RINGFENCE_IMPL=python
+    NATIVE_SHAPE_ERROR = e
     _plain_text = _plain_text_py
 NATIVE_SHAPE: Final = _plain_text is not _plain_text_py
 # For callers with a fast path of their own: a plain text's (key, start, end), None for

@@ -64,6 +64,8 @@ def _datarows(data: bytes | bytearray | memoryview, pos: int) -> tuple[int, int,
     return pos, rows, row_bytes
 
 
+# Why the compiled steps are not in use, for `ringfence doctor`; None when they are.
+NATIVE_SCAN_ERROR: ImportError | None = None
 try:  # the same loop compiled (setup.py); this module works alike without it
     if os.environ.get("RINGFENCE_IMPL") == "python":
         raise ImportError("RINGFENCE_IMPL=python")
@@ -71,7 +73,8 @@ try:  # the same loop compiled (setup.py); this module works alike without it
     from agent.protocols._pgscan import bound_execute as _native_bound_execute
     from agent.protocols._pgscan import datarows as datarows
     from agent.protocols._pgscan import plain_reply as _native_plain_reply
-except ImportError:  # a source tree where it was not built, or RINGFENCE_IMPL=python
+except ImportError as e:  # a source tree where it was not built, or RINGFENCE_IMPL=python
+    NATIVE_SCAN_ERROR = e
     datarows = _datarows
     _native_allowed_query = None  # type: ignore[assignment]
     _native_bound_execute = None  # type: ignore[assignment]
