@@ -125,6 +125,9 @@ _SEGMENT_STARTS = (pg.Query, pg.FunctionCall)
 # Server messages that end an Execute without a CommandComplete.
 _EXECUTE_ENDS = (pg.EmptyQueryResponse, pg.PortalSuspended)
 REUSED_SHAPES = 1024  # allow decisions remembered per session
+# A prepared statement: its text, parameter types, and the query records' "policy" field.
+_Statement = tuple[str, tuple[int, ...], dict[str, Any] | None]
+_UNKNOWN: _Statement = ("", (), None)
 REUSED_TEXT = 16 * 1024  # characters of a Parse's text remembered with its decision, at most
 REUSED_TEXTS = 256 * 1024  # and of all of them, per session
 EXECUTED_BYTES = 256 * 1024  # bytes of executions' encoded records remembered per session
@@ -171,7 +174,8 @@ class PostgresSession:
         self.ended = False
         self.last_error: dict[str, str] | None = None
         self._pending: deque[_Pending] = deque()
-        self._statements: dict[str, tuple[str, tuple[int, ...]]] = {}  # name → (text, types)
+        # name → (text, types, the query records' "policy" field: the verdict on its Parse)
+        self._statements: dict[str, _Statement] = {}
         self._portals: dict[str, _Portal] = {}
         self._refusal: tuple[str | None, str, str] | None = None
         self.policy = policy
@@ -200,7 +204,7 @@ class PostgresSession:
         self._reused_texts_size = 0  # their characters
         # Executions' query records but for their parameters, by statement text (see
         # allowed_execute).
-        self._executed: dict[str, bytes] = {}
+        self._executed: dict[str, tuple[dict[str, Any] | None, bytes]] = {}
         self._executed_size = 0  # their bytes
 
     # ------------------------------------------------------------------ client
@@ -239,10 +243,11 @@ class PostgresSession:
                 )
                 self._block(decision, substitute, True, actions)
                 return
-            self._statements[event.statement] = (event.sql, event.parameter_types)
+            self._statements[event.statement] = (event.sql, event.parameter_types,
+                                                 _verdict(decision))
             actions.to_server.append(event.raw)
         elif isinstance(event, pg.Bind):
-            types = self._statements.get(event.statement, ("", ()))[1]
+            types = self._statements.get(event.statement, _UNKNOWN)[1]
             self._portals[event.portal] = _Portal(
                 event.statement, _parameters(event, self.max_statement, types)
             )
@@ -250,9 +255,9 @@ class PostgresSession:
                 actions.to_server.append(event.raw)
         elif isinstance(event, pg.Execute):
             portal = self._portals.get(event.portal)
-            sql = self._statements.get(portal.statement, ("", ()))[0] if portal else ""
+            sql, _, verdict = self._statements.get(portal.statement, _UNKNOWN) if portal else _UNKNOWN
             params = portal.parameters if portal else None
-            self._begin_statement("execute", sql, "extended", params, actions)
+            self._begin_statement("execute", sql, "extended", params, actions, verdict=verdict)
             actions.to_server.append(event.raw)
         elif isinstance(event, pg.Sync):
             self._pending.append(_Pending("sync"))
@@ -359,20 +364,23 @@ class PostgresSession:
             decision = self._judge(sql, parsed=True)
             if decision is not None and not decision.allowed:
                 return None
-            known = sql, types
+            known: _Statement = sql, types, _verdict(decision)
         else:
-            known = self._statements.get(statement)  # type: ignore[assignment]
-            if known is None:
+            found = self._statements.get(statement)
+            if found is None:
                 return None
-        sql, types = known
+            known = found
+        sql, types, verdict = known
         parameters = _parameter_values(formats, values, None, self.max_statement, types)
         try:
             encoded: bytes = msgpack.packb(parameters, use_bin_type=True)
         except (OverflowError, ValueError, TypeError):
             return None  # (a binary integer too large for msgpack: the general path says so)
-        prefix = self._executed.get(sql)
-        if prefix is None:
-            prefix = self._executed_prefix(sql)
+        executed = self._executed.get(sql)
+        if executed is not None and executed[0] is verdict:
+            prefix = executed[1]
+        else:
+            prefix = self._executed_prefix(sql, verdict)
         if parse is not None:
             self._statements[statement] = known
         self._portals[portal] = _Portal(statement, parameters)
@@ -383,10 +391,11 @@ class PostgresSession:
         self._segments_sent += 1
         return prefix + encoded
 
-    def _executed_prefix(self, sql: str) -> bytes:
-        """An execution's query record of ``sql`` as msgpack, but for its parameters (the
-        map's last entry, to follow): remembered for the session, as the statements are."""
-        record = self._query_record(sql, "extended", None)
+    def _executed_prefix(self, sql: str, verdict: dict[str, Any] | None) -> bytes:
+        """An execution's query record of ``sql`` (with ``verdict`` as its policy field) as
+        msgpack, but for its parameters (the map's last entry, to follow): remembered for the
+        session with the verdict, as the statements are."""
+        record = self._query_record(sql, "extended", None, verdict)
         encoded = msgpack.packb(record, use_bin_type=True)
         prefix: bytes = bytes([0x80 | (len(record) + 1)]) + encoded[1:] + _PARAMETERS_KEY
         if (len(self._executed) >= REUSED_SHAPES
@@ -394,7 +403,7 @@ class PostgresSession:
             self._executed.clear()
             self._executed_size = 0
         if len(prefix) <= EXECUTED_BYTES:
-            self._executed[sql] = prefix
+            self._executed[sql] = (verdict, prefix)
             self._executed_size += len(prefix)
         return prefix
 
@@ -588,16 +597,20 @@ class PostgresSession:
         parameters: list[Any] | None,
         actions: Actions,
         decision: Any = None,
+        verdict: dict[str, Any] | None = None,
     ) -> None:
         self.statements += 1
-        record = self._query_record(sql, protocol, decision)
+        record = self._query_record(sql, protocol, decision, verdict)
         if parameters is not None and self.record_level != "metadata":
             record["parameters"] = parameters
         actions.records.append(("query", record))
         if decision is None or decision.allowed:
             self._pending.append(_Pending(kind, started=self.clock()))
 
-    def _query_record(self, sql: str, protocol: str, decision: Any) -> dict[str, Any]:
+    def _query_record(self, sql: str, protocol: str, decision: Any,
+                      verdict: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A query record; its policy field from ``decision``, or else ``verdict`` (a field
+        made earlier: an execution's is the one its statement's Parse was given)."""
         encoded = sql.encode("utf-8", "surrogatepass")
         truncated = len(encoded) > self.max_statement
         text = encoded[: self.max_statement].decode("utf-8", "ignore") if truncated else sql
@@ -610,7 +623,9 @@ class PostgresSession:
             record["text"] = text
             record["truncated"] = truncated
         if decision is not None:
-            record["policy"] = decision.record if isinstance(decision, _Reused) else _policy_field(decision)
+            record["policy"] = _verdict(decision)
+        elif verdict is not None:
+            record["policy"] = verdict
         return record
 
     # ------------------------------------------------------------------ server
@@ -866,9 +881,9 @@ class PostgresSession:
         known = self._statements.get(name)
         if known is None:
             return
-        sql, types = known
+        sql, types, verdict = known
         filled = tuple(types[i] if i < len(types) and types[i] else oid for i, oid in enumerate(oids))
-        self._statements[name] = (sql, filled)
+        self._statements[name] = (sql, filled, verdict)
 
     def _blocked_error(self, actions: Actions) -> bytes:
         """The server rejected a blocked statement's substitute: record, and say what to send."""
@@ -1020,6 +1035,14 @@ class PostgresSession:
         if error is not None:
             record["error"] = error
         actions.records.append(("session.end", record))
+
+
+def _verdict(decision: Any) -> dict[str, Any] | None:
+    """The ``policy`` field of a query record for ``decision`` (None without a policy); a
+    remembered decision's is made once."""
+    if decision is None:
+        return None
+    return decision.record if isinstance(decision, _Reused) else _policy_field(decision)
 
 
 def _policy_field(decision: Any) -> dict[str, Any]:

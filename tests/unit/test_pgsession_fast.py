@@ -293,7 +293,9 @@ def test_extended_executions_taken_in_one_step() -> None:
         record = msgpack.unpackb(encoded_query)
         assert record == {"length": len(SELECT_ONE), "sha256": record["sha256"],
                           "protocol": "extended", "text": SELECT_ONE, "truncated": False,
-                          "parameters": [key.decode()]}
+                          "parameters": [key.decode()], "policy": record["policy"]}
+        # The verdict its Parse was given, as a simple Query's record carries its own.
+        assert record["policy"]["effect"] == "allow" and record["policy"]["classes"] == ["read"]
         assert [p.kind for p in s._pending] == ["execute", "sync"]
         head = PARSED + BOUND if data[:1] == b"P" else BOUND
         encoded_result = s.plain_reply(head + REPLY)

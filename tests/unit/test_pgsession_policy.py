@@ -6,6 +6,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 from agent.pgsession import SUBSTITUTE_SQL, PostgresSession
@@ -244,3 +245,53 @@ reason = "base backups go through the backup host"
     reply = s.server_data(SYNTAX_ERROR + msg(b"Z", b"I"))
     error = next(e for e in decoded(b"".join(reply.to_client)) if isinstance(e, pg.ErrorResponse))
     assert "base backups go through the backup host" in error.message
+
+
+def _bound_run(statement: str, value: bytes, text: str | None = None) -> bytes:
+    """An execution of ``statement`` with one text parameter, as libpq sends it: a Parse
+    first when ``text`` is given (PQexecParams), else none (PQexecPrepared)."""
+    parse = (msg(b"P", statement.encode() + b"\x00" + text.encode() + b"\x00\x00\x00")
+             if text is not None else b"")
+    bind = msg(b"B", b"\x00" + statement.encode() + b"\x00" + struct.pack("!hhi", 0, 1, len(value))
+               + value + struct.pack("!h", 0))
+    return parse + bind + msg(b"E", b"\x00" + struct.pack("!i", 0)) + msg(b"S", b"")
+
+
+@pytest.mark.parametrize("one_step", [False, True], ids=["general", "one-step"])
+def test_an_execution_names_the_verdict_its_statement_was_prepared_under(one_step: bool) -> None:
+    """An extended execution's query record carries the policy's verdict on its Parse, as
+    a simple Query's carries its own. A statement prepared before a reload keeps the verdict
+    it was admitted under; the next Parse is judged by the new policy."""
+    old = parse_policy('[defaults]\nunidentified = "allow"\n')
+    new = parse_policy('[defaults]\nunidentified = "allow"\n'
+                       '[[rule]]\nid = "no-writes"\neffect = "block"\nclasses = ["write"]\n')
+    assert old.version != new.version
+    current = [old]
+    s = PostgresSession("s1", {"service": "postgres"}, policy=lambda: current[0])
+    s.client_data(STARTUP)
+    s.server_data(msg(b"R", struct.pack("!i", 0)) + msg(b"Z", b"I"))
+    text = "SELECT balance FROM accounts WHERE id = $1"
+    s.client_data(msg(b"P", b"fetch\x00" + text.encode() + b"\x00\x00\x00") + msg(b"S", b""))
+    s.server_data(msg(b"1", b"") + msg(b"Z", b"I"))
+    answer = msg(b"2", b"") + msg(b"n", b"") + msg(b"C", b"SELECT 0\x00") + msg(b"Z", b"I")
+
+    def run(data: bytes) -> dict[str, Any]:
+        if one_step:
+            encoded = s.allowed_execute(data)
+            assert encoded is not None
+            record: dict[str, Any] = msgpack.unpackb(encoded)
+        else:
+            actions = s.client_data(data)
+            assert b"".join(actions.to_server) == data
+            (record,) = [r for t, r in actions.records if t == "query"]
+        s.server_data(answer)
+        assert record["text"] == text
+        return record
+
+    prepared = run(_bound_run("fetch", b"1"))
+    assert prepared["policy"] == {"effect": "allow", "rule_id": "defaults.allow",
+                                  "version": old.version, "classes": ["read"]}
+    current[0] = new
+    assert run(_bound_run("fetch", b"2"))["policy"]["version"] == old.version
+    fresh = run(_bound_run("", b"3", text))
+    assert fresh["policy"]["version"] == new.version

@@ -38,6 +38,9 @@ def test_pgbench_mode(pghost: Host, pgbench_tables: None, mode: str) -> None:
     queries = [r for r in records if r["type"] == "query"]
     selects = [q for q in queries if q.get("text", "").startswith(SELECT)]
     assert len(selects) == processed
+    # Each names the policy's verdict (for an execution, the one its statement's Parse got).
+    assert all(q["policy"]["effect"] == "allow" and q["policy"]["classes"] == ["read"]
+               for q in selects)
     if mode == "simple":
         assert all(q["protocol"] == "simple" and q["text"][len(SELECT):].rstrip(";").isdigit()
                    for q in selects)
