@@ -35,6 +35,11 @@ if TYPE_CHECKING:
 # protocol messages until Sync. The server's error is then replaced by the
 # agent's own ErrorResponse.
 SUBSTITUTE_SQL = "ringfence blocked this statement"
+# In place of a blocked Execute: a Parse of SUBSTITUTE_SQL into a statement of that name.
+# It fails either way (in the parser, or because a statement of that name exists) and
+# touches no statement or portal of the client's.
+_SUBSTITUTE_PARSE = pg.frontend_message(
+    b"P", SUBSTITUTE_SQL.encode() + b"\x00" + SUBSTITUTE_SQL.encode() + b"\x00\x00\x00")
 # Bound on server bytes held back while a blocked statement's error is awaited.
 MAX_HELD = 1 << 20
 
@@ -125,9 +130,6 @@ _SEGMENT_STARTS = (pg.Query, pg.FunctionCall)
 # Server messages that end an Execute without a CommandComplete.
 _EXECUTE_ENDS = (pg.EmptyQueryResponse, pg.PortalSuspended)
 REUSED_SHAPES = 1024  # allow decisions remembered per session
-# A prepared statement: its text, parameter types, and the query records' "policy" field.
-_Statement = tuple[str, tuple[int, ...], dict[str, Any] | None]
-_UNKNOWN: _Statement = ("", (), None)
 REUSED_TEXT = 16 * 1024  # characters of a Parse's text remembered with its decision, at most
 REUSED_TEXTS = 256 * 1024  # and of all of them, per session
 EXECUTED_BYTES = 256 * 1024  # bytes of executions' encoded records remembered per session
@@ -174,8 +176,7 @@ class PostgresSession:
         self.ended = False
         self.last_error: dict[str, str] | None = None
         self._pending: deque[_Pending] = deque()
-        # name → (text, types, the query records' "policy" field: the verdict on its Parse)
-        self._statements: dict[str, _Statement] = {}
+        self._statements: dict[str, tuple[str, tuple[int, ...]]] = {}  # name → (text, types)
         self._portals: dict[str, _Portal] = {}
         self._refusal: tuple[str | None, str, str] | None = None
         self.policy = policy
@@ -243,11 +244,10 @@ class PostgresSession:
                 )
                 self._block(decision, substitute, True, actions)
                 return
-            self._statements[event.statement] = (event.sql, event.parameter_types,
-                                                 _verdict(decision))
+            self._statements[event.statement] = (event.sql, event.parameter_types)
             actions.to_server.append(event.raw)
         elif isinstance(event, pg.Bind):
-            types = self._statements.get(event.statement, _UNKNOWN)[1]
+            types = self._statements.get(event.statement, ("", ()))[1]
             self._portals[event.portal] = _Portal(
                 event.statement, _parameters(event, self.max_statement, types)
             )
@@ -255,10 +255,20 @@ class PostgresSession:
                 actions.to_server.append(event.raw)
         elif isinstance(event, pg.Execute):
             portal = self._portals.get(event.portal)
-            sql, _, verdict = self._statements.get(portal.statement, _UNKNOWN) if portal else _UNKNOWN
+            known = self._statements.get(portal.statement) if portal else None
             params = portal.parameters if portal else None
-            self._begin_statement("execute", sql, "extended", params, actions, verdict=verdict)
-            actions.to_server.append(event.raw)
+            if known is None:  # (the server refuses it)
+                self._begin_statement("execute", "", "extended", params, actions)
+                actions.to_server.append(event.raw)
+                return
+            # Judged when it runs, as well as at its Parse: the policy may have changed
+            # since, or decide by the time of day.
+            decision = self._judge(known[0], parsed=True)
+            self._begin_statement("execute", known[0], "extended", params, actions, decision)
+            if decision is not None and not decision.allowed:
+                self._block(decision, _SUBSTITUTE_PARSE, True, actions)
+            else:
+                actions.to_server.append(event.raw)
         elif isinstance(event, pg.Sync):
             self._pending.append(_Pending("sync"))
             self._segments_sent += 1
@@ -361,16 +371,18 @@ class PostgresSession:
             name, sql, types = parse
             if name != statement:
                 return None
-            decision = self._judge(sql, parsed=True)
-            if decision is not None and not decision.allowed:
-                return None
-            known: _Statement = sql, types, _verdict(decision)
+            known = sql, types
         else:
             found = self._statements.get(statement)
             if found is None:
                 return None
             known = found
-        sql, types, verdict = known
+        sql, types = known
+        # Judged when it runs (for a Parse in the same request, once for both).
+        decision = self._judge(sql, parsed=True)
+        if decision is not None and not decision.allowed:
+            return None
+        verdict = _verdict(decision)
         parameters = _parameter_values(formats, values, None, self.max_statement, types)
         try:
             encoded: bytes = msgpack.packb(parameters, use_bin_type=True)
@@ -597,10 +609,9 @@ class PostgresSession:
         parameters: list[Any] | None,
         actions: Actions,
         decision: Any = None,
-        verdict: dict[str, Any] | None = None,
     ) -> None:
         self.statements += 1
-        record = self._query_record(sql, protocol, decision, verdict)
+        record = self._query_record(sql, protocol, decision)
         if parameters is not None and self.record_level != "metadata":
             record["parameters"] = parameters
         actions.records.append(("query", record))
@@ -609,8 +620,8 @@ class PostgresSession:
 
     def _query_record(self, sql: str, protocol: str, decision: Any,
                       verdict: dict[str, Any] | None = None) -> dict[str, Any]:
-        """A query record; its policy field from ``decision``, or else ``verdict`` (a field
-        made earlier: an execution's is the one its statement's Parse was given)."""
+        """A query record; its policy field from ``decision``, or else ``verdict`` (the
+        field made already: see _executed_prefix)."""
         encoded = sql.encode("utf-8", "surrogatepass")
         truncated = len(encoded) > self.max_statement
         text = encoded[: self.max_statement].decode("utf-8", "ignore") if truncated else sql
@@ -881,9 +892,9 @@ class PostgresSession:
         known = self._statements.get(name)
         if known is None:
             return
-        sql, types, verdict = known
+        sql, types = known
         filled = tuple(types[i] if i < len(types) and types[i] else oid for i, oid in enumerate(oids))
-        self._statements[name] = (sql, filled, verdict)
+        self._statements[name] = (sql, filled)
 
     def _blocked_error(self, actions: Actions) -> bytes:
         """The server rejected a blocked statement's substitute: record, and say what to send."""

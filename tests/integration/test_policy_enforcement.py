@@ -164,3 +164,88 @@ reason = "accounts are off limits"
         policy.write_text(DEFAULT_POLICY)
         agent.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
         time.sleep(0.5)
+
+
+_PREPARED_DRIVER = """
+import json, sys
+import psycopg
+
+conn = psycopg.connect(sys.argv[1], autocommit=True)
+for line in sys.stdin:
+    try:
+        conn.execute("UPDATE accounts SET owner = %s WHERE id = 1", (line.strip(),), prepare=True)
+        out = {"ok": True}
+    except psycopg.Error as e:
+        out = {"ok": False, "sqlstate": e.sqlstate, "message": str(e.diag.message_primary)}
+    out["prepared"] = [r[0] for r in conn.execute(
+        "SELECT statement FROM pg_prepared_statements").fetchall()]
+    print(json.dumps(out), flush=True)
+"""
+
+
+def test_a_statement_prepared_before_a_reload_runs_under_the_new_policy(stack: Any) -> None:
+    """A driver's server-side prepared UPDATE (psycopg, prepare=True: Bind and Execute
+    only, after the first time) is blocked once a reload forbids writes to the table, the
+    row stays as it was, and it runs again once the policy allows it."""
+    ns, server, agent, policy = stack
+    proc = ns.popen([sys.executable, "-c", _PREPARED_DRIVER,
+                     "host=127.0.0.1 port=5432 user=postgres dbname=postgres"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    text=True)
+
+    def update(owner: str) -> dict[str, Any]:
+        assert proc.stdin and proc.stdout
+        proc.stdin.write(owner + "\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else ""
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    def owner() -> str:
+        return ns.run(["runuser", "-u", "postgres", "--", server.tool("psql"), "-h",
+                       str(server.sockdir), "-tAc", "select owner from accounts where id = 1"]
+                      ).stdout.strip()
+
+    def reloaded(count: int) -> None:
+        agent.wait_for(lambda rs: len([r for r in rs if r["type"] == "policy.decision"
+                                       and r.get("effect") == "reload"]) >= count or None)
+
+    reloads = len([r for r in agent.records() if r["type"] == "policy.decision"
+                   and r.get("effect") == "reload"])
+    try:
+        first = update("b")
+        assert first["ok"] is True and owner() == "b"
+        assert any("UPDATE accounts" in s for s in first["prepared"])
+        policy.write_text(DEFAULT_POLICY + """
+[[rule]]
+id = "accounts-frozen"
+effect = "block"
+objects = ["accounts"]
+classes = ["write"]
+reason = "accounts are frozen"
+""")
+        agent.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        reloaded(reloads + 1)
+        blocked = update("c")
+        assert blocked["ok"] is False and blocked["sqlstate"] == "42501"
+        assert "accounts-frozen" in blocked["message"]
+        assert blocked["prepared"] == first["prepared"], "the statement was prepared before"
+        assert owner() == "b"
+        policy.write_text(DEFAULT_POLICY)
+        agent.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        reloaded(reloads + 2)
+        again = update("d")
+        assert again["ok"] is True and owner() == "d"
+    finally:
+        if proc.stdin:
+            proc.stdin.close()
+        proc.wait(30)
+        policy.write_text(DEFAULT_POLICY)
+        agent.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        time.sleep(0.5)
+    records = agent.wait_for(lambda rs: [r for r in rs if r["type"] == "query"
+                                         and r.get("text", "").startswith("UPDATE accounts")
+                                         and r.get("parameters") == ["c"]] or None)
+    assert records[-1]["protocol"] == "extended"
+    assert records[-1]["policy"]["effect"] == "block"

@@ -258,10 +258,10 @@ def _bound_run(statement: str, value: bytes, text: str | None = None) -> bytes:
 
 
 @pytest.mark.parametrize("one_step", [False, True], ids=["general", "one-step"])
-def test_an_execution_names_the_verdict_its_statement_was_prepared_under(one_step: bool) -> None:
-    """An extended execution's query record carries the policy's verdict on its Parse, as
-    a simple Query's carries its own. A statement prepared before a reload keeps the verdict
-    it was admitted under; the next Parse is judged by the new policy."""
+def test_an_execution_is_judged_when_it_runs(one_step: bool) -> None:
+    """An extended execution's query record carries the policy's verdict, as a simple
+    Query's carries its own, and that verdict is taken when it runs: a statement prepared
+    before a reload runs under the new policy."""
     old = parse_policy('[defaults]\nunidentified = "allow"\n')
     new = parse_policy('[defaults]\nunidentified = "allow"\n'
                        '[[rule]]\nid = "no-writes"\neffect = "block"\nclasses = ["write"]\n')
@@ -292,6 +292,51 @@ def test_an_execution_names_the_verdict_its_statement_was_prepared_under(one_ste
     assert prepared["policy"] == {"effect": "allow", "rule_id": "defaults.allow",
                                   "version": old.version, "classes": ["read"]}
     current[0] = new
-    assert run(_bound_run("fetch", b"2"))["policy"]["version"] == old.version
-    fresh = run(_bound_run("", b"3", text))
-    assert fresh["policy"]["version"] == new.version
+    assert run(_bound_run("fetch", b"2"))["policy"]["version"] == new.version
+    assert run(_bound_run("", b"3", text))["policy"]["version"] == new.version
+
+
+@pytest.mark.parametrize("one_step", [False, True], ids=["general", "one-step"])
+def test_a_statement_prepared_before_a_reload_is_blocked_when_it_runs(one_step: bool) -> None:
+    """A DELETE prepared while the policy allowed it (a driver's statement cache) is kept
+    from the server once a reload blocks it: the client gets 42501 naming the rule, the
+    server sees a Parse that fails in its place, and the statement stays usable should the
+    policy allow it again."""
+    current = [parse_policy('[defaults]\nunidentified = "allow"\n')]
+    s = PostgresSession("s1", {"service": "postgres"}, policy=lambda: current[0])
+    s.client_data(STARTUP)
+    s.server_data(msg(b"R", struct.pack("!i", 0)) + msg(b"Z", b"I"))
+    text = "DELETE FROM accounts WHERE id = $1"
+    s.client_data(msg(b"P", b"purge\x00" + text.encode() + b"\x00\x00\x00") + msg(b"S", b""))
+    s.server_data(msg(b"1", b"") + msg(b"Z", b"I"))
+    current[0] = parse_policy('[defaults]\nunidentified = "allow"\n[[rule]]\nid = "no-writes"\n'
+                              'effect = "block"\nclasses = ["write"]\n')
+    data = _bound_run("purge", b"7")
+    if one_step:
+        assert s.allowed_execute(data) is None  # the general path decides
+    actions = s.client_data(data)
+    sent = b"".join(actions.to_server)
+    execute = msg(b"E", b"\x00" + struct.pack("!i", 0))
+    assert execute not in sent and b"DELETE" not in sent
+    assert sent.startswith(_bound_run("purge", b"7")[:-len(execute) - 5])  # the Bind went on
+    (decision,) = [r for t, r in actions.durable if t == "policy.decision"]
+    assert decision["effect"] == "block" and decision["rule_id"] == "no-writes"
+    (query,) = [r for t, r in actions.records if t == "query"]
+    assert query["text"] == text and query["parameters"] == ["7"]
+    assert query["policy"]["effect"] == "block"
+
+    # The server: Bind done, then the substitute fails; it discards the rest until Sync.
+    reply = s.server_data(msg(b"2", b"") + SYNTAX_ERROR + msg(b"Z", b"I"))
+    bound, error, z = decoded(b"".join(reply.to_client))
+    assert bound == pg.BindComplete()
+    assert isinstance(error, pg.ErrorResponse) and error.sqlstate == "42501"
+    assert "no-writes" in error.message
+    assert z == pg.ReadyForQuery("I")
+    (result,) = [r for t, r in reply.records if t == "result"]
+    assert result["outcome"] == "blocked"
+    assert not s._pending and s.relays_server_bytes
+
+    current[0] = parse_policy('[defaults]\nunidentified = "allow"\n')
+    again = s.client_data(_bound_run("purge", b"8"))
+    assert b"".join(again.to_server) == _bound_run("purge", b"8")
+
