@@ -685,6 +685,11 @@ class PostgresSession:
                 if replaced is not None:
                     actions.to_client.append(_without_last_message(bytes(self._held)) + replaced)
                     self._held = None
+                elif not self._head_blocked():
+                    # The blocked statement was answered without an error of its own (see
+                    # _ready_for_query): nothing held is to be replaced.
+                    actions.to_client.append(bytes(self._held))
+                    self._held = None
                 start = end
             elif self._head_blocked():
                 # Everything after this message answers the blocked statement.
@@ -816,6 +821,12 @@ class PostgresSession:
                 break
             if item.kind == "execute" and item.error is None:
                 item.error = {"sqlstate": "", "message": "not executed: pipeline aborted"}
+            if item.kind == "blocked":
+                # The server skipped its substitute after an earlier error in the pipeline
+                # (so no error of its own came): kept from the server all the same.
+                self._blocked_pending -= 1
+                self._finish(item, actions, outcome="blocked")
+                continue
             self._finish(item, actions)
             if item.kind == "query":
                 break

@@ -340,3 +340,48 @@ def test_a_statement_prepared_before_a_reload_is_blocked_when_it_runs(one_step: 
     again = s.client_data(_bound_run("purge", b"8"))
     assert b"".join(again.to_server) == _bound_run("purge", b"8")
 
+
+def _parse(name: bytes, sql: bytes) -> bytes:
+    return msg(b"P", name + b"\x00" + sql + b"\x00\x00\x00")
+
+
+@pytest.mark.parametrize("piece", [None, 1, 7], ids=["whole", "bytewise", "sevens"])
+def test_blocked_statements_skipped_by_the_server_keep_the_session_in_sync(piece: int | None) -> None:
+    """After an error the server skips the rest of a pipeline up to Sync, a blocked
+    statement's substitute with it, so no error of its own comes for it: the client still
+    gets the server's error and ReadyForQuery, the statement is recorded as blocked, and the
+    session relays the next answers as usual."""
+    division = msg(b"E", b"SERROR\x00C22012\x00Mdivision by zero\x00\x00")
+    bind = msg(b"B", b"\x00a\x00" + struct.pack("!hhh", 0, 0, 0))
+    execute = msg(b"E", b"\x00" + struct.pack("!i", 0))
+    cases = [
+        # A failing execution, then a blocked Parse: the client sees the server's error.
+        (_parse(b"a", b"SELECT 1/0") + bind + execute + _parse(b"b", b"DROP TABLE y"),
+         msg(b"1", b"") + msg(b"2", b"") + division + msg(b"Z", b"I"), "22012",
+         ["failure", "blocked"]),
+        # Two blocked Parses: the first one's error is the policy's, the second is skipped.
+        (_parse(b"a", b"DROP TABLE x") + _parse(b"b", b"DROP TABLE y"),
+         SYNTAX_ERROR + msg(b"Z", b"I"), "42501", ["blocked", "blocked"]),
+    ]
+    for request, answer, sqlstate, outcomes in cases:
+        s = ready()
+        s.client_data(request + msg(b"S", b""))
+        out: list[bytes] = []
+        records: list[dict[str, Any]] = []
+        step = piece or len(answer)
+        for i in range(0, len(answer), step):
+            actions = s.server_data(answer[i:i + step])
+            out += actions.to_client
+            records += [r for t, r in actions.records if t == "result"]
+        *_, error, z = decoded(b"".join(out))
+        assert isinstance(error, pg.ErrorResponse) and error.sqlstate == sqlstate
+        assert z == pg.ReadyForQuery("I")
+        assert [r["outcome"] for r in records] == outcomes
+        assert not s._pending and s.relays_server_bytes
+
+        s.client_data(pg.query_message("SELECT 1"))
+        answered = msg(b"C", b"SELECT 1\x00") + msg(b"Z", b"I")
+        after = s.server_data(answered)
+        assert b"".join(after.to_client) == answered
+        (result,) = [r for t, r in after.records if t == "result"]
+        assert result["outcome"] == "success"
