@@ -243,6 +243,10 @@ class PostgresSession:
                     b"P", event.statement.encode() + b"\x00" + SUBSTITUTE_SQL.encode() + b"\x00\x00\x00"
                 )
                 self._block(decision, substitute, True, actions)
+                if not event.statement:
+                    # The server drops the unnamed statement before it parses a new one,
+                    # even one that fails: an Execute after this one runs nothing it knew.
+                    self._statements.pop("", None)
                 return
             self._statements[event.statement] = (event.sql, event.parameter_types)
             actions.to_server.append(event.raw)

@@ -249,3 +249,53 @@ reason = "accounts are frozen"
                                          and r.get("parameters") == ["c"]] or None)
     assert records[-1]["protocol"] == "extended"
     assert records[-1]["policy"]["effect"] == "block"
+
+
+_PIPELINE_DRIVER = """
+import json, sys
+import psycopg
+
+conn = psycopg.connect(sys.argv[1], autocommit=True)
+out = {}
+try:
+    with conn.pipeline():
+        conn.execute("SELECT 1/0")
+        conn.execute("DROP TABLE accounts")
+except psycopg.Error as e:
+    out["error"] = e.sqlstate
+out["after"] = conn.execute("SELECT count(*) FROM accounts").fetchone()[0]
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_a_pipeline_failing_before_a_blocked_statement_answers_the_client(stack: Any) -> None:
+    """psycopg's pipeline mode: a statement that fails on the server, then a DROP the
+    policy blocks, in one pipeline. The server skips the DROP's substitute, so the client
+    gets the server's error (not the policy's), the connection goes on, the table stays,
+    and the DROP is recorded as blocked."""
+    ns, server, agent, _ = stack
+    done = subprocess.run(ns.argv([sys.executable, "-c", _PIPELINE_DRIVER,
+                                   "host=127.0.0.1 port=5432 user=postgres dbname=postgres"]),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"error": "22012", "after": 1}
+    assert table_exists(ns, server)
+
+    def session(records: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+        failing = [r for r in records if r["type"] == "query" and r.get("text") == "SELECT 1/0"]
+        if not failing:
+            return None
+        mine = [r for r in records if r.get("session_id") == failing[-1]["session_id"]]
+        return mine if any(r["type"] == "session.end" for r in mine) else None
+
+    records = agent.wait_for(session)
+    answered = [(r["type"], r["text"] if r["type"] == "query" else r["outcome"])
+                for r in records if r["type"] in ("query", "result")]
+    # Each is recorded as sent, then the answers in order: the failed SELECT, the DROP
+    # blocked, and the DROP's Execute, which names no statement the server still has (the
+    # blocked Parse emptied the unnamed one) and did not run.
+    assert answered == [("query", "SELECT 1/0"), ("query", "DROP TABLE accounts"), ("query", ""),
+                        ("result", "failure"), ("result", "blocked"), ("result", "failure"),
+                        ("query", "SELECT count(*) FROM accounts"), ("result", "success")]
+    skipped = [r for r in records if r["type"] == "result"][2]
+    assert skipped["error"]["message"].startswith("not executed")
