@@ -661,6 +661,7 @@ class PostgresSession:
         actions = Actions()
         self.bytes_from_server += len(data)
         relaying = self.relays_server_bytes
+        boundary = self.backend.at_boundary  # (before this chunk)
         try:
             # Ordinary replies are read in place; the scanner takes the rest from where
             # they end (all of it when none is read, so that its ends match ``data``).
@@ -680,23 +681,25 @@ class PostgresSession:
         # Slow path: cut the chunk at message boundaries.
         ends = self.backend.ends
         start = 0
-        if self._held is None and self._head_blocked():
+        # Held bytes are whole messages from the first byte: holding starts at a boundary.
+        if self._held is None and self._head_blocked() and boundary:
             self._held = bytearray()
         for event, end in zip(events, ends, strict=True):
             replaced = self._server_event(event, actions)
             if self._held is not None:
                 self._held += data[start:end]
+                start = end
                 if replaced is not None:
                     actions.to_client.append(_without_last_message(bytes(self._held)) + replaced)
-                    self._held = None
-                elif not self._head_blocked():
-                    # The blocked statement was answered without an error of its own (see
+                elif self._head_blocked():
+                    continue
+                else:
+                    # The blocked statement was settled without an error of its own (see
                     # _ready_for_query): nothing held is to be replaced.
                     actions.to_client.append(bytes(self._held))
-                    self._held = None
-                start = end
-            elif self._head_blocked():
-                # Everything after this message answers the blocked statement.
+                self._held = None
+            if self._head_blocked():
+                # Everything after this message answers the (next) blocked statement.
                 if end > start:
                     actions.to_client.append(data[start:end])
                 self._held = bytearray()
