@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+import msgpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -111,11 +112,39 @@ items = st.lists(st.sampled_from(["runs", "fails", "blocked", "prepared", "sync"
                  min_size=1, max_size=12)
 
 
-@given(items, st.lists(st.integers(1, 40), min_size=1, max_size=30), st.booleans())
+def from_client(s: PostgresSession, data: bytes, one_step: bool) -> tuple[bytes, list[Any], int]:
+    """``data`` from the client as the proxy takes it: what goes to the server, the query
+    records, and the decisions written durably."""
+    if one_step:
+        record = (s.allowed_query(data) if data[:1] == b"Q" else s.allowed_execute(data))
+        if record is not None:
+            return data, [msgpack.unpackb(record)], 0
+    actions = s.client_data(data)
+    return (b"".join(actions.to_server), [r for t, r in actions.records if t == "query"],
+            sum(1 for t, _ in actions.durable if t == "policy.decision"))
+
+
+def from_server(s: PostgresSession, data: bytes, one_step: bool) -> tuple[bytes, list[Any]]:
+    """``data`` from the server as the proxy takes it: what goes to the client, and the
+    result records."""
+    if one_step and s.relays_server_bytes:
+        record = s.plain_reply(data)
+        if record is not None:
+            return data, [msgpack.unpackb(record)]
+        actions = s.server_data(data, forwarded=True)
+        assert not actions.to_client
+        return data, [r for t, r in actions.records if t == "result"]
+    actions = s.server_data(data)
+    return b"".join(actions.to_client), [r for t, r in actions.records if t == "result"]
+
+
+@given(items, st.lists(st.integers(1, 40), min_size=1, max_size=30), st.booleans(),
+       st.booleans())
 @settings(max_examples=examples(300), deadline=None)
 def test_pipelines_of_run_failed_and_blocked_statements(
-    pipeline: list[str], cuts: list[int], one_chunk: bool,
+    pipeline: list[str], cuts: list[int], one_chunk: bool, one_step: bool,
 ) -> None:
+    """Also with the one-step paths taken where they apply, as the proxy takes them."""
     current = [ALLOW_ALL]
     s = PostgresSession("s1", {"service": "postgres"}, policy=lambda: current[0])
     s.client_data(pg.startup_message({"user": "alice", "database": "shop"}))
@@ -129,11 +158,18 @@ def test_pipelines_of_run_failed_and_blocked_statements(
     sent = b""
     queries: list[dict[str, Any]] = []
     blocked = 0
+    # Sent as a driver does: each statement on its own, with the Sync after it if one follows.
+    requests: list[bytes] = []
     for item in pipeline:
-        actions = s.client_data(request(item))
-        sent += b"".join(actions.to_server)
-        queries += [r for t, r in actions.records if t == "query"]
-        blocked += sum(1 for t, _ in actions.durable if t == "policy.decision")
+        if item == "sync" and requests and not requests[-1].endswith(SYNC):
+            requests[-1] += SYNC
+        else:
+            requests.append(request(item))
+    for data in requests:
+        to_server, records, decisions = from_client(s, data, one_step)
+        sent += to_server
+        queries += records
+        blocked += decisions
     assert blocked == sum(item in ("blocked", "prepared") for item in pipeline)
     assert b"DELETE" not in sent, "a blocked statement reached the server"
     answer = server.receive(sent)
@@ -144,14 +180,14 @@ def test_pipelines_of_run_failed_and_blocked_statements(
     for size in ([len(answer)] if one_chunk else [*cuts, len(answer)]):
         if at >= len(answer):
             break
-        actions = s.server_data(answer[at:at + size])
+        to_client, records = from_server(s, answer[at:at + size], one_step)
         at += size
-        seen += b"".join(actions.to_client)
-        results += [r for t, r in actions.records if t == "result"]
+        seen += to_client
+        results += records
     if at < len(answer):
-        actions = s.server_data(answer[at:])
-        seen += b"".join(actions.to_client)
-        results += [r for t, r in actions.records if t == "result"]
+        to_client, records = from_server(s, answer[at:], one_step)
+        seen += to_client
+        results += records
 
     # The client sees the server's answers, the substitute's error replaced by the policy's.
     expected = [(message[:1], "42501" if sqlstate == "42601" else sqlstate)
