@@ -257,6 +257,17 @@ def _bound_run(statement: str, value: bytes, text: str | None = None) -> bytes:
     return parse + bind + msg(b"E", b"\x00" + struct.pack("!i", 0)) + msg(b"S", b"")
 
 
+def _with_prepared(current: list[Any], name: bytes, text: str) -> PostgresSession:
+    """A session under ``current[0]`` (which the test may change) with statement ``name``
+    prepared as ``text``."""
+    s = PostgresSession("s1", {"service": "postgres"}, policy=lambda: current[0])
+    s.client_data(STARTUP)
+    s.server_data(msg(b"R", struct.pack("!i", 0)) + msg(b"Z", b"I"))
+    s.client_data(msg(b"P", name + b"\x00" + text.encode() + b"\x00\x00\x00") + msg(b"S", b""))
+    s.server_data(msg(b"1", b"") + msg(b"Z", b"I"))
+    return s
+
+
 @pytest.mark.parametrize("one_step", [False, True], ids=["general", "one-step"])
 def test_an_execution_is_judged_when_it_runs(one_step: bool) -> None:
     """An extended execution's query record carries the policy's verdict, as a simple
@@ -267,12 +278,8 @@ def test_an_execution_is_judged_when_it_runs(one_step: bool) -> None:
                        '[[rule]]\nid = "no-writes"\neffect = "block"\nclasses = ["write"]\n')
     assert old.version != new.version
     current = [old]
-    s = PostgresSession("s1", {"service": "postgres"}, policy=lambda: current[0])
-    s.client_data(STARTUP)
-    s.server_data(msg(b"R", struct.pack("!i", 0)) + msg(b"Z", b"I"))
     text = "SELECT balance FROM accounts WHERE id = $1"
-    s.client_data(msg(b"P", b"fetch\x00" + text.encode() + b"\x00\x00\x00") + msg(b"S", b""))
-    s.server_data(msg(b"1", b"") + msg(b"Z", b"I"))
+    s = _with_prepared(current, b"fetch", text)
     answer = msg(b"2", b"") + msg(b"n", b"") + msg(b"C", b"SELECT 0\x00") + msg(b"Z", b"I")
 
     def run(data: bytes) -> dict[str, Any]:
@@ -303,12 +310,8 @@ def test_a_statement_prepared_before_a_reload_is_blocked_when_it_runs(one_step: 
     server sees a Parse that fails in its place, and the statement stays usable should the
     policy allow it again."""
     current = [parse_policy('[defaults]\nunidentified = "allow"\n')]
-    s = PostgresSession("s1", {"service": "postgres"}, policy=lambda: current[0])
-    s.client_data(STARTUP)
-    s.server_data(msg(b"R", struct.pack("!i", 0)) + msg(b"Z", b"I"))
     text = "DELETE FROM accounts WHERE id = $1"
-    s.client_data(msg(b"P", b"purge\x00" + text.encode() + b"\x00\x00\x00") + msg(b"S", b""))
-    s.server_data(msg(b"1", b"") + msg(b"Z", b"I"))
+    s = _with_prepared(current, b"purge", text)
     current[0] = parse_policy('[defaults]\nunidentified = "allow"\n[[rule]]\nid = "no-writes"\n'
                               'effect = "block"\nclasses = ["write"]\n')
     data = _bound_run("purge", b"7")
