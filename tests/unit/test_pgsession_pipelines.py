@@ -14,7 +14,7 @@ import struct
 from typing import Any
 
 import msgpack
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agent.pgsession import SUBSTITUTE_SQL, PostgresSession
@@ -140,7 +140,11 @@ def from_server(s: PostgresSession, data: bytes, one_step: bool) -> tuple[bytes,
 
 @given(items, st.lists(st.integers(1, 40), min_size=1, max_size=30), st.booleans(),
        st.booleans())
-@settings(max_examples=examples(300), deadline=None)
+@settings(max_examples=examples(800), deadline=None)
+# Two blocked statements in a pipeline, the answer cut inside the first ReadyForQuery.
+@example(["blocked", "blocked", "sync", "blocked"], [28], False, False)
+# A failure before a blocked statement: no error of the blocked statement's own comes.
+@example(["fails", "blocked"], [1], True, True)
 def test_pipelines_of_run_failed_and_blocked_statements(
     pipeline: list[str], cuts: list[int], one_chunk: bool, one_step: bool,
 ) -> None:
@@ -159,17 +163,21 @@ def test_pipelines_of_run_failed_and_blocked_statements(
     queries: list[dict[str, Any]] = []
     blocked = 0
     # Sent as a driver does: each statement on its own, with the Sync after it if one follows.
-    requests: list[bytes] = []
+    requests: list[tuple[str, bytes]] = []
     for item in pipeline:
-        if item == "sync" and requests and not requests[-1].endswith(SYNC):
-            requests[-1] += SYNC
+        if item == "sync" and requests and not requests[-1][1].endswith(SYNC):
+            requests[-1] = (requests[-1][0], requests[-1][1] + SYNC)
         else:
-            requests.append(request(item))
-    for data in requests:
+            requests.append((item, request(item)))
+    for item, data in requests:
         to_server, records, decisions = from_client(s, data, one_step)
         sent += to_server
         queries += records
         blocked += decisions
+        # Each names what this request sent: its text, or none (an Execute of the unnamed
+        # statement a blocked Parse left empty), never an earlier statement's.
+        text = PREPARED_DELETE if item == "prepared" else TEXTS.get(item)
+        assert {r["text"] for r in records} <= {text, ""}
     assert blocked == sum(item in ("blocked", "prepared") for item in pipeline)
     assert b"DELETE" not in sent, "a blocked statement reached the server"
     answer = server.receive(sent)
