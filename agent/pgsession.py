@@ -356,13 +356,13 @@ class PostgresSession:
 
     def allowed_execute(self, data: bytes) -> bytes | None:
         """:meth:`allowed_query` for the extended protocol: when ``data`` is exactly what a
-        driver sends to run a statement once (a Parse the policy allows, or none for a
-        statement this session knows; a Bind; a Describe of its portal or none; an Execute
-        of that portal; a Sync: libpq's PQexecParams and PQexecPrepared) and nothing else is
-        under way, its query record (encoded as msgpack), the session's state moved on
-        exactly as :meth:`client_data` would, and ``data`` is to go to the server as it is.
-        None for anything else, with nothing changed (but the policy's decision on a Parse,
-        remembered as :meth:`_judge` does): then :meth:`client_data` takes it."""
+        driver sends to run a statement once (a Parse, or none for a statement this session
+        knows; a Bind; a Describe of its portal or none; an Execute of that portal; a Sync:
+        libpq's PQexecParams and PQexecPrepared) of a statement the policy allows now, and
+        nothing else is under way, its query record (encoded as msgpack), the session's
+        state moved on exactly as :meth:`client_data` would, and ``data`` is to go to the
+        server as it is. None for anything else, with nothing changed (but the policy's
+        decision, remembered as :meth:`_judge` does): then :meth:`client_data` takes it."""
         if (self.phase != "ready" or self.replication is not None
                 or self.record_level != "statements" or not self.frontend.between_messages
                 or self._describes):
