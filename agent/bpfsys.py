@@ -8,7 +8,9 @@ finding what is attached to a cgroup (``BPF_PROG_QUERY``), naming a program or
 link by id (``BPF_*_GET_FD_BY_ID`` + ``BPF_OBJ_GET_INFO_BY_FD``), detaching
 what a run left behind (``BPF_PROG_DETACH``, ``BPF_LINK_DETACH``), loading a
 two-instruction probe program for ``ringfence doctor`` (``BPF_PROG_LOAD``),
-and reading the attribution map by file descriptor (``BPF_MAP_LOOKUP_ELEM``).
+reading the attribution map by file descriptor (``BPF_MAP_LOOKUP_ELEM``), and the
+maps and program that balance sessions over the agent's event loops
+(``BPF_MAP_CREATE``, ``BPF_MAP_UPDATE_ELEM``; see :mod:`agent.balance`).
 
 Every call raises :class:`OSError` with the kernel's errno on failure.
 """
@@ -25,7 +27,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 # enum bpf_cmd (uapi/linux/bpf.h)
+BPF_MAP_CREATE = 0
 BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
 BPF_PROG_LOAD = 5
 BPF_PROG_ATTACH = 8
 BPF_PROG_DETACH = 9
@@ -226,19 +230,61 @@ def link_detach(link_fd: int) -> None:
 
 
 def prog_load(
-    prog_type: int, insns: Sequence[int], name: str, expected_attach_type: int = 0
+    prog_type: int, insns: Sequence[int], name: str, expected_attach_type: int = 0,
+    *, verifier_log: bool = False,
 ) -> int:
-    """Load raw instructions (each a little-endian u64) and return the program fd."""
+    """Load raw instructions (each a little-endian u64) and return the program fd.
+
+    ``verifier_log``: when the kernel refuses the program, load it again with the
+    verifier's log and put the log's end in the error."""
     code = (ctypes.c_uint64 * len(insns))(*insns)
     license = ctypes.create_string_buffer(b"GPL")
+
+    def load(log: ctypes.Array[ctypes.c_char] | None) -> int:
+        attr = _attr()
+        # prog_type u32, insn_cnt u32, insns u64, license u64, log_level u32,
+        # log_size u32, log_buf u64, kern_version u32, prog_flags u32,
+        # prog_name[16], prog_ifindex u32, expected_attach_type u32
+        struct.pack_into("=IIQQ", attr, 0, prog_type, len(insns), ctypes.addressof(code),
+                         _addr(license))
+        if log is not None:
+            struct.pack_into("=IIQ", attr, 24, 1, len(log), _addr(log))
+        struct.pack_into("=16s", attr, 48, name.encode("ascii")[:15])
+        struct.pack_into("=I", attr, 68, expected_attach_type)
+        return _bpf(BPF_PROG_LOAD, attr)
+
+    try:
+        return load(None)
+    except OSError as e:
+        if not verifier_log or e.errno not in (13, 22):  # EACCES, EINVAL: the verifier
+            raise
+        log = ctypes.create_string_buffer(1 << 16)
+        try:
+            return load(log)
+        except OSError as again:
+            text = log.value.decode(errors="replace").strip().splitlines()[-6:]
+            raise OSError(again.errno, f"{again.strerror}; verifier: {' | '.join(text)}") from None
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
+               name: str) -> int:
+    """Create a map and return its fd."""
     attr = _attr()
-    # prog_type u32, insn_cnt u32, insns u64, license u64, log_level u32,
-    # log_size u32, log_buf u64, kern_version u32, prog_flags u32,
-    # prog_name[16], prog_ifindex u32, expected_attach_type u32
-    struct.pack_into("=IIQQ", attr, 0, prog_type, len(insns), ctypes.addressof(code), _addr(license))
-    struct.pack_into("=16s", attr, 48, name.encode("ascii")[:15])
-    struct.pack_into("=I", attr, 68, expected_attach_type)
-    return _bpf(BPF_PROG_LOAD, attr)
+    # map_type, key_size, value_size, max_entries, map_flags, inner_map_fd, numa_node
+    # (u32 each), map_name[16]
+    struct.pack_into("=IIIII", attr, 0, map_type, key_size, value_size, max_entries, 0)
+    struct.pack_into("=16s", attr, 32, name.encode("ascii")[:15])
+    return _bpf(BPF_MAP_CREATE, attr)
+
+
+def map_update(map_fd: int, key: bytes, value: bytes) -> None:
+    """Store ``value`` under ``key`` in the map ``map_fd`` (created or replaced)."""
+    k = ctypes.create_string_buffer(key, len(key))
+    v = ctypes.create_string_buffer(value, len(value))
+    attr = _attr()
+    # map_fd u32, pad u32, key u64, value u64, flags u64 (BPF_ANY)
+    struct.pack_into("=IIQQQ", attr, 0, map_fd, 0, _addr(k), _addr(v), 0)
+    _bpf(BPF_MAP_UPDATE_ELEM, attr)
 
 
 # "r0 = 1; exit": the smallest valid program; returning 1 allows the operation.

@@ -54,6 +54,10 @@ class AgentSettings:
     # Event loops carrying sessions, each in a process of its own (agent.workers): the
     # agent's and workers - 1 session workers. 0 ("auto"): one per CPU, at most 4.
     workers: int = 0
+    # How new connections are spread over those event loops: "least-sessions" (to the
+    # loop carrying the fewest, by a BPF program on the listeners; see agent.balance)
+    # or "hash" (the kernel's hash of the connection's addresses).
+    balance: str = "least-sessions"
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +353,7 @@ def _agent(t: _Table) -> AgentSettings:
                           f"got {raw_workers!r}")
     settings = AgentSettings(
         workers=workers,
+        balance=t.choice("balance", ("least-sessions", "hash"), d.balance),
         state_dir=t.path("state_dir", d.state_dir),
         run_dir=t.path("run_dir", d.run_dir),
         log_level=t.choice("log_level", ("debug", "info", "warning", "error"), d.log_level),

@@ -25,6 +25,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from agent import __version__
+from agent.balance import BalanceError, Balancer, SessionCount
 from agent.config import Config
 from agent.logs import configure_logging
 from agent.notify import sd_notify
@@ -159,6 +160,9 @@ async def _serve(config: Config) -> int:
             await proxy.start(loops)
         except OSError as e:
             raise StartupError(str(e)) from None
+        balancer = _start_balancing(config, proxy, loops)
+        if balancer is not None:
+            cleanup.callback(balancer.close)
         workers = WorkerPool()
         workers.on_gone = gone
         cleanup.callback(workers.stop)
@@ -241,6 +245,37 @@ async def _serve(config: Config) -> int:
         except Exception as e:
             log.error("could not record agent.stop: %s", e, extra={"event": "audit.unavailable"})
     return 1 if failed[0] else 0
+
+
+def _start_balancing(config: Config, proxy: Proxy, loops: int) -> Balancer | None:
+    """New connections to the event loop with the fewest sessions (agent.balance), when
+    there are several loops and ``[agent] balance`` asks for it; the kernel's hash when the
+    kernel refuses (said in the log: never a reason not to start)."""
+    if loops < 2:
+        return None
+    if config.agent.balance == "hash" or config.bpf.mode == "off":
+        log.info("new sessions spread over %d event loops by the kernel's hash of addresses "
+                 "(%s)", loops, "[agent] balance = \"hash\"" if config.agent.balance == "hash"
+                 else "[bpf] mode = \"off\"", extra={"event": "agent.balance"})
+        return None
+    try:
+        balancer = Balancer(loops)
+        try:
+            for _, group in proxy.listener_sockets:
+                balancer.attach(group)
+        except BaseException:
+            balancer.close()
+            raise
+    except BalanceError as e:
+        log.warning("new sessions spread over %d event loops by the kernel's hash of "
+                    "addresses, not by their sessions: %s", loops, e,
+                    extra={"event": "agent.balance_unavailable"})
+        return None
+    proxy.session_count = SessionCount(balancer.counts_fd, 0)
+    proxy.balancer = balancer
+    log.info("new sessions go to the event loop carrying the fewest (%d loops)", loops,
+             extra={"event": "agent.balance"})
+    return balancer
 
 
 async def _start_identity(config: Config, audit_log: Any, cleanup: AsyncExitStack) -> Any:

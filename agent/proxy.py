@@ -33,6 +33,7 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, cast
 
+from agent.balance import Balancer, SessionCount
 from agent.config import Config, ProtectedService
 from agent.pgconf import keepalive_timing
 from agent.pgsession import Actions, PostgresSession
@@ -194,6 +195,10 @@ class Proxy:
         # Per service, the sockets bound for each listen address: the first served here,
         # the others handed to session workers (see start).
         self.listener_sockets: list[tuple[str, list[socket.socket]]] = []
+        # This event loop's slot in the session counts that balance new connections over
+        # the loops (agent.balance), when they are balanced.
+        self.session_count: SessionCount | None = None
+        self.balancer: Balancer | None = None  # in the agent's main process, when balanced
 
     def upstream_tls_context(self, service: ProtectedService) -> ssl.SSLContext:
         """The context for TLS to ``service``'s server (built on first use)."""
@@ -336,7 +341,10 @@ class ClientSide(asyncio.Protocol):
         transport.pause_reading()
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
         _keep_alive(transport.get_extra_info("socket"), self.proxy.keepalive.get(self.service.name))
-        self.proxy.connections.add(self)
+        proxy = self.proxy
+        proxy.connections.add(self)
+        if proxy.session_count is not None:
+            proxy.session_count.set(len(proxy.connections))
         self._loop = loop = asyncio.get_running_loop()
         task = loop.create_task(self._setup())
         task.add_done_callback(self._setup_done)
@@ -837,7 +845,10 @@ class ClientSide(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        self.proxy.connections.discard(self)
+        proxy = self.proxy
+        proxy.connections.discard(self)
+        if proxy.session_count is not None:
+            proxy.session_count.set(len(proxy.connections))
         if self.key_registered is not None:
             self.proxy.cancel_keys.unregister(self.key_registered)
         if self.transport is not None:

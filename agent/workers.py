@@ -231,7 +231,11 @@ class WorkerPool:
         try:
             for index, audit_sock in enumerate(audit_sockets):
                 listeners = [(name, socks[index + 1]) for name, socks in proxy.listener_sockets]
-                worker = self._spawn(config, audit_sock, listeners, attributor is not None)
+                # The worker's slot in the session counts, when new sessions are balanced.
+                balance = (None if proxy.balancer is None
+                           else (proxy.balancer.counts_fd, index + 1))
+                worker = self._spawn(config, audit_sock, listeners, attributor is not None,
+                                     balance)
                 self.workers.append(worker)
             for worker in self.workers:
                 worker.channel.sock.settimeout(START_TIMEOUT)
@@ -269,9 +273,12 @@ class WorkerPool:
             worker.thread.start()
 
     def _spawn(self, config: Config, audit_sock: socket.socket,
-               listeners: list[tuple[str, socket.socket]], attribution: bool) -> _Worker:
+               listeners: list[tuple[str, socket.socket]], attribution: bool,
+               balance: tuple[int, int] | None) -> _Worker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         fds = [theirs.fileno(), audit_sock.fileno(), *(s.fileno() for _, s in listeners)]
+        if balance is not None:
+            fds.append(balance[0])
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
         try:
             process = subprocess.Popen(
@@ -283,7 +290,7 @@ class WorkerPool:
             theirs.close()
         channel = Channel(ours)
         channel.notify(("start", config, audit_sock.fileno(),
-                        [(name, s.fileno()) for name, s in listeners], attribution))
+                        [(name, s.fileno()) for name, s in listeners], attribution, balance))
         return _Worker(process, channel, set())
 
     def _serve(self, worker: _Worker, proxy: Any, attributor: Any, identity: Any,
@@ -479,7 +486,7 @@ def worker_main(channel_fd: int, parent: int) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the policy is loaded (see below)
     channel = Channel(socket.socket(fileno=channel_fd))
     try:
-        (_, (kind, config, audit_fd, listeners, attribution)), _ = channel.receive()
+        (_, (kind, config, audit_fd, listeners, attribution, balance)), _ = channel.receive()
     except (ChannelClosed, OSError, ValueError, pickle.UnpicklingError):
         return 2
     from agent.logs import configure_logging
@@ -488,11 +495,15 @@ def worker_main(channel_fd: int, parent: int) -> int:
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_serve_worker(config, channel, audit_fd, listeners, attribution))
+        return runner.run(_serve_worker(config, channel, audit_fd, listeners, attribution,
+                                        balance))
 
 
 async def _serve_worker(config: Config, channel: Channel, audit_fd: int,
-                        listeners: list[tuple[str, int]], attribution: bool) -> int:
+                        listeners: list[tuple[str, int]], attribution: bool,
+                        balance: tuple[int, int] | None = None) -> int:
+    """Serve ``listeners``; ``balance``: the session counts map's fd and this worker's slot,
+    when new sessions are balanced over the event loops (agent.balance)."""
     from agent.proxy import Proxy
     from agent.tls import TlsError
     from audit.process import AuditProcess
@@ -517,6 +528,10 @@ async def _serve_worker(config: Config, channel: Channel, audit_fd: int,
         proxy = Proxy(config, audit_log, RemoteAttributor(channel) if attribution else None,
                       policy=lambda: policy.current, identity=RemoteIdentity(channel),
                       cancel_keys=RemoteCancelKeys(channel))
+        if balance is not None:
+            from agent.balance import SessionCount
+
+            proxy.session_count = SessionCount(*balance)
         services = {s.name: s for s in config.protect}
         await proxy.serve([(services[name], socket.socket(fileno=fd)) for name, fd in listeners])
     except (PolicyError, TlsError, OSError) as e:
