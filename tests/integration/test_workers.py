@@ -13,6 +13,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,25 @@ HOLD = textwrap.dedent(f"""
         except psycopg.Error as e:
             out.append(e.sqlstate)
     print(json.dumps(out), flush=True)
+""")
+
+# Opens ("open PREFIX COUNT", one after another, each past a statement) and closes ("close
+# NAME...") sessions named by application_name as told on stdin; "ok" after each command.
+CONTROL = textwrap.dedent(f"""
+    import sys, psycopg
+    conns = {{}}
+    for line in sys.stdin:
+        command, *args = line.split()
+        if command == "open":
+            for i in range(int(args[1])):
+                name = args[0] + str(i)
+                conns[name] = psycopg.connect({CONNINFO!r}, autocommit=True,
+                                              application_name=name)
+                conns[name].execute("select 1")
+        else:
+            for name in args:
+                conns.pop(name).close()
+        print("ok", flush=True)
 """)
 
 # Cancels a pg_sleep in each of CONNECTIONS sessions, each by a connection of its own.
@@ -131,8 +151,8 @@ def starts(records: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
 
 
 def test_the_agent_runs_a_worker_and_sessions_land_on_both(stack: Any) -> None:
-    """With workers = 2 the agent starts one session worker, says so in agent.start, and the
-    kernel spreads connections over both processes, each recording the sessions it carries."""
+    """With workers = 2 the agent starts one session worker, says so in agent.start, and
+    connections are spread over both processes, each recording the sessions it carries."""
     ns, _, agent, _ = stack
     pids = agent.session_pids()
     assert len(pids) == 2
@@ -145,6 +165,48 @@ def test_the_agent_runs_a_worker_and_sessions_land_on_both(stack: Any) -> None:
         assert all(s["attribution"]["source"] == "bpf" for s in held)
         # Attributed by the agent's probes, whichever process carries the session.
         assert all(s["process"]["pid"] == hold.pid for s in held)
+
+
+def no_open_sessions(records: list[dict[str, Any]]) -> bool:
+    return all(any(r["type"] == "session.end" for r in recs)
+               for recs in sessions(records).values()
+               if any(r["type"] == "session.start" for r in recs))
+
+
+def test_new_sessions_go_to_the_event_loop_carrying_the_fewest(stack: Any) -> None:
+    """With the default [agent] balance, each new connection goes to the event loop carrying
+    the fewest sessions: eight opened one after another split 4/4, and once the worker's four
+    have ended, the next four all go to the worker. (By the kernel's hash of addresses both
+    would happen together about once in sixty tries.)"""
+    ns, _, agent, _ = stack
+    main, worker = agent.session_pids()
+    agent.wait_for(no_open_sessions)  # earlier tests' sessions all counted out
+    control = python_in(ns, CONTROL)
+    stdin, stdout = control.stdin, control.stdout
+    assert stdin is not None and stdout is not None
+
+    def command(line: str) -> None:
+        stdin.write(line + "\n")
+        stdin.flush()
+        assert stdout.readline().strip() == "ok"
+
+    try:
+        command("open even 8")
+        even = agent.wait_for(lambda rs: (lambda s: s if len(s) == 8 else None)(
+            starts(rs, "even")))
+        assert Counter(s["agent_pid"] for s in even) == {main: 4, worker: 4}
+        gone = [s for s in even if s["agent_pid"] == worker]
+        command("close " + " ".join(s["target"]["application_name"] for s in gone))
+        ids = {s["session_id"] for s in gone}
+        agent.wait_for(lambda rs: len([r for r in rs if r["type"] == "session.end"
+                                       and r["session_id"] in ids]) == len(ids))
+        command("open next 4")
+        after = agent.wait_for(lambda rs: (lambda s: s if len(s) == 4 else None)(
+            starts(rs, "next")))
+        assert [s["agent_pid"] for s in after] == [worker] * 4
+    finally:
+        control.kill()
+        control.wait()
 
 
 def test_cancel_requests_find_their_session_on_any_event_loop(stack: Any) -> None:

@@ -46,6 +46,7 @@ def test_environment_variable_chooses_the_file(tmp_path: Path, monkeypatch: pyte
         ({"agent": {"workers": "all"}}, "agent.workers"),
         ({"agent": {"workers": True}}, "agent.workers"),
         ({"agent": {"workers": 65}}, "agent.workers"),
+        ({"agent": {"balance": "round-robin"}}, "agent.balance"),
         ({"audit": {"path": 3}}, "audit.path: expected str"),
         ({"protect": [{"name": "pg", "keepalive": {"idle": "1min"}}]}, "protect[0].keepalive.idle"),
         ({"protect": [{"name": "pg", "keepalive": {"count": -1}}]}, "protect[0].keepalive.count"),
@@ -79,3 +80,9 @@ def test_workers_is_a_count_or_auto() -> None:
     assert parse_config({"agent": {"workers": 3}}).agent.workers == 3
     assert event_loops(3) == 3
     assert 1 <= event_loops(0) <= AUTO_MAX
+
+
+def test_balance_is_least_sessions_unless_hash_is_asked_for() -> None:
+    """[agent] balance: new connections to the loop with the fewest sessions by default."""
+    assert parse_config({}).agent.balance == "least-sessions"
+    assert parse_config({"agent": {"balance": "hash"}}).agent.balance == "hash"
