@@ -179,6 +179,41 @@ def _policy_check(config: Config) -> Check | None:
     return Check("policy", True, f"{settings.path} is valid (version {str(loaded.version)[:12]})")
 
 
+def _balance_check(config: Config) -> Check | None:
+    """With several event loops: whether the kernel takes the program that gives each new
+    connection to the loop with the fewest sessions (agent.balance), tried on a scratch
+    group of loopback listeners."""
+    from agent.balance import BalanceError, Balancer
+    from agent.workers import event_loops
+
+    loops = event_loops(config.agent.workers)
+    if loops < 2 or config.agent.balance == "hash" or config.bpf.mode == "off":
+        return None
+    group: list[socket.socket] = []
+    try:
+        for _ in range(loops):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            group.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(("127.0.0.1", group[0].getsockname()[1] if len(group) > 1 else 0))
+            sock.listen(1)
+        balancer = Balancer(loops)
+        try:
+            balancer.attach(group)
+        finally:
+            balancer.close()
+    except (BalanceError, OSError) as e:
+        return Check("balance", False, f"new sessions would be spread over the {loops} event "
+                     f"loops by the kernel's hash of addresses, not by their sessions: {e}",
+                     "run as root on a kernel with SK_REUSEPORT programs (4.19 or later), or "
+                     "set [agent] balance = \"hash\"")
+    finally:
+        for sock in group:
+            sock.close()
+    return Check("balance", True, f"new sessions go to the event loop with the fewest "
+                 f"({loops} loops)")
+
+
 def _bpf_checks(config: Config) -> list[Check]:
     """BPF checks; the compile check merges split kernel headers in a scratch
     directory while the state directory does not exist, so that the doctor
@@ -241,6 +276,9 @@ def collect_checks(config_path: str | None) -> list[tuple[Check, bool]]:
         check = make(config)
         if check is not None:
             checks.append((check, True))
+    balance = _balance_check(config)
+    if balance is not None:
+        checks.append((balance, False))  # the kernel's hash spreads sessions instead
     unix = _unix_socket_check(config)
     if unix is not None:
         checks.append((unix, False))  # the agent runs; it just cannot see those clients

@@ -5,8 +5,10 @@ agent's bottleneck: it leaves cores idle that PostgreSQL and the clients could u
 ``[agent] workers`` above 1 (``"auto"``: one per CPU the agent may run on, at most
 :data:`AUTO_MAX`), the agent starts ``workers - 1`` worker processes
 (``python -m agent.workers``), as HAProxy runs a thread and nginx a process per core. Each
-listener is bound once per event loop with ``SO_REUSEPORT``, so the kernel spreads new
-connections over the agent and its workers.
+listener is bound once per event loop with ``SO_REUSEPORT``, and each new connection goes
+to the loop carrying the fewest sessions (:mod:`agent.balance`; the kernel's hash of
+addresses when that is off or refused). Each loop keeps its slot in the session counts
+current, the workers through the counts map's fd handed to them at start.
 
 What exists once stays in the agent (the main process): the audit writer, the BPF probes
 and their maps, the identity resolver with its login registry and control socket, the

@@ -107,3 +107,19 @@ def wrong_size() -> None:
         balancer.close()
         for sock in socks:
             sock.close()
+
+
+def test_doctor_says_whether_new_sessions_are_balanced() -> None:
+    """`ringfence doctor` tries the program on a scratch group of listeners when there are
+    several event loops, and says nothing of balancing when there is one or it is off."""
+    from agent.config import parse_config
+    from agent.doctor import _balance_check
+
+    require(os.geteuid() == 0, "root")
+    check = _balance_check(parse_config({"agent": {"workers": 3}}))
+    assert check is not None and check.ok, check
+    assert check.detail == "new sessions go to the event loop with the fewest (3 loops)"
+    assert _balance_check(parse_config({"agent": {"workers": 1}})) is None
+    assert _balance_check(parse_config({"agent": {"workers": 3, "balance": "hash"}})) is None
+    assert _balance_check(parse_config({"agent": {"workers": 3},
+                                        "bpf": {"mode": "off"}})) is None
