@@ -3,6 +3,7 @@ their event loops' session counts (agent.balance), against the kernel itself."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Iterator
@@ -10,7 +11,15 @@ from collections.abc import Iterator
 import pytest
 
 from agent import bpfsys
-from agent.balance import Balancer, SessionCount, program
+from agent.balance import (
+    BPF_MAP_TYPE_ARRAY,
+    BPF_MAP_TYPE_REUSEPORT_SOCKARRAY,
+    BPF_PROG_TYPE_SK_REUSEPORT,
+    BPF_SK_REUSEPORT_SELECT,
+    Balancer,
+    SessionCount,
+    program,
+)
 from tests.conftest import require
 from tests.support.netns import NetNS, call_in, netns
 
@@ -52,14 +61,25 @@ def spread(socks: list[socket.socket], connections: int, port: int = 5999) -> li
     return accepted
 
 
+@contextlib.contextmanager
+def balanced(sockets: int, loops: int) -> Iterator[tuple[list[socket.socket], Balancer]]:
+    """``sockets`` listeners and a balancer for ``loops`` event loops, closed afterwards."""
+    socks = listeners(sockets)
+    balancer = Balancer(loops)
+    try:
+        yield socks, balancer
+    finally:
+        balancer.close()
+        for sock in socks:
+            sock.close()
+
+
 def test_each_connection_goes_to_the_loop_with_the_fewest_sessions(ns: NetNS) -> None:
     call_in(ns, fewest)
 
 
 def fewest() -> None:
-    socks = listeners(3)
-    balancer = Balancer(3)
-    try:
+    with balanced(3, 3) as (socks, balancer):
         balancer.attach(socks)
         counts = [SessionCount(balancer.counts_fd, slot) for slot in range(3)]
         for loads, expected in (((5, 0, 5), [0, 6, 0]), ((0, 5, 5), [6, 0, 0]),
@@ -72,21 +92,17 @@ def fewest() -> None:
         for count in counts:
             count.set(1)
         assert all(accepted > 0 for accepted in spread(socks, 60))
-    finally:
-        balancer.close()
-        for sock in socks:
-            sock.close()
 
 
 @pytest.mark.parametrize("loops", [2, 3, 4, 8, 64])
 def test_the_kernel_accepts_the_program_for_any_number_of_loops(loops: int) -> None:
     """[agent] workers goes up to 64: the program for each size passes the verifier."""
     require(os.geteuid() == 0, "root")
-    counts = bpfsys.map_create(2, 4, 8, loops, "rf_sessions")
-    sockets = bpfsys.map_create(20, 4, 8, loops, "rf_listeners")
+    counts = bpfsys.map_create(BPF_MAP_TYPE_ARRAY, 4, 8, loops, "rf_sessions")
+    sockets = bpfsys.map_create(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, loops, "rf_listeners")
     try:
-        prog = bpfsys.prog_load(21, program(loops, counts, sockets), "ringfence_lb", 39,
-                                verifier_log=True)
+        prog = bpfsys.prog_load(BPF_PROG_TYPE_SK_REUSEPORT, program(loops, counts, sockets),
+                                "ringfence_lb", BPF_SK_REUSEPORT_SELECT, verifier_log=True)
         os.close(prog)
     finally:
         os.close(counts)
@@ -98,15 +114,9 @@ def test_a_group_of_the_wrong_size_is_refused(ns: NetNS) -> None:
 
 
 def wrong_size() -> None:
-    socks = listeners(2)
-    balancer = Balancer(3)
-    try:
-        with pytest.raises(ValueError, match="2 sockets for 3 event loops"):
-            balancer.attach(socks)
-    finally:
-        balancer.close()
-        for sock in socks:
-            sock.close()
+    with balanced(2, 3) as (socks, balancer), pytest.raises(
+            ValueError, match="2 sockets for 3 event loops"):
+        balancer.attach(socks)
 
 
 def test_doctor_says_whether_new_sessions_are_balanced() -> None:
