@@ -73,9 +73,9 @@ def _load_map(dst: int, fd: int) -> list[int]:
 def program(loops: int, counts_fd: int, sockets_fd: int) -> list[int]:
     """The selection program for ``loops`` event loops.
 
-    r9 = the first slot to look at (the connection's hash modulo ``loops``); for each
-    slot from there, round: its count (r2) below the least so far (r8) makes it the
-    choice (r7). Then select the chosen loop's socket and pass.
+    r9 = the first slot to look at (the connection's hash modulo ``loops``). For each
+    slot from there on, wrapping around, a count (r2) below the least so far (r8) makes
+    that slot the choice (r7). Then select the chosen loop's socket and pass.
     """
     insns = [
         _insn(_ALU64 | _MOV | _X, 6, 1),                # r6 = ctx
