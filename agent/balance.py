@@ -4,8 +4,9 @@ With ``[agent] workers`` above 1 every listener is bound once per event loop wit
 ``SO_REUSEPORT`` (see :mod:`agent.workers`). Left to itself, the kernel picks a loop's
 socket by a hash of the connection's addresses. With a few long-lived sessions (a pool of
 8 or 20 connections) that often gives one loop twice the sessions of another, and that
-loop's sessions wait while the other has CPU to spare: with 8 ``pgbench`` clients on two
-loops, a 6/2 split ran about 15 % slower than 4/4.
+loop's sessions wait while the other has CPU to spare: 8 ``pgbench`` clients on two loops
+split 6/2 or worse about one time in five, and in nine runs by hand the two 6/2 splits ran
+10–25 % below the 4/4 ones (bench/README.md).
 
 So, by default (``balance = "least-sessions"``), the agent attaches a small
 ``SK_REUSEPORT`` program to each group of listening sockets. For every new connection it
@@ -56,6 +57,16 @@ _JEQ, _JGE, _JLT, _CALL, _EXIT = 0x10, 0x30, 0xA0, 0x80, 0x90
 
 class BalanceError(Exception):
     """The kernel refused the balancing maps or program; the message says which and why."""
+
+
+def off_reason(balance: str, bpf_mode: str) -> str | None:
+    """The setting that leaves new sessions to the kernel's hash, or None when balancing is
+    asked for (``[agent] balance``, ``[bpf] mode``)."""
+    if balance == "hash":
+        return '[agent] balance = "hash"'
+    if bpf_mode == "off":
+        return '[bpf] mode = "off"'
+    return None
 
 
 def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> int:

@@ -25,7 +25,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from agent import __version__
-from agent.balance import BalanceError, Balancer, SessionCount
+from agent.balance import BalanceError, Balancer, SessionCount, off_reason
 from agent.config import Config
 from agent.logs import configure_logging
 from agent.notify import sd_notify
@@ -253,10 +253,10 @@ def _start_balancing(config: Config, proxy: Proxy, loops: int) -> Balancer | Non
     kernel refuses (said in the log: never a reason not to start)."""
     if loops < 2:
         return None
-    if config.agent.balance == "hash" or config.bpf.mode == "off":
+    reason = off_reason(config.agent.balance, config.bpf.mode)
+    if reason is not None:
         log.info("new sessions spread over %d event loops by the kernel's hash of addresses "
-                 "(%s)", loops, "[agent] balance = \"hash\"" if config.agent.balance == "hash"
-                 else "[bpf] mode = \"off\"", extra={"event": "agent.balance"})
+                 "(%s)", loops, reason, extra={"event": "agent.balance"})
         return None
     try:
         balancer = Balancer(loops)
@@ -272,7 +272,6 @@ def _start_balancing(config: Config, proxy: Proxy, loops: int) -> Balancer | Non
                     extra={"event": "agent.balance_unavailable"})
         return None
     proxy.session_count = SessionCount(balancer.counts_fd, 0)
-    proxy.balancer = balancer
     log.info("new sessions go to the event loop carrying the fewest (%d loops)", loops,
              extra={"event": "agent.balance"})
     return balancer

@@ -183,11 +183,11 @@ def _balance_check(config: Config) -> Check | None:
     """With several event loops: whether the kernel takes the program that gives each new
     connection to the loop with the fewest sessions (agent.balance), tried on a scratch
     group of loopback listeners."""
-    from agent.balance import BalanceError, Balancer
+    from agent.balance import BalanceError, Balancer, off_reason
     from agent.workers import event_loops
 
     loops = event_loops(config.agent.workers)
-    if loops < 2 or config.agent.balance == "hash" or config.bpf.mode == "off":
+    if loops < 2 or off_reason(config.agent.balance, config.bpf.mode) is not None:
         return None
     group: list[socket.socket] = []
     try:

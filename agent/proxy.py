@@ -33,7 +33,7 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, cast
 
-from agent.balance import Balancer, SessionCount
+from agent.balance import SessionCount
 from agent.config import Config, ProtectedService
 from agent.pgconf import keepalive_timing
 from agent.pgsession import Actions, PostgresSession
@@ -196,9 +196,9 @@ class Proxy:
         # the others handed to session workers (see start).
         self.listener_sockets: list[tuple[str, list[socket.socket]]] = []
         # This event loop's slot in the session counts that balance new connections over
-        # the loops (agent.balance), when they are balanced.
+        # the loops (agent.balance), when they are balanced; its map's fd also goes to the
+        # session workers (agent.workers).
         self.session_count: SessionCount | None = None
-        self.balancer: Balancer | None = None  # in the agent's main process, when balanced
 
     def upstream_tls_context(self, service: ProtectedService) -> ssl.SSLContext:
         """The context for TLS to ``service``'s server (built on first use)."""

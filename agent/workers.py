@@ -234,8 +234,8 @@ class WorkerPool:
             for index, audit_sock in enumerate(audit_sockets):
                 listeners = [(name, socks[index + 1]) for name, socks in proxy.listener_sockets]
                 # The worker's slot in the session counts, when new sessions are balanced.
-                balance = (None if proxy.balancer is None
-                           else (proxy.balancer.counts_fd, index + 1))
+                balance = (None if proxy.session_count is None
+                           else (proxy.session_count.counts_fd, index + 1))
                 worker = self._spawn(config, audit_sock, listeners, attributor is not None,
                                      balance)
                 self.workers.append(worker)
