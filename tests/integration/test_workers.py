@@ -150,6 +150,14 @@ def starts(records: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
     return found
 
 
+def started(agent: AgentProcess, prefix: str, count: int) -> list[dict[str, Any]]:
+    """The session.start records of the ``count`` sessions named ``prefix...``, once all are in
+    the trail."""
+    found: list[dict[str, Any]] = agent.wait_for(
+        lambda rs: (lambda s: s if len(s) == count else None)(starts(rs, prefix)))
+    return found
+
+
 def test_the_agent_runs_a_worker_and_sessions_land_on_both(stack: Any) -> None:
     """With workers = 2 the agent starts one session worker, says so in agent.start, and
     connections are spread over both processes, each recording the sessions it carries."""
@@ -159,8 +167,7 @@ def test_the_agent_runs_a_worker_and_sessions_land_on_both(stack: Any) -> None:
     start = agent.wait_for(lambda rs: [r for r in rs if r["type"] == "agent.start"])[-1]
     assert start["worker_pids"] == pids[1:]
     with holding(ns, "spread") as hold:
-        held = agent.wait_for(lambda rs: (lambda s: s if len(s) == CONNECTIONS else None)(
-            starts(rs, "spread")))
+        held = started(agent, "spread", CONNECTIONS)
         assert {s["agent_pid"] for s in held} == set(pids)
         assert all(s["attribution"]["source"] == "bpf" for s in held)
         # Attributed by the agent's probes, whichever process carries the session.
@@ -192,8 +199,7 @@ def test_new_sessions_go_to_the_event_loop_carrying_the_fewest(stack: Any) -> No
 
     try:
         command("open even 8")
-        even = agent.wait_for(lambda rs: (lambda s: s if len(s) == 8 else None)(
-            starts(rs, "even")))
+        even = started(agent, "even", 8)
         assert Counter(s["agent_pid"] for s in even) == {main: 4, worker: 4}
         gone = [s for s in even if s["agent_pid"] == worker]
         command("close " + " ".join(s["target"]["application_name"] for s in gone))
@@ -201,8 +207,7 @@ def test_new_sessions_go_to_the_event_loop_carrying_the_fewest(stack: Any) -> No
         agent.wait_for(lambda rs: len([r for r in rs if r["type"] == "session.end"
                                        and r["session_id"] in ids]) == len(ids))
         command("open next 4")
-        after = agent.wait_for(lambda rs: (lambda s: s if len(s) == 4 else None)(
-            starts(rs, "next")))
+        after = started(agent, "next", 4)
         assert [s["agent_pid"] for s in after] == [worker] * 4
     finally:
         control.kill()
