@@ -139,6 +139,9 @@ EXECUTED_BYTES = 256 * 1024  # bytes of executions' encoded records remembered p
 class _Portal:
     statement: str
     parameters: list[Any]
+    # Bound to a statement whose Parse the policy blocked, in this request (Syncs sent
+    # before it); -1 for any other.
+    blocked_in: int = -1
 
 
 class PostgresSession:
@@ -178,6 +181,9 @@ class PostgresSession:
         self._pending: deque[_Pending] = deque()
         self._statements: dict[str, tuple[str, tuple[int, ...]]] = {}  # name → (text, types)
         self._portals: dict[str, _Portal] = {}
+        # Statements whose Parse the policy blocked since the last Sync: the server, failing
+        # the substitute, skips their Bind and Execute, which belong to that request.
+        self._blocked_names: set[str] = set()
         self._refusal: tuple[str | None, str, str] | None = None
         self.policy = policy
         self.subject: Subject | None = None  # set by the proxy once attribution is known
@@ -243,22 +249,31 @@ class PostgresSession:
                     b"P", event.statement.encode() + b"\x00" + SUBSTITUTE_SQL.encode() + b"\x00\x00\x00"
                 )
                 self._block(decision, substitute, True, actions)
+                self._blocked_names.add(event.statement)
                 if not event.statement:
                     # The server drops the unnamed statement before it parses a new one,
                     # even one that fails: an Execute after this one runs nothing it knew.
                     self._statements.pop("", None)
                 return
             self._statements[event.statement] = (event.sql, event.parameter_types)
+            self._blocked_names.discard(event.statement)  # (its Executes are this text's)
             actions.to_server.append(event.raw)
         elif isinstance(event, pg.Bind):
             types = self._statements.get(event.statement, ("", ()))[1]
             self._portals[event.portal] = _Portal(
-                event.statement, _parameters(event, self.max_statement, types)
+                event.statement, _parameters(event, self.max_statement, types),
+                self._segments_sent if event.statement in self._blocked_names else -1,
             )
             if event.raw:  # (a large Bind went on already, in pieces)
                 actions.to_server.append(event.raw)
         elif isinstance(event, pg.Execute):
             portal = self._portals.get(event.portal)
+            if portal is not None and portal.blocked_in == self._segments_sent:
+                # The request whose Parse was blocked: its records (the statement's text,
+                # its decision, "blocked") already say what became of it, and the server,
+                # failing the substitute, skips this until Sync.
+                actions.to_server.append(event.raw)
+                return
             known = self._statements.get(portal.statement) if portal else None
             params = portal.parameters if portal else None
             if known is None:  # (the server refuses it)
@@ -274,6 +289,7 @@ class PostgresSession:
             else:
                 actions.to_server.append(event.raw)
         elif isinstance(event, pg.Sync):
+            self._blocked_names.clear()
             self._pending.append(_Pending("sync"))
             self._segments_sent += 1
             actions.to_server.append(event.raw)

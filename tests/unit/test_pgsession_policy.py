@@ -108,7 +108,7 @@ def test_pipeline_keeps_earlier_results_and_replaces_only_the_blocked_error() ->
     assert isinstance(error, pg.ErrorResponse) and "block-delete-without-where" in error.message
     assert z == pg.ReadyForQuery("I")
     outcomes = [r["outcome"] for t, r in reply.records if t == "result"]
-    assert outcomes == ["success", "blocked", "failure"]
+    assert outcomes == ["success", "blocked"]  # (the blocked Parse's Execute is part of it)
 
 
 def test_allowed_query_carries_the_rule_in_its_record() -> None:
@@ -346,6 +346,35 @@ def test_a_statement_prepared_before_a_reload_is_blocked_when_it_runs(one_step: 
 
 def _parse(name: bytes, sql: bytes) -> bytes:
     return msg(b"P", name + b"\x00" + sql + b"\x00\x00\x00")
+
+
+@pytest.mark.parametrize("name", [b"", b"purge"], ids=["unnamed", "named"])
+def test_a_blocked_parse_and_its_execution_are_one_statement_in_the_trail(name: bytes) -> None:
+    """PQexecParams of a blocked DELETE (Parse, Bind, Execute, Sync) is recorded once: one
+    query record with the statement's text and one result, blocked; the Bind and Execute
+    the server skips after the substitute's error add nothing. A later request that runs
+    the statement the blocked Parse never made is recorded as its own (failed) attempt."""
+    s = ready()
+    bind = msg(b"B", b"\x00" + name + b"\x00" + struct.pack("!hhh", 0, 0, 0))
+    execute = msg(b"E", b"\x00" + struct.pack("!i", 0))
+    sync = msg(b"S", b"")
+    actions = s.client_data(_parse(name, b"DELETE FROM accounts") + bind + execute + sync)
+    assert b"DELETE" not in b"".join(actions.to_server)
+    assert [r["text"] for t, r in actions.records if t == "query"] == ["DELETE FROM accounts"]
+    reply = s.server_data(SYNTAX_ERROR + msg(b"Z", b"I"))
+    assert [r["outcome"] for t, r in reply.records if t == "result"] == ["blocked"]
+    assert not s._pending and s.statements == 1
+
+    # After the Sync the same Bind and Execute are a new request: the server refuses it.
+    again = s.client_data(bind + execute + sync)
+    assert b"".join(again.to_server) == bind + execute + sync
+    (query,) = [r for t, r in again.records if t == "query"]
+    assert query["text"] == ""
+    refused = msg(b"E", b"SERROR\x00C26000\x00Mprepared statement does not exist\x00\x00")
+    answered = s.server_data(refused + msg(b"Z", b"I"))
+    (result,) = [r for t, r in answered.records if t == "result"]
+    assert result["outcome"] == "failure" and result["error"]["sqlstate"] == "26000"
+    assert not s._pending and s.relays_server_bytes
 
 
 @pytest.mark.parametrize("piece", [None, 1, 7], ids=["whole", "bytewise", "sevens"])
