@@ -184,6 +184,9 @@ class PostgresSession:
         # Statements whose Parse the policy blocked since the last Sync: the server, failing
         # the substitute, skips their Bind and Execute, which belong to that request.
         self._blocked_names: set[str] = set()
+        # SQL-level prepared statements (PREPARE name AS ...), by name: the PREPARE's text,
+        # judged again whenever an EXECUTE runs it.
+        self._sql_prepared: dict[str, str] = {}
         self._refusal: tuple[str | None, str, str] | None = None
         self.policy = policy
         self.subject: Subject | None = None  # set by the proxy once attribution is known
@@ -239,6 +242,7 @@ class PostgresSession:
             if decision is not None and not decision.allowed:
                 self._block(decision, pg.query_message(SUBSTITUTE_SQL), False, actions)
             else:
+                self._ran_prepared(decision)
                 actions.to_server.append(event.raw)
         elif isinstance(event, pg.Parse):
             decision = self._judge(event.sql, parsed=True)
@@ -287,6 +291,7 @@ class PostgresSession:
             if decision is not None and not decision.allowed:
                 self._block(decision, _SUBSTITUTE_PARSE, True, actions)
             else:
+                self._ran_prepared(decision)
                 actions.to_server.append(event.raw)
         elif isinstance(event, pg.Sync):
             self._blocked_names.clear()
@@ -400,8 +405,8 @@ class PostgresSession:
         sql, types = known
         # Judged when it runs (for a Parse in the same request, once for both).
         decision = self._judge(sql, parsed=True)
-        if decision is not None and not decision.allowed:
-            return None
+        if decision is not None and (not decision.allowed or _touches_prepared(decision)):
+            return None  # (the general path notes what a PREPARE or DEALLOCATE did)
         verdict = _verdict(decision)
         parameters = _parameter_values(formats, values, None, self.max_statement, types)
         try:
@@ -509,6 +514,9 @@ class PostgresSession:
         if decision is None:
             decision = policy.statement(subject or Subject(), self._resource(),
                                         policy.prepared(sql))
+            if _touches_prepared(decision):
+                # What an EXECUTE runs is the session's, not the text's: judged each time.
+                return self._executed_prepared(decision) if decision.allowed else decision
             if shape is None or not decision.allowed or decision.classification.shape != shape:
                 return decision
             if len(self._reused) >= REUSED_SHAPES:
@@ -524,6 +532,38 @@ class PostgresSession:
             self._reused_texts[sql] = self._reused[shape]
             self._reused_texts_size += len(sql)
         return decision
+
+    def _executed_prepared(self, decision: Any) -> Any:
+        """``decision``, an allow of a string that touches SQL-level prepared statements, or
+        the policy's refusal of the first statement it EXECUTEs that the policy now refuses,
+        judged by its PREPARE's text: a statement prepared before a reload runs under the
+        policy in force, as in the extended protocol. Read in order, so that an EXECUTE
+        follows the string's own PREPARE and DEALLOCATE."""
+        prepared = self._sql_prepared
+        for info in decision.classification.statements:
+            if info.prepared is None:
+                continue
+            action, name = info.prepared
+            if action == "execute":
+                text = prepared.get(name)
+                if text is not None:
+                    ruled = self._judge(text)
+                    if ruled is not None and not ruled.allowed:
+                        return ruled
+                continue
+            if prepared is self._sql_prepared:
+                prepared = dict(prepared)  # (the session's change only once it runs)
+            _prepared_change(prepared, action, name, info.text)
+        return decision
+
+    def _ran_prepared(self, decision: Any) -> None:
+        """A string the policy allowed went to the server: note what it did to the SQL-level
+        prepared statements."""
+        if _touches_prepared(decision):
+            for info in decision.classification.statements:
+                if info.prepared is not None:
+                    action, name = info.prepared
+                    _prepared_change(self._sql_prepared, action, name, info.text)
 
     def _resource(self) -> Any:
         """The policy's resource for this session (service and database), built once."""
@@ -1261,6 +1301,24 @@ def _bound_execute_py(data: bytes, max_message: int) -> _Execution | None:
 
 _bound_execute: Callable[[bytes, int], _Execution | None] = (
     pg.native_bound_execute or _bound_execute_py)
+
+
+def _touches_prepared(decision: Any) -> bool:
+    """Whether ``decision`` is on a string that PREPAREs, EXECUTEs or DEALLOCATEs."""
+    classification = getattr(decision, "classification", None)
+    return classification is not None and any(
+        info.prepared is not None for info in classification.statements)
+
+
+def _prepared_change(prepared: dict[str, str], action: str, name: str | None, text: str) -> None:
+    """What a PREPARE (``text``) or a DEALLOCATE of ``name`` (None: all) does to ``prepared``."""
+    if action == "prepare" and name is not None:
+        prepared[name] = text
+    elif action == "deallocate":
+        if name is None:
+            prepared.clear()
+        else:
+            prepared.pop(name, None)
 
 
 def _without_execution_head(data: bytes) -> bytes:

@@ -151,6 +151,10 @@ class StatementInfo:
     flags: frozenset[str] = frozenset()
     objects: tuple[str, ...] = ()  # relations, "schema.name" or "name" when unqualified
     functions: tuple[str, ...] = ()  # functions called, as written (schema-qualified or not)
+    # What the statement does to the session's SQL-level prepared statements: ("prepare",
+    # name), ("execute", name) or ("deallocate", name), the name as the server folds it;
+    # ("deallocate", None) for DEALLOCATE ALL and DISCARD ALL. None for any other.
+    prepared: tuple[str, str | None] | None = None
 
     def summary(self) -> dict[str, Any]:
         """A plain dict for audit records and reports."""
@@ -684,7 +688,23 @@ def _statement(
         flags=frozenset(facts.flags),
         objects=objects,
         functions=tuple(facts.functions),
+        prepared=_prepared(node_type, node),
     )
+
+
+_PREPARED_ACTIONS = {"PrepareStmt": "prepare", "ExecuteStmt": "execute",
+                     "DeallocateStmt": "deallocate"}
+
+
+def _prepared(node_type: str, node: dict[str, Any]) -> tuple[str, str | None] | None:
+    """StatementInfo.prepared of a statement."""
+    action = _PREPARED_ACTIONS.get(node_type)
+    if action is not None:
+        name = node.get("name")
+        return action, (name if isinstance(name, str) and not node.get("isall") else None)
+    if node_type == "DiscardStmt" and node.get("target") == "DISCARD_ALL":
+        return "deallocate", None
+    return None
 
 
 def classify(text: str) -> Classification:
@@ -940,6 +960,7 @@ class Classifier:
                 info = StatementInfo(
                     shape.statement_text(text), template.kind,
                     template.statement_class, template.flags, template.objects, template.functions,
+                    template.prepared,
                 )
                 return Classification(text, (info,), shape=shape.key)
         with self._lock:

@@ -251,6 +251,46 @@ reason = "accounts are frozen"
     assert records[-1]["policy"]["effect"] == "block"
 
 
+def test_a_statement_prepared_in_sql_before_a_reload_runs_under_the_new_policy(
+    stack: Any,
+) -> None:
+    """The same with SQL's PREPARE and EXECUTE in one open session: an UPDATE prepared
+    while the policy allowed it is blocked once a reload freezes the table, with the rule
+    named and the row left as it was; a prepared read still runs."""
+    ns, server, agent, policy = stack
+    drive = Driver(ns)
+    reloads = len([r for r in agent.records() if r["type"] == "policy.decision"
+                   and r.get("effect") == "reload"])
+    try:
+        assert drive("PREPARE touch (text) AS UPDATE accounts SET owner = $1 WHERE id = 1")["ok"]
+        assert drive("PREPARE owners AS SELECT owner FROM accounts WHERE id = 1")["ok"]
+        assert drive("EXECUTE touch('e')")["ok"] is True
+        policy.write_text(DEFAULT_POLICY + """
+[[rule]]
+id = "accounts-frozen"
+effect = "block"
+objects = ["accounts"]
+classes = ["write"]
+reason = "accounts are frozen"
+""")
+        agent.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        agent.wait_for(lambda rs: len([r for r in rs if r["type"] == "policy.decision"
+                                       and r.get("effect") == "reload"]) > reloads or None)
+        blocked = drive("EXECUTE touch('f')")
+        assert blocked["ok"] is False and blocked["sqlstate"] == "42501"
+        assert "accounts-frozen" in blocked["message"]
+        assert drive("EXECUTE owners") == {"ok": True, "rows": [["e"]], "status": "SELECT 1",
+                                           "transaction": "IDLE"}
+    finally:
+        drive.close()
+        policy.write_text(DEFAULT_POLICY)
+        agent.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        time.sleep(0.5)
+    decisions = agent.wait_for(lambda rs: [r for r in rs if r["type"] == "policy.decision"
+                                           and r.get("rule_id") == "accounts-frozen"] or None)
+    assert decisions[-1]["effect"] == "block"
+
+
 _PIPELINE_DRIVER = """
 import json, sys
 import psycopg

@@ -344,6 +344,52 @@ def test_a_statement_prepared_before_a_reload_is_blocked_when_it_runs(one_step: 
     assert b"".join(again.to_server) == _bound_run("purge", b"8")
 
 
+def test_a_statement_prepared_in_sql_before_a_reload_is_blocked_when_it_runs() -> None:
+    """PREPARE ... AS DELETE while the policy allowed it, then a reload that blocks writes:
+    EXECUTE of it is judged as what it runs, kept from the server with the rule named; in
+    the simple and the extended protocol, and with the text's shape already allowed.
+    EXECUTE of a read still runs, and DEALLOCATE (also within one string) forgets."""
+    allow = parse_policy('[defaults]\nunidentified = "allow"\n')
+    no_writes = parse_policy('[defaults]\nunidentified = "allow"\n[[rule]]\nid = "no-writes"\n'
+                             'effect = "block"\nclasses = ["write"]\n')
+    current = [allow]
+    s = PostgresSession("s1", {"service": "postgres"}, policy=lambda: current[0])
+    s.client_data(STARTUP)
+    s.server_data(msg(b"R", struct.pack("!i", 0)) + msg(b"Z", b"I"))
+
+    def query(sql: str) -> str:
+        data = pg.query_message(sql)
+        if s.allowed_query(data) is not None:
+            s.server_data(msg(b"C", b"EXECUTE\x00") + msg(b"Z", b"I"))
+            return "sent"
+        actions = s.client_data(data)
+        if b"".join(actions.to_server) == data:
+            s.server_data(msg(b"C", b"EXECUTE\x00") + msg(b"Z", b"I"))
+            return "sent"
+        (decision,) = [r for t, r in actions.durable if t == "policy.decision"]
+        assert decision["rule_id"] == "no-writes"
+        reply = s.server_data(SYNTAX_ERROR + msg(b"Z", b"I"))
+        error, _ = decoded(b"".join(reply.to_client))
+        assert isinstance(error, pg.ErrorResponse) and error.sqlstate == "42501"
+        return "blocked"
+
+    assert query("PREPARE purge (int) AS DELETE FROM accounts WHERE id = $1") == "sent"
+    assert query("PREPARE one AS SELECT 1") == "sent"
+    assert [query("EXECUTE purge(1)"), query("EXECUTE purge(2)")] == ["sent", "sent"]
+    current[0] = no_writes
+    assert [query("EXECUTE purge(3)"), query("EXECUTE Purge(4)")] == ["blocked", "blocked"]
+    assert query("EXECUTE one") == "sent"
+    extended = _bound_run("", b"5", "EXECUTE purge(5)")
+    assert s.allowed_execute(extended) is None
+    actions = s.client_data(extended)
+    assert b"purge" not in b"".join(actions.to_server)
+    assert [r["effect"] for t, r in actions.durable if t == "policy.decision"] == ["block"]
+    s.server_data(SYNTAX_ERROR + msg(b"Z", b"I"))
+    assert query("DEALLOCATE ALL; PREPARE purge AS SELECT 2; EXECUTE purge") == "sent"
+    assert query("EXECUTE purge") == "sent"
+    assert query("PREPARE purge2 AS DELETE FROM accounts") == "blocked"
+
+
 def _parse(name: bytes, sql: bytes) -> bytes:
     return msg(b"P", name + b"\x00" + sql + b"\x00\x00\x00")
 

@@ -58,6 +58,26 @@ def test_statement_text_is_sliced_per_statement() -> None:
     assert [s.text for s in c.statements] == ["SELECT 'ü'", "DROP TABLE users"]
 
 
+@pytest.mark.parametrize(("sql", "prepared"), [
+    ("PREPARE Purge (int) AS DELETE FROM t WHERE id = $1", [("prepare", "purge")]),
+    ('EXECUTE "Purge"(7)', [("execute", "Purge")]),
+    ("DEALLOCATE PREPARE purge", [("deallocate", "purge")]),
+    ("DEALLOCATE ALL", [("deallocate", None)]),
+    ("DISCARD ALL", [("deallocate", None)]),
+    ("DISCARD PLANS", [None]),
+    ("SELECT 1; EXECUTE p", [None, ("execute", "p")]),
+])
+def test_sql_level_prepared_statements_are_named_as_the_server_folds_them(
+    sql: str, prepared: list[Any]
+) -> None:
+    """What a statement does to the session's SQL-level prepared statements, by name (unquoted
+    names fold to lower case), also when its classification comes from a cached shape."""
+    assert [s.prepared for s in classify(sql).statements] == prepared
+    classifier = Classifier()
+    for text in (sql, sql.replace("7", "8")):
+        assert [s.prepared for s in classifier(text).statements] == prepared
+
+
 def test_parse_error_carries_the_parser_message() -> None:
     """Unparseable text reports PostgreSQL's syntax error."""
     assert "syntax error" in (classify("DROPP TABLE x").parse_error or "")
