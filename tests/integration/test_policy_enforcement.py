@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -56,6 +57,31 @@ def table_exists(ns: NetNS, server: PgServer) -> bool:
     done = ns.run(["runuser", "-u", "postgres", "--", server.tool("psql"), "-h", str(server.sockdir),
                    "-tAc", "select to_regclass('public.accounts') is not null"])
     return done.stdout.strip() == "t"
+
+
+FROZEN_ACCOUNTS = DEFAULT_POLICY + """
+[[rule]]
+id = "accounts-frozen"
+effect = "block"
+objects = ["accounts"]
+classes = ["write"]
+reason = "accounts are frozen"
+"""
+
+
+def reload_policy(agent: AgentProcess, policy: Path, text: str) -> None:
+    """Write ``text`` as the policy, signal the agent, and wait for a new record of its
+    loading exactly that file."""
+    version = hashlib.sha256(text.encode()).hexdigest()
+
+    def loaded(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [r for r in records if r["type"] == "policy.decision"
+                and r.get("effect") == "reload" and r.get("policy_version") == version]
+
+    before = len(loaded(agent.records()))
+    policy.write_text(text)
+    agent.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    agent.wait_for(lambda rs: len(loaded(rs)) > before or None)
 
 
 class Driver:
@@ -207,34 +233,17 @@ def test_a_statement_prepared_before_a_reload_runs_under_the_new_policy(stack: A
                        str(server.sockdir), "-tAc", "select owner from accounts where id = 1"]
                       ).stdout.strip()
 
-    def reloaded(count: int) -> None:
-        agent.wait_for(lambda rs: len([r for r in rs if r["type"] == "policy.decision"
-                                       and r.get("effect") == "reload"]) >= count or None)
-
-    reloads = len([r for r in agent.records() if r["type"] == "policy.decision"
-                   and r.get("effect") == "reload"])
     try:
         first = update("b")
         assert first["ok"] is True and owner() == "b"
         assert any("UPDATE accounts" in s for s in first["prepared"])
-        policy.write_text(DEFAULT_POLICY + """
-[[rule]]
-id = "accounts-frozen"
-effect = "block"
-objects = ["accounts"]
-classes = ["write"]
-reason = "accounts are frozen"
-""")
-        agent.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
-        reloaded(reloads + 1)
+        reload_policy(agent, policy, FROZEN_ACCOUNTS)
         blocked = update("c")
         assert blocked["ok"] is False and blocked["sqlstate"] == "42501"
         assert "accounts-frozen" in blocked["message"]
         assert blocked["prepared"] == first["prepared"], "the statement was prepared before"
         assert owner() == "b"
-        policy.write_text(DEFAULT_POLICY)
-        agent.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
-        reloaded(reloads + 2)
+        reload_policy(agent, policy, DEFAULT_POLICY)
         again = update("d")
         assert again["ok"] is True and owner() == "d"
     finally:
@@ -259,23 +268,11 @@ def test_a_statement_prepared_in_sql_before_a_reload_runs_under_the_new_policy(
     named and the row left as it was; a prepared read still runs."""
     ns, server, agent, policy = stack
     drive = Driver(ns)
-    reloads = len([r for r in agent.records() if r["type"] == "policy.decision"
-                   and r.get("effect") == "reload"])
     try:
         assert drive("PREPARE touch (text) AS UPDATE accounts SET owner = $1 WHERE id = 1")["ok"]
         assert drive("PREPARE owners AS SELECT owner FROM accounts WHERE id = 1")["ok"]
         assert drive("EXECUTE touch('e')")["ok"] is True
-        policy.write_text(DEFAULT_POLICY + """
-[[rule]]
-id = "accounts-frozen"
-effect = "block"
-objects = ["accounts"]
-classes = ["write"]
-reason = "accounts are frozen"
-""")
-        agent.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
-        agent.wait_for(lambda rs: len([r for r in rs if r["type"] == "policy.decision"
-                                       and r.get("effect") == "reload"]) > reloads or None)
+        reload_policy(agent, policy, FROZEN_ACCOUNTS)
         blocked = drive("EXECUTE touch('f')")
         assert blocked["ok"] is False and blocked["sqlstate"] == "42501"
         assert "accounts-frozen" in blocked["message"]
