@@ -208,6 +208,7 @@ class WorkerPool:
     def __init__(self) -> None:
         self.workers: list[_Worker] = []
         self.stopping = False
+        self._stopped = False
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="worker-requests")
         # Told (on a channel thread) when a worker ends while the pool is not stopping.
         self.on_gone: Callable[[str], None] | None = None
@@ -362,8 +363,11 @@ class WorkerPool:
                 worker.process.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
-        """End every worker's sessions and wait for the workers (blocking; killed when late)."""
-        self.stopping = True
+        """End every worker's sessions and wait for the workers (blocking; killed when late).
+        Once: the agent stops them before its listeners, and its exit stack again."""
+        if self._stopped:
+            return
+        self._stopped = self.stopping = True
         for worker in self.workers:
             with contextlib.suppress(ProcessLookupError):
                 worker.process.send_signal(signal.SIGTERM)

@@ -328,9 +328,11 @@ class AuditProcess:
         with self._lock:
             if self._closing:
                 return
+            # Before the close frame: the writer may answer it by closing its end at once,
+            # and the reader must take that end as this close, not the writer gone.
+            self._closing = True
             self._send_buffer()
             self._send_locked(["c"])
-            self._closing = True
         if self._process is None:
             # A further producer: the writer closes its end once it has taken every frame.
             self._reader.join(timeout=120)

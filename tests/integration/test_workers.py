@@ -265,6 +265,8 @@ def test_a_stop_ends_every_loops_sessions_with_the_agents_message(stack: Any) ->
         assert agent.stop() == 0
         for pid in pids[1:]:
             assert not Path(f"/proc/{pid}").exists()
+        # An orderly stop: no worker reported as failed (the exit status of each is 0).
+        assert "agent.worker_failed" not in agent.log_text()
         # Each client got the agent's message, not a reset, wherever its session was.
         assert go(hold) == ["57P01"] * CONNECTIONS
     records = agent.records()

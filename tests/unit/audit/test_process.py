@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 
 import audit.process
@@ -322,6 +323,31 @@ def test_further_producers_share_the_trail_and_the_writer_waits_for_them(tmp_pat
     signer = Signer.parse((tmp_path / "state" / "audit.key").read_text())
     with Store(tmp_path / "audit") as store:
         assert verify(store, signer.verifier).problem is None
+
+
+def test_a_producer_that_closes_is_not_told_the_writer_went(tmp_path: Path) -> None:
+    """A session worker's orderly close: the writer takes its close frame and closes its end,
+    which the producer's reader sees as soon as the frame is out, even while close() is still
+    under way; the worker must not take that for the writer gone (it would exit as failed)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    trail = AuditProcess.start(settings(tmp_path), host="test.host", state_dir=tmp_path / "state",
+                               lock_timeout=30.0, producers=[theirs])
+    worker = AuditProcess.attach(ours)
+    gone: list[str] = []
+    worker.on_gone = gone.append
+    send = worker._send_frame
+
+    def send_then_wait(body: bytes | bytearray) -> None:
+        send(body)
+        if msgpack.unpackb(body) == ["c"]:
+            time.sleep(0.5)  # the writer answers the close frame meanwhile
+
+    worker._send_frame = send_then_wait  # type: ignore[method-assign]
+    worker.emit("query", {"n": 1}, session_id="w1")
+    worker.close()
+    trail.close()
+    assert gone == []
+    assert [e["n"] for _, _, e in read_types(tmp_path) if "n" in e] == [1]
 
 
 def test_a_producer_sees_the_writer_go(tmp_path: Path) -> None:
