@@ -179,14 +179,13 @@ class PostgresSession:
         self.ended = False
         self.last_error: dict[str, str] | None = None
         self._pending: deque[_Pending] = deque()
-        self._statements: dict[str, tuple[str, tuple[int, ...]]] = {}  # name → (text, types)
+        # Prepared statements by name → (text, parameter types): by a Parse, or by SQL's
+        # PREPARE (its whole text, no types), which share one namespace on the server.
+        self._statements: dict[str, tuple[str, tuple[int, ...]]] = {}
         self._portals: dict[str, _Portal] = {}
         # Statements whose Parse the policy blocked since the last Sync: the server, failing
         # the substitute, skips their Bind and Execute, which belong to that request.
         self._blocked_names: set[str] = set()
-        # SQL-level prepared statements (PREPARE name AS ...), by name: the PREPARE's text,
-        # judged again whenever an EXECUTE runs it.
-        self._sql_prepared: dict[str, str] = {}
         self._refusal: tuple[str | None, str, str] | None = None
         self.policy = policy
         self.subject: Subject | None = None  # set by the proxy once attribution is known
@@ -534,36 +533,37 @@ class PostgresSession:
         return decision
 
     def _executed_prepared(self, decision: Any) -> Any:
-        """``decision``, an allow of a string that touches SQL-level prepared statements, or
+        """``decision``, an allow of a string that PREPAREs, EXECUTEs or DEALLOCATEs, or
         the policy's refusal of the first statement it EXECUTEs that the policy now refuses,
-        judged by its PREPARE's text: a statement prepared before a reload runs under the
-        policy in force, as in the extended protocol. Read in order, so that an EXECUTE
-        follows the string's own PREPARE and DEALLOCATE."""
-        prepared = self._sql_prepared
+        judged by the text it was prepared with (a PREPARE's or a Parse's: SQL and the
+        protocol share the names): a statement prepared before a reload runs under the
+        policy in force, as an Execute does. Read in order, so that an EXECUTE follows the
+        string's own PREPARE and DEALLOCATE."""
+        prepared = self._statements
         for info in decision.classification.statements:
             if info.prepared is None:
                 continue
             action, name = info.prepared
             if action == "execute":
-                text = prepared.get(name)
-                if text is not None:
-                    ruled = self._judge(text)
+                known = prepared.get(name) if name is not None else None
+                if known is not None:
+                    ruled = self._judge(known[0])
                     if ruled is not None and not ruled.allowed:
                         return ruled
                 continue
-            if prepared is self._sql_prepared:
+            if prepared is self._statements:
                 prepared = dict(prepared)  # (the session's change only once it runs)
             _prepared_change(prepared, action, name, info.text)
         return decision
 
     def _ran_prepared(self, decision: Any) -> None:
-        """A string the policy allowed went to the server: note what it did to the SQL-level
-        prepared statements."""
+        """A string the policy allowed went to the server: note what its PREPARE and
+        DEALLOCATE statements did to the session's prepared statements."""
         if _touches_prepared(decision):
             for info in decision.classification.statements:
                 if info.prepared is not None:
                     action, name = info.prepared
-                    _prepared_change(self._sql_prepared, action, name, info.text)
+                    _prepared_change(self._statements, action, name, info.text)
 
     def _resource(self) -> Any:
         """The policy's resource for this session (service and database), built once."""
@@ -1310,10 +1310,12 @@ def _touches_prepared(decision: Any) -> bool:
         info.prepared is not None for info in classification.statements)
 
 
-def _prepared_change(prepared: dict[str, str], action: str, name: str | None, text: str) -> None:
-    """What a PREPARE (``text``) or a DEALLOCATE of ``name`` (None: all) does to ``prepared``."""
+def _prepared_change(prepared: dict[str, tuple[str, tuple[int, ...]]], action: str,
+                     name: str | None, text: str) -> None:
+    """What a PREPARE (``text``) or a DEALLOCATE of ``name`` (None: all) does to
+    ``prepared``."""
     if action == "prepare" and name is not None:
-        prepared[name] = text
+        prepared[name] = (text, ())
     elif action == "deallocate":
         if name is None:
             prepared.clear()

@@ -390,6 +390,39 @@ def test_a_statement_prepared_in_sql_before_a_reload_is_blocked_when_it_runs() -
     assert query("PREPARE purge2 AS DELETE FROM accounts") == "blocked"
 
 
+def test_sql_and_the_protocol_share_prepared_statement_names_under_a_reload() -> None:
+    """The server keeps one namespace for Parse's named statements and SQL's PREPARE: a
+    DELETE prepared by a driver (Parse) and run by SQL's EXECUTE, or prepared in SQL and run
+    by Bind and Execute, is judged as what it runs once a reload blocks writes."""
+    current = [parse_policy('[defaults]\nunidentified = "allow"\n')]
+    s = _with_prepared(current, b"bydriver", "DELETE FROM accounts WHERE id = $1")
+    s.client_data(pg.query_message("PREPARE bysql AS DELETE FROM accounts WHERE id = 1"))
+    s.server_data(msg(b"C", b"PREPARE\x00") + msg(b"Z", b"I"))
+    current[0] = parse_policy('[defaults]\nunidentified = "allow"\n[[rule]]\nid = "no-writes"\n'
+                              'effect = "block"\nclasses = ["write"]\n')
+
+    actions = s.client_data(pg.query_message("EXECUTE bydriver(7)"))
+    assert actions.to_server == [pg.query_message(SUBSTITUTE_SQL)]
+    (decision,) = [r for t, r in actions.durable if t == "policy.decision"]
+    assert decision["rule_id"] == "no-writes"
+    s.server_data(SYNTAX_ERROR + msg(b"Z", b"I"))
+
+    data = _bound_run("bysql", b"7")
+    assert s.allowed_execute(data) is None
+    actions = s.client_data(data)
+    assert msg(b"E", b"\x00" + struct.pack("!i", 0)) not in b"".join(actions.to_server)
+    (query,) = [r for t, r in actions.records if t == "query"]
+    assert query["text"].startswith("PREPARE bysql AS DELETE")
+    assert query["policy"]["effect"] == "block"
+    s.server_data(msg(b"2", b"") + SYNTAX_ERROR + msg(b"Z", b"I"))
+
+    # SQL's DEALLOCATE drops a driver's statement too: its EXECUTE is the server's to refuse.
+    s.client_data(pg.query_message("DEALLOCATE bydriver"))
+    s.server_data(msg(b"C", b"DEALLOCATE\x00") + msg(b"Z", b"I"))
+    assert s.client_data(pg.query_message("EXECUTE bydriver(7)")).to_server == [
+        pg.query_message("EXECUTE bydriver(7)")]
+
+
 def _parse(name: bytes, sql: bytes) -> bytes:
     return msg(b"P", name + b"\x00" + sql + b"\x00\x00\x00")
 
