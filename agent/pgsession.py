@@ -404,7 +404,8 @@ class PostgresSession:
         sql, types = known
         # Judged when it runs (for a Parse in the same request, once for both).
         decision = self._judge(sql, parsed=True)
-        if decision is not None and (not decision.allowed or _touches_prepared(decision)):
+        if decision is not None and (not decision.allowed or (
+                type(decision) is not _Reused and _touches_prepared(decision))):
             return None  # (the general path notes what a PREPARE or DEALLOCATE did)
         verdict = _verdict(decision)
         parameters = _parameter_values(formats, values, None, self.max_statement, types)
