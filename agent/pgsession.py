@@ -22,7 +22,7 @@ import msgpack
 from agent.pgconf import parse_bool
 from agent.protocols import postgres as pg
 from policy import Subject, classify_replication
-from policy.classify import MAX_CACHED_TEXT
+from policy.classify import MAX_CACHED_TEXT, Classification
 from policy.classify import plain_text as _plain_text
 from policy.classify import statement_shape as _statement_shape
 
@@ -130,6 +130,9 @@ _SEGMENT_STARTS = (pg.Query, pg.FunctionCall)
 # Server messages that end an Execute without a CommandComplete.
 _EXECUTE_ENDS = (pg.EmptyQueryResponse, pg.PortalSuspended)
 REUSED_SHAPES = 1024  # allow decisions remembered per session
+# Prepared statements an EXECUTE is judged through, nested (a Parse may prepare an EXECUTE
+# of another); deeper, or back to one already on the way, the text counts as unparseable.
+EXECUTE_DEPTH = 8
 REUSED_TEXT = 16 * 1024  # characters of a Parse's text remembered with its decision, at most
 REUSED_TEXTS = 256 * 1024  # and of all of them, per session
 EXECUTED_BYTES = 256 * 1024  # bytes of executions' encoded records remembered per session
@@ -182,6 +185,7 @@ class PostgresSession:
         # Prepared statements by name → (text, parameter types): by a Parse, or by SQL's
         # PREPARE (its whole text, no types), which share one namespace on the server.
         self._statements: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self._judging: list[str] = []  # prepared statements an EXECUTE is being judged through
         self._portals: dict[str, _Portal] = {}
         # Statements whose Parse the policy blocked since the last Sync: the server, failing
         # the substitute, skips their Bind and Execute, which belong to that request.
@@ -547,15 +551,31 @@ class PostgresSession:
             action, name = info.prepared
             if action == "execute":
                 known = prepared.get(name) if name is not None else None
-                if known is not None:
-                    ruled = self._judge(known[0])
-                    if ruled is not None and not ruled.allowed:
-                        return ruled
+                if known is None or name is None:
+                    continue
+                judging = self._judging
+                if name in judging or len(judging) >= EXECUTE_DEPTH:
+                    ruled = self._unparseable(
+                        known[0], f"prepared statements nested too deep: {' -> '.join(judging)}")
+                else:
+                    judging.append(name)
+                    try:
+                        ruled = self._judge(known[0])
+                    finally:
+                        judging.pop()
+                if ruled is not None and not ruled.allowed:
+                    return ruled
                 continue
             if prepared is self._statements:
                 prepared = dict(prepared)  # (the session's change only once it runs)
             _prepared_change(prepared, action, name, info.text)
         return decision
+
+    def _unparseable(self, sql: str, why: str) -> Any:
+        """The policy's decision on ``sql`` taken as text it cannot analyse (``why``)."""
+        assert self.policy is not None
+        return self.policy().statement(self.subject or Subject(), self._resource(),
+                                       Classification(sql, (), parse_error=why))
 
     def _ran_prepared(self, decision: Any) -> None:
         """A string the policy allowed went to the server: note what its PREPARE and

@@ -423,6 +423,31 @@ def test_sql_and_the_protocol_share_prepared_statement_names_under_a_reload() ->
         pg.query_message("EXECUTE bydriver(7)")]
 
 
+@pytest.mark.parametrize("texts", [
+    {"a": "EXECUTE b", "b": "EXECUTE a"},
+    {**{f"s{n}": f"EXECUTE s{n + 1}" for n in range(19)}, "s19": "SELECT 1"},
+], ids=["cycle", "twenty deep"])
+def test_executes_through_prepared_executes_end_as_unparseable(texts: dict[str, str]) -> None:
+    """A Parse may prepare an EXECUTE of another statement: a cycle of them, or a chain deeper
+    than the session follows, is judged as text the policy cannot analyse (blocked by
+    default, the rule named) instead of exhausting the agent's stack; the session goes on."""
+    s = ready()
+    for name, text in texts.items():
+        s.client_data(_parse(name.encode(), text.encode()) + msg(b"S", b""))
+        s.server_data(msg(b"1", b"") + msg(b"Z", b"I"))
+    first = next(iter(texts))
+    actions = s.client_data(pg.query_message(f"EXECUTE {first}"))
+    assert actions.to_server == [pg.query_message(SUBSTITUTE_SQL)]
+    (decision,) = [r for t, r in actions.durable if t == "policy.decision"]
+    assert decision["rule_id"] == "defaults.unparseable"
+    assert "nested too deep" in decision["reason"]
+    s.server_data(SYNTAX_ERROR + msg(b"Z", b"I"))
+    assert s.client_data(pg.query_message("SELECT 1")).to_server == [pg.query_message("SELECT 1")]
+    if "s15" in texts:  # within the depth the session follows, the chain's end decides
+        sent = s.client_data(pg.query_message("EXECUTE s15")).to_server
+        assert sent == [pg.query_message("EXECUTE s15")]
+
+
 def _parse(name: bytes, sql: bytes) -> bytes:
     return msg(b"P", name + b"\x00" + sql + b"\x00\x00\x00")
 
