@@ -36,6 +36,8 @@ def replay_lines(records: Sequence[Record]) -> Iterator[str]:
             yield f"{at}  connect  {ev.get('service')} ({ev.get('protocol')}) {_who(ev)}"
         elif r.type == "query":
             more = " [truncated]" if ev.get("truncated") else ""
+            if ev.get("parameters"):
+                more += f" with parameters {ev['parameters']}"
             yield f"{at}  {ev.get('protocol', '')} query: {ev.get('text')}{more}"
         elif r.type == "result":
             err = ev.get("error")
@@ -45,7 +47,8 @@ def replay_lines(records: Sequence[Record]) -> Iterator[str]:
                 f"rows={ev.get('rows')} in {ev.get('duration_ms')} ms{tail}"
             )
         elif r.type == "policy.decision":
-            yield f"{at}  policy: {ev.get('action')} ({ev.get('rule')}): {ev.get('reason')}"
+            yield (f"{at}  policy: {ev.get('effect')} {ev.get('scope') or ''} "
+                   f"({ev.get('rule_id')}): {ev.get('reason')}")
         elif r.type == "approval.request":
             yield f"{at}  approval requested {ev.get('request_id')}: {ev.get('reason')}"
         elif r.type == "approval.decision":

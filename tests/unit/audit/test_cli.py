@@ -55,16 +55,24 @@ def build(audit_dir: Path, signer: Signer, export: Path | None = None) -> None:
     )
     log.emit("query", {"text": "drop table t", "protocol": "simple"}, session_id="sess-1")
     log.emit(
+        "policy.decision",
+        {"scope": "statement", "effect": "block", "rule_id": "block-drop",
+         "reason": "DROP is not allowed", "policy_version": "ab" * 32},
+        session_id="sess-1",
+    )
+    log.emit(
         "result",
         {
             "rows": 0,
             "command_tag": None,
-            "outcome": "failure",
+            "outcome": "blocked",
             "duration_ms": 0.1,
             "error": {"sqlstate": "42501", "message": "blocked"},
         },
         session_id="sess-1",
     )
+    log.emit("query", {"text": "select $1", "protocol": "extended", "parameters": ["7"]},
+             session_id="sess-1")
     log.emit(
         "session.end",
         {
@@ -87,8 +95,9 @@ def test_show_lists_one_session(audit_dir: Path, signer: Signer, key_path: Path)
     result = run(audit_dir, key_path, "show", "sess-1", "--json")
     assert result.exit_code == 0, result.output
     recs = [json.loads(line) for line in result.output.splitlines()]
-    assert [r["type"] for r in recs] == ["session.start", "query", "result", "query", "result", "session.end"]
-    assert [r["index"] for r in recs] == list(range(6))
+    assert [r["type"] for r in recs] == ["session.start", "query", "result", "query",
+                                         "policy.decision", "result", "query", "session.end"]
+    assert [r["index"] for r in recs] == list(range(8))
     assert run(audit_dir, key_path, "show", "nope").exit_code == 1
 
 
@@ -101,6 +110,8 @@ def test_replay_tells_the_session(audit_dir: Path, signer: Signer, key_path: Pat
     assert "psql -h db" in out and "as alice to app" in out
     assert out.index("select * from t") < out.index("SELECT 3") < out.index("drop table t")
     assert "42501" in out and "client terminated" in out
+    assert "policy: block statement (block-drop): DROP is not allowed" in out
+    assert "extended query: select $1 with parameters ['7']" in out
     assert "+    0.000s" in out
 
 
