@@ -98,6 +98,9 @@ class _Pending:
     error: dict[str, str] | None = None
     reply: bytes = b""  # for "blocked": the ErrorResponse the client gets
     extended: bool = False  # for "blocked": a Parse (the server then skips to Sync)
+    # What its PREPARE and DEALLOCATE statements do to the prepared statements, in order:
+    # each applied when its CommandComplete comes (not when the server refuses or skips it).
+    changes: list[tuple[str, str | None, str]] | None = None
 
 
 @dataclass(slots=True)
@@ -125,6 +128,8 @@ _PASSIVE = frozenset({
     pg.RowDescription, pg.ParameterStatus, pg.NoticeResponse, pg.ParseComplete, pg.BindComplete,
     pg.NoData, pg.NotificationResponse,
 })
+# The CommandComplete tags of PREPARE, DEALLOCATE (ALL) and DISCARD ALL.
+_PREPARED_TAGS = frozenset({"PREPARE", "DEALLOCATE", "DEALLOCATE ALL", "DISCARD ALL"})
 # Client messages each answered up to their own ReadyForQuery.
 _SEGMENT_STARTS = (pg.Query, pg.FunctionCall)
 # Server messages that end an Execute without a CommandComplete.
@@ -245,7 +250,7 @@ class PostgresSession:
             if decision is not None and not decision.allowed:
                 self._block(decision, pg.query_message(SUBSTITUTE_SQL), False, actions)
             else:
-                self._ran_prepared(decision)
+                self._await_prepared(decision)
                 actions.to_server.append(event.raw)
         elif isinstance(event, pg.Parse):
             decision = self._judge(event.sql, parsed=True)
@@ -294,7 +299,7 @@ class PostgresSession:
             if decision is not None and not decision.allowed:
                 self._block(decision, _SUBSTITUTE_PARSE, True, actions)
             else:
-                self._ran_prepared(decision)
+                self._await_prepared(decision)
                 actions.to_server.append(event.raw)
         elif isinstance(event, pg.Sync):
             self._blocked_names.clear()
@@ -462,7 +467,7 @@ class PostgresSession:
             return None
         head = pending[0] if pending else None
         if (head is None or head.rows or head.command_rows or head.commands or head.copy_bytes
-                or head.error is not None or not self.relays_server_bytes
+                or head.error is not None or head.changes or not self.relays_server_bytes
                 or not self.backend.at_boundary):
             return None
         if head.kind == "query":
@@ -577,14 +582,17 @@ class PostgresSession:
         return self.policy().statement(self.subject or Subject(), self._resource(),
                                        Classification(sql, (), parse_error=why))
 
-    def _ran_prepared(self, decision: Any) -> None:
-        """A string the policy allowed went to the server: note what its PREPARE and
-        DEALLOCATE statements did to the session's prepared statements."""
+    def _await_prepared(self, decision: Any) -> None:
+        """A string the policy allowed goes to the server: what its PREPARE and DEALLOCATE
+        statements will do to the session's prepared statements, once the server says each
+        one is done (a PREPARE of a name in use, or a DEALLOCATE in an aborted transaction,
+        changes nothing there, nor here)."""
         if _touches_prepared(decision):
-            for info in decision.classification.statements:
-                if info.prepared is not None:
-                    action, name = info.prepared
-                    _prepared_change(self._statements, action, name, info.text)
+            changes = [(info.prepared[0], info.prepared[1], info.text)
+                       for info in decision.classification.statements
+                       if info.prepared is not None and info.prepared[0] != "execute"]
+            if changes:
+                self._pending[-1].changes = changes
 
     def _resource(self) -> Any:
         """The policy's resource for this session (service and database), built once."""
@@ -879,6 +887,9 @@ class PostgresSession:
         pending = self._pending
         head = pending[0] if pending else None
         if head is not None and head.kind != "sync":
+            if head.changes and event.tag in _PREPARED_TAGS:
+                action, name, text = head.changes.pop(0)
+                _prepared_change(self._statements, action, name, text)
             head.commands.append(event.tag)
             # The tag's count when it has one (SELECT, INSERT … RETURNING, COPY,
             # FETCH), else the rows the command returned.

@@ -357,14 +357,16 @@ def test_a_statement_prepared_in_sql_before_a_reload_is_blocked_when_it_runs() -
     s.client_data(STARTUP)
     s.server_data(msg(b"R", struct.pack("!i", 0)) + msg(b"Z", b"I"))
 
-    def query(sql: str) -> str:
+    def query(sql: str, *tags: str) -> str:
+        """``sql`` sent; when it reaches the server, answered with ``tags`` (or SELECT 1)."""
         data = pg.query_message(sql)
+        answer = b"".join(msg(b"C", t.encode() + b"\x00") for t in tags or ["SELECT 1"])
         if s.allowed_query(data) is not None:
-            s.server_data(msg(b"C", b"EXECUTE\x00") + msg(b"Z", b"I"))
+            s.server_data(answer + msg(b"Z", b"I"))
             return "sent"
         actions = s.client_data(data)
         if b"".join(actions.to_server) == data:
-            s.server_data(msg(b"C", b"EXECUTE\x00") + msg(b"Z", b"I"))
+            s.server_data(answer + msg(b"Z", b"I"))
             return "sent"
         (decision,) = [r for t, r in actions.durable if t == "policy.decision"]
         assert decision["rule_id"] == "no-writes"
@@ -373,8 +375,8 @@ def test_a_statement_prepared_in_sql_before_a_reload_is_blocked_when_it_runs() -
         assert isinstance(error, pg.ErrorResponse) and error.sqlstate == "42501"
         return "blocked"
 
-    assert query("PREPARE purge (int) AS DELETE FROM accounts WHERE id = $1") == "sent"
-    assert query("PREPARE one AS SELECT 1") == "sent"
+    assert query("PREPARE purge (int) AS DELETE FROM accounts WHERE id = $1", "PREPARE") == "sent"
+    assert query("PREPARE one AS SELECT 1", "PREPARE") == "sent"
     assert [query("EXECUTE purge(1)"), query("EXECUTE purge(2)")] == ["sent", "sent"]
     current[0] = no_writes
     assert [query("EXECUTE purge(3)"), query("EXECUTE Purge(4)")] == ["blocked", "blocked"]
@@ -385,9 +387,38 @@ def test_a_statement_prepared_in_sql_before_a_reload_is_blocked_when_it_runs() -
     assert b"purge" not in b"".join(actions.to_server)
     assert [r["effect"] for t, r in actions.durable if t == "policy.decision"] == ["block"]
     s.server_data(SYNTAX_ERROR + msg(b"Z", b"I"))
-    assert query("DEALLOCATE ALL; PREPARE purge AS SELECT 2; EXECUTE purge") == "sent"
+    assert query("DEALLOCATE ALL; PREPARE purge AS SELECT 2; EXECUTE purge",
+                 "DEALLOCATE ALL", "PREPARE", "SELECT 1") == "sent"
     assert query("EXECUTE purge") == "sent"
     assert query("PREPARE purge2 AS DELETE FROM accounts") == "blocked"
+
+
+@pytest.mark.parametrize(("request_", "refusal"), [
+    # The name is in use: the server keeps the DELETE.
+    ("PREPARE purge AS SELECT 1", b"C42P05\x00Mprepared statement \"purge\" already exists"),
+    # In an aborted transaction the server ignores it: the DELETE stays.
+    ("DEALLOCATE purge", b"C25P02\x00Mcurrent transaction is aborted"),
+    ("DISCARD ALL", b"C25P02\x00Mcurrent transaction is aborted"),
+], ids=["prepare-in-use", "deallocate-aborted", "discard-aborted"])
+def test_a_prepare_or_deallocate_the_server_refuses_changes_nothing(
+    request_: str, refusal: bytes,
+) -> None:
+    """What a PREPARE or DEALLOCATE does counts once the server has done it: one it refuses
+    leaves the statement as it was, so after a reload that blocks writes the DELETE still
+    prepared under that name is blocked when EXECUTEd."""
+    current = [parse_policy('[defaults]\nunidentified = "allow"\n')]
+    s = _with_prepared(current, b"other", "SELECT 1")
+    s.client_data(pg.query_message("PREPARE purge AS DELETE FROM accounts WHERE id = 1"))
+    s.server_data(msg(b"C", b"PREPARE\x00") + msg(b"Z", b"I"))
+    sent = s.client_data(pg.query_message(request_)).to_server
+    assert sent == [pg.query_message(request_)]
+    s.server_data(msg(b"E", b"SERROR\x00" + refusal + b"\x00\x00") + msg(b"Z", b"E"))
+    current[0] = parse_policy('[defaults]\nunidentified = "allow"\n[[rule]]\nid = "no-writes"\n'
+                              'effect = "block"\nclasses = ["write"]\n')
+    actions = s.client_data(pg.query_message("EXECUTE purge"))
+    assert actions.to_server == [pg.query_message(SUBSTITUTE_SQL)]
+    (decision,) = [r for t, r in actions.durable if t == "policy.decision"]
+    assert decision["rule_id"] == "no-writes"
 
 
 def test_sql_and_the_protocol_share_prepared_statement_names_under_a_reload() -> None:
