@@ -138,6 +138,8 @@ REUSED_SHAPES = 1024  # allow decisions remembered per session
 # Prepared statements an EXECUTE is judged through, nested (a Parse may prepare an EXECUTE
 # of another); deeper, or back to one already on the way, the text counts as unparseable.
 EXECUTE_DEPTH = 8
+# Texts followed for a name whose changes failed requests may not have made, at most.
+MAYBE_TEXTS = 16
 REUSED_TEXT = 16 * 1024  # characters of a Parse's text remembered with its decision, at most
 REUSED_TEXTS = 256 * 1024  # and of all of them, per session
 EXECUTED_BYTES = 256 * 1024  # bytes of executions' encoded records remembered per session
@@ -191,6 +193,14 @@ class PostgresSession:
         # PREPARE (its whole text, no types), which share one namespace on the server.
         self._statements: dict[str, tuple[str, tuple[int, ...]]] = {}
         self._judging: list[str] = []  # prepared statements an EXECUTE is being judged through
+        # A named Parse or Close changes the statements when sent; an error before it in its
+        # request makes the server skip it. By request (Syncs sent before it), the names
+        # changed and what they held before; the texts a name may still hold on the server
+        # after such a request failed, judged with it until a request that succeeds
+        # changes the name again.
+        self._touched: dict[int, dict[str, tuple[str, tuple[int, ...]] | None]] = {}
+        self._failed_requests: set[int] = set()
+        self._maybe: dict[str, list[str]] = {}
         self._portals: dict[str, _Portal] = {}
         # Statements whose Parse the policy blocked since the last Sync: the server, failing
         # the substitute, skips their Bind and Execute, which belong to that request.
@@ -267,6 +277,8 @@ class PostgresSession:
                     # even one that fails: an Execute after this one runs nothing it knew.
                     self._statements.pop("", None)
                 return
+            if event.statement:
+                self._touch(event.statement)
             self._statements[event.statement] = (event.sql, event.parameter_types)
             self._blocked_names.discard(event.statement)  # (its Executes are this text's)
             actions.to_server.append(event.raw)
@@ -288,6 +300,12 @@ class PostgresSession:
                 return
             known = self._statements.get(portal.statement) if portal else None
             params = portal.parameters if portal else None
+            maybe = self._maybe_refused(portal.statement) if portal and self._maybe else None
+            if maybe is not None:
+                self._begin_statement("execute", known[0] if known else "", "extended", params,
+                                      actions, maybe)
+                self._block(maybe, _SUBSTITUTE_PARSE, True, actions)
+                return
             if known is None:  # (the server refuses it)
                 self._begin_statement("execute", "", "extended", params, actions)
                 actions.to_server.append(event.raw)
@@ -313,6 +331,8 @@ class PostgresSession:
             actions.to_server.append(event.raw)
         elif isinstance(event, pg.Close):
             if event.kind == "S":
+                if event.name:
+                    self._touch(event.name)
                 self._statements.pop(event.name, None)
             else:
                 self._portals.pop(event.name, None)
@@ -410,6 +430,8 @@ class PostgresSession:
             if found is None:
                 return None
             known = found
+        if self._maybe and statement in self._maybe:
+            return None  # (the general path judges what else it may run)
         sql, types = known
         # Judged when it runs (for a Parse in the same request, once for both).
         decision = self._judge(sql, parsed=True)
@@ -428,6 +450,8 @@ class PostgresSession:
         else:
             prefix = self._executed_prefix(sql, verdict)
         if parse is not None:
+            if statement:
+                self._touch(statement)
             self._statements[statement] = known
         self._portals[portal] = _Portal(statement, parameters)
         self.bytes_from_client += len(data)
@@ -467,7 +491,8 @@ class PostgresSession:
             return None
         head = pending[0] if pending else None
         if (head is None or head.rows or head.command_rows or head.commands or head.copy_bytes
-                or head.error is not None or head.changes or not self.relays_server_bytes
+                or head.error is not None or head.changes or self._touched
+                or not self.relays_server_bytes
                 or not self.backend.at_boundary):
             return None
         if head.kind == "query":
@@ -556,16 +581,19 @@ class PostgresSession:
             action, name = info.prepared
             if action == "execute":
                 known = prepared.get(name) if name is not None else None
-                if known is None or name is None:
+                if name is None or (known is None and name not in self._maybe):
                     continue
                 judging = self._judging
                 if name in judging or len(judging) >= EXECUTE_DEPTH:
                     ruled = self._unparseable(
-                        known[0], f"prepared statements nested too deep: {' -> '.join(judging)}")
+                        known[0] if known else info.text,
+                        f"prepared statements nested too deep: {' -> '.join(judging)}")
                 else:
                     judging.append(name)
                     try:
-                        ruled = self._judge(known[0])
+                        ruled = self._maybe_refused(name) if self._maybe else None
+                        if ruled is None and known is not None:
+                            ruled = self._judge(known[0])
                     finally:
                         judging.pop()
                 if ruled is not None and not ruled.allowed:
@@ -575,6 +603,52 @@ class PostgresSession:
                 prepared = dict(prepared)  # (the session's change only once it runs)
             _prepared_change(prepared, action, name, info.text)
         return decision
+
+    def _touch(self, name: str) -> None:
+        """A named Parse or Close changes ``name`` in the request being sent."""
+        touched = self._touched.setdefault(self._segments_sent, {})
+        if name not in touched:
+            touched[name] = self._statements.get(name)
+
+    def _settle(self, request: int) -> None:
+        """The server answered ``request`` up to its ReadyForQuery: its named Parses and
+        Closes took effect, or, after an error in it, perhaps not: then the texts the
+        names held before may still be the server's."""
+        for earlier in [k for k in self._touched if k < request]:
+            # (answered without this session seeing it end: taken as failed, to be safe)
+            self._failed_requests.add(earlier)
+            self._settle(earlier)
+        touched = self._touched.pop(request, None)
+        failed = request in self._failed_requests
+        self._failed_requests.discard(request)
+        if not touched:
+            return
+        for name, before in touched.items():
+            if not failed:
+                self._maybe.pop(name, None)
+            elif before is not None:
+                texts = self._maybe.setdefault(name, [])
+                current = self._statements.get(name)
+                for text in (before[0], current[0] if current else None):
+                    # (past the bound, one more says so; see _maybe_refused)
+                    if text is not None and text not in texts and len(texts) <= MAYBE_TEXTS:
+                        texts.append(text)
+
+    def _maybe_refused(self, name: str) -> Any:
+        """The policy's refusal of a text statement ``name`` may still hold on the server (a
+        request that changed it failed), or None when it allows them all."""
+        texts = self._maybe.get(name)
+        if not texts:
+            return None
+        if len(texts) > MAYBE_TEXTS:
+            ruled = self._unparseable(texts[-1], f"statement {name!r} changed in too many "
+                                                 "failed requests to follow")
+            return ruled if not ruled.allowed else None
+        for text in texts:
+            decision = self._judge(text, parsed=True)
+            if decision is not None and not decision.allowed:
+                return decision
+        return None
 
     def _unparseable(self, sql: str, why: str) -> Any:
         """The policy's decision on ``sql`` taken as text it cannot analyse (``why``)."""
@@ -865,6 +939,8 @@ class PostgresSession:
                 head.command_rows = 0
                 self._finish(pending.popleft(), actions)
         elif isinstance(event, pg.ErrorResponse):
+            if self._touched:
+                self._failed_requests.add(self._segments_done)
             if head is not None and head.kind == "blocked":
                 return self._blocked_error(actions)
             self._server_error(event, actions)
@@ -890,6 +966,10 @@ class PostgresSession:
             if head.changes and event.tag in _PREPARED_TAGS:
                 action, name, text = head.changes.pop(0)
                 _prepared_change(self._statements, action, name, text)
+                if name is None:
+                    self._maybe.clear()
+                else:
+                    self._maybe.pop(name, None)
             head.commands.append(event.tag)
             # The tag's count when it has one (SELECT, INSERT … RETURNING, COPY,
             # FETCH), else the rows the command returned.
@@ -904,6 +984,8 @@ class PostgresSession:
         if self.phase == "auth":
             self.phase = "ready"
         else:
+            if self._touched:
+                self._settle(self._segments_done)
             self._segments_done += 1
             if self._describes:
                 self._forget_unanswered_describes()

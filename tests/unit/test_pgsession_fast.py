@@ -81,6 +81,7 @@ def state(s: PostgresSession) -> dict[str, Any]:
                            for p in s._pending],
         "scanner_at_boundary": s.backend.at_boundary, "last_error": s.last_error,
         "statements_known": s._statements, "describes": list(s._describes),
+        "touched": s._touched, "maybe": s._maybe,
         "portals": {name: (p.statement, p.parameters) for name, p in s._portals.items()},
     }
 

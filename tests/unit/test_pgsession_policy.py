@@ -421,6 +421,48 @@ def test_a_prepare_or_deallocate_the_server_refuses_changes_nothing(
     assert decision["rule_id"] == "no-writes"
 
 
+def _close(name: bytes) -> bytes:
+    return msg(b"C", b"S" + name + b"\x00")
+
+
+@pytest.mark.parametrize("trick", ["close-skipped", "parse-refused"])
+def test_a_parse_or_close_the_server_skips_leaves_what_the_name_may_run(trick: str) -> None:
+    """A named Parse or Close changes the session's statements when sent, and an error before
+    it in its request makes the server skip it (or a Parse of a name in use fails): the text
+    the name held stays judged with it, so after a reload that blocks writes the DELETE the
+    server still holds under that name is blocked, by Bind and Execute and by SQL's EXECUTE.
+    A request that succeeds in changing the name ends the doubt."""
+    current = [parse_policy('[defaults]\nunidentified = "allow"\n')]
+    s = _with_prepared(current, b"purge", "DELETE FROM accounts WHERE id = $1")
+    refused = msg(b"E", b"SERROR\x00C26000\x00Mno such statement\x00\x00")
+    if trick == "close-skipped":
+        bind = msg(b"B", b"\x00nosuch\x00" + struct.pack("!hhh", 0, 0, 0))
+        sent = s.client_data(bind + _close(b"purge") + msg(b"S", b"")).to_server
+        assert b"".join(sent).endswith(_close(b"purge") + msg(b"S", b""))
+    else:
+        refused = msg(b"E", b"SERROR\x00C42P05\x00Mprepared statement exists\x00\x00")
+        s.client_data(_parse(b"purge", b"SELECT 1") + msg(b"S", b""))
+    s.server_data(refused + msg(b"Z", b"I"))
+    current[0] = parse_policy('[defaults]\nunidentified = "allow"\n[[rule]]\nid = "no-writes"\n'
+                              'effect = "block"\nclasses = ["write"]\n')
+
+    run = _bound_run("purge", b"7")
+    assert s.allowed_execute(run) is None
+    actions = s.client_data(run)
+    assert msg(b"E", b"\x00" + struct.pack("!i", 0)) not in b"".join(actions.to_server)
+    assert [r["rule_id"] for t, r in actions.durable if t == "policy.decision"] == ["no-writes"]
+    s.server_data(msg(b"2", b"") + SYNTAX_ERROR + msg(b"Z", b"I"))
+    actions = s.client_data(pg.query_message("EXECUTE purge(7)"))
+    assert actions.to_server == [pg.query_message(SUBSTITUTE_SQL)]
+    s.server_data(SYNTAX_ERROR + msg(b"Z", b"I"))
+
+    # A Close the server does (CloseComplete, no error): the name holds nothing any more.
+    s.client_data(_close(b"purge") + msg(b"S", b""))
+    s.server_data(msg(b"3", b"") + msg(b"Z", b"I"))
+    assert b"".join(s.client_data(run).to_server) == run
+    assert not s._maybe and not s._touched
+
+
 def test_sql_and_the_protocol_share_prepared_statement_names_under_a_reload() -> None:
     """The server keeps one namespace for Parse's named statements and SQL's PREPARE: a
     DELETE prepared by a driver (Parse) and run by SQL's EXECUTE, or prepared in SQL and run
