@@ -17,6 +17,11 @@ REPO = Path(__file__).resolve().parents[2]
 POLICY = load_policy(REPO / "packaging" / "policy.toml")
 
 
+ALLOW_ALL = parse_policy('[defaults]\nunidentified = "allow"\n')
+NO_WRITES = parse_policy('[defaults]\nunidentified = "allow"\n[[rule]]\nid = "no-writes"\n'
+                         'effect = "block"\nclasses = ["write"]\n')
+
+
 def msg(kind: bytes, body: bytes) -> bytes:
     return kind + struct.pack("!i", len(body) + 4) + body
 
@@ -142,8 +147,7 @@ def test_server_bytes_may_go_first_except_while_a_blocked_reply_is_pending() -> 
 
 def test_a_shape_allowed_once_is_judged_again_after_a_policy_reload() -> None:
     """Statements of one shape reuse their allow in a session, until the policy changes."""
-    allow_all = parse_policy('[defaults]\nunidentified = "allow"\n')
-    current = [allow_all]
+    current = [ALLOW_ALL]
     s = PostgresSession("s1", {"service": "postgres"}, policy=lambda: current[0])
     s.client_data(STARTUP)
     s.server_data(msg(b"R", struct.pack("!i", 0)) + msg(b"Z", b"I"))
@@ -273,7 +277,7 @@ def test_an_execution_is_judged_when_it_runs(one_step: bool) -> None:
     """An extended execution's query record carries the policy's verdict, as a simple
     Query's carries its own, and that verdict is taken when it runs: a statement prepared
     before a reload runs under the new policy."""
-    old = parse_policy('[defaults]\nunidentified = "allow"\n')
+    old = ALLOW_ALL
     new = parse_policy('[defaults]\nunidentified = "allow"\n'
                        '[[rule]]\nid = "no-writes"\neffect = "block"\nclasses = ["write"]\n')
     assert old.version != new.version
@@ -309,11 +313,10 @@ def test_a_statement_prepared_before_a_reload_is_blocked_when_it_runs(one_step: 
     from the server once a reload blocks it: the client gets 42501 naming the rule, the
     server sees a Parse that fails in its place, and the statement stays usable should the
     policy allow it again."""
-    current = [parse_policy('[defaults]\nunidentified = "allow"\n')]
+    current = [ALLOW_ALL]
     text = "DELETE FROM accounts WHERE id = $1"
     s = _with_prepared(current, b"purge", text)
-    current[0] = parse_policy('[defaults]\nunidentified = "allow"\n[[rule]]\nid = "no-writes"\n'
-                              'effect = "block"\nclasses = ["write"]\n')
+    current[0] = NO_WRITES
     data = _bound_run("purge", b"7")
     if one_step:
         assert s.allowed_execute(data) is None  # the general path decides
@@ -339,7 +342,7 @@ def test_a_statement_prepared_before_a_reload_is_blocked_when_it_runs(one_step: 
     assert result["outcome"] == "blocked"
     assert not s._pending and s.relays_server_bytes
 
-    current[0] = parse_policy('[defaults]\nunidentified = "allow"\n')
+    current[0] = ALLOW_ALL
     again = s.client_data(_bound_run("purge", b"8"))
     assert b"".join(again.to_server) == _bound_run("purge", b"8")
 
@@ -349,10 +352,7 @@ def test_a_statement_prepared_in_sql_before_a_reload_is_blocked_when_it_runs() -
     EXECUTE of it is judged as what it runs, kept from the server with the rule named; in
     the simple and the extended protocol, and with the text's shape already allowed.
     EXECUTE of a read still runs, and DEALLOCATE (also within one string) forgets."""
-    allow = parse_policy('[defaults]\nunidentified = "allow"\n')
-    no_writes = parse_policy('[defaults]\nunidentified = "allow"\n[[rule]]\nid = "no-writes"\n'
-                             'effect = "block"\nclasses = ["write"]\n')
-    current = [allow]
+    current = [ALLOW_ALL]
     s = PostgresSession("s1", {"service": "postgres"}, policy=lambda: current[0])
     s.client_data(STARTUP)
     s.server_data(msg(b"R", struct.pack("!i", 0)) + msg(b"Z", b"I"))
@@ -378,7 +378,7 @@ def test_a_statement_prepared_in_sql_before_a_reload_is_blocked_when_it_runs() -
     assert query("PREPARE purge (int) AS DELETE FROM accounts WHERE id = $1", "PREPARE") == "sent"
     assert query("PREPARE one AS SELECT 1", "PREPARE") == "sent"
     assert [query("EXECUTE purge(1)"), query("EXECUTE purge(2)")] == ["sent", "sent"]
-    current[0] = no_writes
+    current[0] = NO_WRITES
     assert [query("EXECUTE purge(3)"), query("EXECUTE Purge(4)")] == ["blocked", "blocked"]
     assert query("EXECUTE one") == "sent"
     extended = _bound_run("", b"5", "EXECUTE purge(5)")
@@ -391,6 +391,12 @@ def test_a_statement_prepared_in_sql_before_a_reload_is_blocked_when_it_runs() -
                  "DEALLOCATE ALL", "PREPARE", "SELECT 1") == "sent"
     assert query("EXECUTE purge") == "sent"
     assert query("PREPARE purge2 AS DELETE FROM accounts") == "blocked"
+
+
+def _prepare_in_sql(s: PostgresSession, sql: str) -> None:
+    """``sql``, a PREPARE, sent as a simple Query and done by the server."""
+    s.client_data(pg.query_message(sql))
+    s.server_data(msg(b"C", b"PREPARE\x00") + msg(b"Z", b"I"))
 
 
 @pytest.mark.parametrize(("request_", "refusal"), [
@@ -406,15 +412,13 @@ def test_a_prepare_or_deallocate_the_server_refuses_changes_nothing(
     """What a PREPARE or DEALLOCATE does counts once the server has done it: one it refuses
     leaves the statement as it was, so after a reload that blocks writes the DELETE still
     prepared under that name is blocked when EXECUTEd."""
-    current = [parse_policy('[defaults]\nunidentified = "allow"\n')]
+    current = [ALLOW_ALL]
     s = _with_prepared(current, b"other", "SELECT 1")
-    s.client_data(pg.query_message("PREPARE purge AS DELETE FROM accounts WHERE id = 1"))
-    s.server_data(msg(b"C", b"PREPARE\x00") + msg(b"Z", b"I"))
+    _prepare_in_sql(s, "PREPARE purge AS DELETE FROM accounts WHERE id = 1")
     sent = s.client_data(pg.query_message(request_)).to_server
     assert sent == [pg.query_message(request_)]
     s.server_data(msg(b"E", b"SERROR\x00" + refusal + b"\x00\x00") + msg(b"Z", b"E"))
-    current[0] = parse_policy('[defaults]\nunidentified = "allow"\n[[rule]]\nid = "no-writes"\n'
-                              'effect = "block"\nclasses = ["write"]\n')
+    current[0] = NO_WRITES
     actions = s.client_data(pg.query_message("EXECUTE purge"))
     assert actions.to_server == [pg.query_message(SUBSTITUTE_SQL)]
     (decision,) = [r for t, r in actions.durable if t == "policy.decision"]
@@ -432,7 +436,7 @@ def test_a_parse_or_close_the_server_skips_leaves_what_the_name_may_run(trick: s
     the name held stays judged with it, so after a reload that blocks writes the DELETE the
     server still holds under that name is blocked, by Bind and Execute and by SQL's EXECUTE.
     A request that succeeds in changing the name ends the doubt."""
-    current = [parse_policy('[defaults]\nunidentified = "allow"\n')]
+    current = [ALLOW_ALL]
     s = _with_prepared(current, b"purge", "DELETE FROM accounts WHERE id = $1")
     refused = msg(b"E", b"SERROR\x00C26000\x00Mno such statement\x00\x00")
     if trick == "close-skipped":
@@ -443,8 +447,7 @@ def test_a_parse_or_close_the_server_skips_leaves_what_the_name_may_run(trick: s
         refused = msg(b"E", b"SERROR\x00C42P05\x00Mprepared statement exists\x00\x00")
         s.client_data(_parse(b"purge", b"SELECT 1") + msg(b"S", b""))
     s.server_data(refused + msg(b"Z", b"I"))
-    current[0] = parse_policy('[defaults]\nunidentified = "allow"\n[[rule]]\nid = "no-writes"\n'
-                              'effect = "block"\nclasses = ["write"]\n')
+    current[0] = NO_WRITES
 
     run = _bound_run("purge", b"7")
     assert s.allowed_execute(run) is None
@@ -467,12 +470,10 @@ def test_sql_and_the_protocol_share_prepared_statement_names_under_a_reload() ->
     """The server keeps one namespace for Parse's named statements and SQL's PREPARE: a
     DELETE prepared by a driver (Parse) and run by SQL's EXECUTE, or prepared in SQL and run
     by Bind and Execute, is judged as what it runs once a reload blocks writes."""
-    current = [parse_policy('[defaults]\nunidentified = "allow"\n')]
+    current = [ALLOW_ALL]
     s = _with_prepared(current, b"bydriver", "DELETE FROM accounts WHERE id = $1")
-    s.client_data(pg.query_message("PREPARE bysql AS DELETE FROM accounts WHERE id = 1"))
-    s.server_data(msg(b"C", b"PREPARE\x00") + msg(b"Z", b"I"))
-    current[0] = parse_policy('[defaults]\nunidentified = "allow"\n[[rule]]\nid = "no-writes"\n'
-                              'effect = "block"\nclasses = ["write"]\n')
+    _prepare_in_sql(s, "PREPARE bysql AS DELETE FROM accounts WHERE id = 1")
+    current[0] = NO_WRITES
 
     actions = s.client_data(pg.query_message("EXECUTE bydriver(7)"))
     assert actions.to_server == [pg.query_message(SUBSTITUTE_SQL)]
