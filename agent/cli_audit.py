@@ -13,7 +13,7 @@ import click
 from agent.cli_options import config_option
 from audit.checkpoint import Verifier
 from audit.errors import AuditError
-from audit.schema import Record
+from audit.schema import Record, statement_result
 from audit.store import Store
 
 
@@ -86,8 +86,9 @@ def _filtered(records: Iterator[Record], session: str | None, types: tuple[str, 
     for record in records:
         if session is not None and record.session_id != session:
             continue
-        if types and record.type not in types:
-            continue
+        if types and record.type not in types and not (
+                "result" in types and statement_result(record.type, record.event) is not None):
+            continue  # (a query record carrying its result counts as a result too)
         yield record
 
 
@@ -109,7 +110,9 @@ def audit(ctx: click.Context, path: str | None, key_path: str | None, config_pat
 @click.option("-f", "--follow", is_flag=True, help="Keep printing records as they are committed.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--session", "session", metavar="ID", help="Only this session's records.")
-@click.option("--type", "types", multiple=True, metavar="T", help="Only records of this type (repeatable).")
+@click.option("--type", "types", multiple=True, metavar="T",
+              help="Only records of this type (repeatable); `result` also matches the query "
+                   "records that carry their result.")
 @pass_ctx
 def tail(
     actx: AuditContext,

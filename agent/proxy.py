@@ -74,6 +74,12 @@ class AuditSink(Protocol):
         """Queue a record whose event is already encoded (msgpack); ``caller``: the loop
         whose callback makes this call."""
 
+    def emit_result(self, joins: bool, data: bytes, session_id: str | None,
+                    caller: asyncio.AbstractEventLoop | None = None) -> None:
+        """Queue a result record (encoded); ``joins``: it answers the query record this
+        session emitted last, with nothing of the session's since (then the two are stored
+        as one record when they go to the writer together)."""
+
     async def emit_durable(
         self, type: str, event: dict[str, Any], *, session_id: str | None = None
     ) -> int: ...
@@ -331,6 +337,10 @@ class ClientSide(asyncio.Protocol):
         # _take_plain_path).
         self._plain = False
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop this connection runs on
+        # Whether the session's last record is the query record of a statement a one-step
+        # path sent, whose answer may still come by the other one-step path with nothing
+        # recorded in between: the result then joins that record (see emit_result).
+        self._query_last = False
 
     # asyncio callbacks --------------------------------------------------
 
@@ -400,6 +410,7 @@ class ClientSide(asyncio.Protocol):
             if record is not None:
                 self._write_server(data)
                 self._emit_packed("query", record)
+                self._query_last = True
                 if not self._plain:
                     self._take_plain_path()
                 return
@@ -713,6 +724,7 @@ class ClientSide(asyncio.Protocol):
         client's wait (the writer commits them in batches either way); a
         failing audit trail is checked before anything is forwarded.
         """
+        self._query_last = False  # (whatever these are, they come between)
         if self._deferred is not None:
             self._deferred.append(actions)
             return
@@ -731,6 +743,7 @@ class ClientSide(asyncio.Protocol):
         self._emit(actions.records)
 
     def _emit(self, records: Sequence[Emitted]) -> bool:
+        self._query_last = False
         if not records:
             return True
         try:
@@ -744,6 +757,15 @@ class ClientSide(asyncio.Protocol):
         """A one-step path's record (already encoded): :meth:`_emit` in fewer steps."""
         try:
             self.proxy.audit.emit_packed(type, data, self.session_id, self._loop)
+        except Exception as e:
+            self._audit_failed(e)
+
+    def _emit_result(self, data: bytes) -> None:
+        """The one-step reply path's result record (already encoded), joining its query's
+        record when that is the session's last (see _query_last)."""
+        joins, self._query_last = self._query_last, False
+        try:
+            self.proxy.audit.emit_result(joins, data, self.session_id, self._loop)
         except Exception as e:
             self._audit_failed(e)
 
@@ -884,7 +906,7 @@ class UpstreamSide(asyncio.Protocol):
             client._write_client(data)
             record = session.plain_reply(data)  # the commonest answer, in one step
             if record is not None:
-                client._emit_packed("result", record)
+                client._emit_result(record)
                 return
             client.apply(session.server_data(data, forwarded=True))
             return

@@ -29,7 +29,8 @@
  *
  * batch_frame(records, pack) writes an agent's batch of records as the frame the
  * writer receives, and batch_items(body, types) reads it straight into the writer's
- * queue items (see their comments below); their Python twins are in audit/log.py.
+ * queue items, a result joined to its query where the agent says it answers it (see
+ * their comments below); their Python twins are in audit/log.py.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -449,21 +450,66 @@ read_uint(const unsigned char **p, const unsigned char *end, uint64_t *value)
     return 0;
 }
 
+/* What batch_items remembers of each item it queued: where its session id is in the
+ * frame (NULL for nil) and whether it is a query without a result yet. */
+struct seen {
+    const unsigned char *sid;
+    size_t sid_len;
+    int open_query;
+};
+
+#define JOIN_LOOKBACK 64 /* audit.log.JOIN_LOOKBACK */
+#define RESULT_KEY "\xA6result"
+
+/* Joins a result (msgpack map at data, len) to the query item at index j of items when
+ * both are maps of fewer than 15 fields: the query's map with the field "result" added
+ * (audit.schema.with_result). Returns 1 when joined, 0 when not, -1 on error. */
+static int
+join_result(PyObject *items, Py_ssize_t j, const unsigned char *data, size_t len)
+{
+    PyObject *query = PyList_GET_ITEM(items, j), *old = PyTuple_GET_ITEM(query, 3), *joined, *item;
+    const unsigned char *q = (const unsigned char *)PyBytes_AS_STRING(old);
+    Py_ssize_t qlen = PyBytes_GET_SIZE(old);
+    unsigned char *m;
+    if (qlen < 1 || q[0] < 0x80 || q[0] >= 0x8F || len < 1 || data[0] < 0x80 || data[0] > 0x8F)
+        return 0;
+    joined = PyBytes_FromStringAndSize(NULL, qlen + (Py_ssize_t)(sizeof RESULT_KEY - 1) + (Py_ssize_t)len);
+    if (joined == NULL)
+        return -1;
+    m = (unsigned char *)PyBytes_AS_STRING(joined);
+    m[0] = (unsigned char)(q[0] + 1);
+    memcpy(m + 1, q + 1, (size_t)qlen - 1);
+    memcpy(m + qlen, RESULT_KEY, sizeof RESULT_KEY - 1);
+    memcpy(m + qlen + sizeof RESULT_KEY - 1, data, len);
+    item = PyTuple_Pack(5, PyTuple_GET_ITEM(query, 0), PyTuple_GET_ITEM(query, 1),
+                        PyTuple_GET_ITEM(query, 2), joined, Py_None);
+    Py_DECREF(joined);
+    if (item == NULL)
+        return -1;
+    PyList_SetItem(items, j, item); /* steals item, releases the query's tuple */
+    return 1;
+}
+
 /* batch_items(body, types) -> [(type, session_id, ts, data, None), ...] | None
  *
  * The records of an agent's batch frame, msgpack ["b", [[type, session_id, ts, data],
  * ...]], as the writer queues them; None when ``body`` is anything else: another frame,
  * a value of another kind (session_id is a str or nil, ts an unsigned int, data a bin),
  * text that is not UTF-8, bytes left over, or a type not in the set ``types``. The
- * writer then decodes the frame the general way, which says what is wrong. */
+ * writer then decodes the frame the general way, which says what is wrong.
+ *
+ * A record may have a fifth field, a bool; a "result" with true there answers the query
+ * record its session sent last, and when that is in this frame (within JOIN_LOOKBACK
+ * items) with no result yet, the two become one item (audit.log.joined_items). */
 static PyObject *
 batch_items(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer view;
-    const unsigned char *p, *end, *at;
+    const unsigned char *p, *end, *at, *sid_at;
     uint64_t count, fields, ts, i;
-    size_t len;
+    size_t len, sid_len, type_len;
     PyObject *items = NULL, *types;
+    struct seen *seen = NULL;
 
     (void)module;
     if (nargs != 2 || !PyAnySet_Check(args[1])) {
@@ -480,14 +526,22 @@ batch_items(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     p += 3;
     if (read_count(&p, end, &count) < 0 || count > (uint64_t)(end - p))
         goto none;
-    items = PyList_New((Py_ssize_t)count);
-    if (items == NULL)
+    items = PyList_New(0);
+    seen = PyMem_Malloc(sizeof *seen * ((size_t)count + 1));
+    if (items == NULL || seen == NULL) {
+        if (seen == NULL)
+            PyErr_NoMemory();
         goto fail;
+    }
     for (i = 0; i < count; i++) {
         PyObject *type = NULL, *sid = NULL, *stamp = NULL, *data = NULL, *item;
-        int known;
-        if (read_count(&p, end, &fields) < 0 || fields != 4 || read_raw(&p, end, 0, &at, &len) < 0)
+        const unsigned char *type_at;
+        int known, joins = 0, rc;
+        if (read_count(&p, end, &fields) < 0 || (fields != 4 && fields != 5)
+            || read_raw(&p, end, 0, &at, &len) < 0)
             goto none;
+        type_at = at;
+        type_len = len;
         type = PyUnicode_DecodeUTF8((const char *)at, (Py_ssize_t)len, NULL);
         if (type == NULL)
             goto bad_text;
@@ -501,20 +555,48 @@ batch_items(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (p < end && *p == 0xC0) {
             p++;
             sid = Py_NewRef(Py_None);
+            sid_at = NULL;
+            sid_len = 0;
         } else if (read_raw(&p, end, 0, &at, &len) == 0) {
             sid = PyUnicode_DecodeUTF8((const char *)at, (Py_ssize_t)len, NULL);
             if (sid == NULL) {
                 Py_DECREF(type);
                 goto bad_text;
             }
+            sid_at = at;
+            sid_len = len;
         } else {
             Py_DECREF(type);
             goto none;
         }
-        if (read_uint(&p, end, &ts) < 0 || read_raw(&p, end, 1, &at, &len) < 0) {
+        if (read_uint(&p, end, &ts) < 0 || read_raw(&p, end, 1, &at, &len) < 0
+            || (fields == 5 && (p >= end || (*p != 0xC2 && *p != 0xC3)))) {
             Py_DECREF(type);
             Py_DECREF(sid);
             goto none;
+        }
+        if (fields == 5)
+            joins = *p++ == 0xC3;
+        if (joins && type_len == 6 && memcmp(type_at, "result", 6) == 0) {
+            /* The session's last item in this frame: when it is a query without a result,
+             * the result joins it. */
+            Py_ssize_t n = PyList_GET_SIZE(items), j, stop = n > JOIN_LOOKBACK ? n - JOIN_LOOKBACK : 0;
+            for (j = n - 1; j >= stop; j--) {
+                if ((seen[j].sid == NULL) == (sid_at == NULL) && seen[j].sid_len == sid_len
+                    && (sid_at == NULL || memcmp(seen[j].sid, sid_at, sid_len) == 0))
+                    break;
+            }
+            if (j >= stop && seen[j].open_query) {
+                rc = join_result(items, j, at, len);
+                if (rc != 0) {
+                    Py_DECREF(type);
+                    Py_DECREF(sid);
+                    if (rc < 0)
+                        goto fail;
+                    seen[j].open_query = 0;
+                    continue;
+                }
+            }
         }
         stamp = PyLong_FromUnsignedLongLong(ts);
         data = stamp != NULL ? PyBytes_FromStringAndSize((const char *)at, (Py_ssize_t)len) : NULL;
@@ -525,10 +607,16 @@ batch_items(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_XDECREF(data);
         if (item == NULL)
             goto fail;
-        PyList_SET_ITEM(items, (Py_ssize_t)i, item);
+        seen[PyList_GET_SIZE(items)] = (struct seen){
+            sid_at, sid_len, type_len == 5 && memcmp(type_at, "query", 5) == 0};
+        rc = PyList_Append(items, item);
+        Py_DECREF(item);
+        if (rc < 0)
+            goto fail;
     }
     if (p != end)
         goto none;
+    PyMem_Free(seen);
     PyBuffer_Release(&view);
     return items;
 
@@ -538,10 +626,12 @@ bad_text:
     PyErr_Clear();
 none:
     Py_XDECREF(items);
+    PyMem_Free(seen);
     PyBuffer_Release(&view);
     Py_RETURN_NONE;
 fail:
     Py_XDECREF(items);
+    PyMem_Free(seen);
     PyBuffer_Release(&view);
     return NULL;
 }
@@ -552,7 +642,8 @@ fail:
  * ``records`` (type, session_id, ts, event): data is the event itself when it is bytes
  * (already encoded), else ``pack(event)``. Byte for byte what msgpack's Packer makes of
  * the same (audit.log._batch_frame_py); errors from ``pack`` and values of other kinds
- * are raised. */
+ * are raised. A record may be a 5-tuple ending in True, a result that joins its query
+ * (see batch_items): written as [type, session_id, ts, data, true]. */
 static PyObject *
 batch_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -575,8 +666,10 @@ batch_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     for (i = 0; i < count; i++) {
         PyObject *record = PyList_GET_ITEM(records, i), *type, *sid, *data;
         Py_ssize_t len;
-        if (!PyTuple_Check(record) || PyTuple_GET_SIZE(record) != 4) {
-            PyErr_SetString(PyExc_TypeError, "batch_frame: records are 4-tuples");
+        if (!PyTuple_Check(record) || PyTuple_GET_SIZE(record) < 4 || PyTuple_GET_SIZE(record) > 5
+            || (PyTuple_GET_SIZE(record) == 5 && PyTuple_GET_ITEM(record, 4) != Py_True)) {
+            PyErr_SetString(PyExc_TypeError,
+                            "batch_frame: records are 4-tuples, or 5-tuples ending in True");
             goto done;
         }
         type = PyTuple_GET_ITEM(record, 0);
@@ -601,7 +694,7 @@ batch_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyList_SET_ITEM(datas, i, data);
         if (PyUnicode_AsUTF8AndSize(type, &len) == NULL)
             goto done;
-        size += 1 + 3 * HEAD_MAX + len + PyBytes_GET_SIZE(data);
+        size += 1 + 3 * HEAD_MAX + len + PyBytes_GET_SIZE(data) + 1;
         if (sid != Py_None) {
             if (PyUnicode_AsUTF8AndSize(sid, &len) == NULL)
                 goto done;
@@ -634,7 +727,7 @@ batch_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         ts = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(record, 2));
         if (ts == (uint64_t)-1 && PyErr_Occurred())
             goto fail;
-        *q++ = 0x94;
+        *q++ = (unsigned char)(0x90 | PyTuple_GET_SIZE(record));
         text = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(record, 0), &len);
         q = put_str(q, text, (size_t)len);
         if (sid == Py_None) {
@@ -645,6 +738,8 @@ batch_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         q = put_uint(q, ts);
         q = put_raw(q, PyBytes_AS_STRING(data), (size_t)PyBytes_GET_SIZE(data), 1);
+        if (PyTuple_GET_SIZE(record) == 5)
+            *q++ = 0xC3; /* a result that joins its query (batch_items) */
     }
     if (_PyBytes_Resize(&frame, (Py_ssize_t)(q - (unsigned char *)PyBytes_AS_STRING(frame))) < 0)
         goto done;

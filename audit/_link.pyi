@@ -14,5 +14,5 @@ def batch_items(
 ) -> list[tuple[str, str | None, int, bytes, object]] | None: ...
 
 def batch_frame(
-    records: list[tuple[str, str | None, int, Any]], pack: Callable[[Any], bytes], /,
+    records: list[tuple[Any, ...]], pack: Callable[[Any], bytes], /,
 ) -> bytes: ...

@@ -70,6 +70,11 @@ def to_ocsf(record: Record) -> dict[str, Any]:
         },
         "device": {"hostname": record.host},
     }
+    # A query record that carries its result (audit/SCHEMA.md) is the statement's whole
+    # activity: its outcome and error are the result's.
+    result = ev.pop("result", None) if record.type == "query" else None
+    if isinstance(result, dict):
+        ev.update({k: v for k, v in result.items() if k not in ev})
     outcome = ev.pop("outcome", None)
     if outcome in ("success", "failure"):
         out["status"] = "Success" if outcome == "success" else "Failure"

@@ -44,6 +44,7 @@ from audit.schema import (
     STORE_EVENT_TYPES,
     ZERO_HASH,
     encode_event,
+    with_result,
 )
 from audit.store import (
     DB_CHECKPOINTS,
@@ -160,20 +161,57 @@ def batch_frame_of(items: Sequence[bytes]) -> bytes:
     return _BATCH_HEAD + header + b"".join(items)
 
 
-def _batch_frame_py(
-    records: list[tuple[str, str | None, int, Any]], pack: Callable[[Any], bytes], /,
-) -> bytes:
-    """The batch frame of ``records`` (type, session_id, ts, event): data is the event when
-    it is bytes (already encoded), else ``pack(event)`` (audit/_link.c has it compiled)."""
-    return batch_frame_of([pack((type, sid, ts, event if event.__class__ is bytes else pack(event)))
-                           for type, sid, ts, event in records])
+def _batch_frame_py(records: list[tuple[Any, ...]], pack: Callable[[Any], bytes], /) -> bytes:
+    """The batch frame of ``records`` (type, session_id, ts, event), a result that joins its
+    query with True after them (see :func:`joined_items`): data is the event when it is
+    bytes (already encoded), else ``pack(event)`` (audit/_link.c has it compiled)."""
+    frame = []
+    for record in records:
+        if not 4 <= len(record) <= 5 or (len(record) == 5 and record[4] is not True):
+            raise TypeError("batch_frame: records are 4-tuples, or 5-tuples ending in True")
+        event = record[3]
+        data = event if event.__class__ is bytes else pack(event)
+        frame.append(pack((record[0], record[1], record[2], data, *record[4:])))
+    return batch_frame_of(frame)
+
+
+# How far back in a frame a joining result looks for its session's query record.
+JOIN_LOOKBACK = 64
+
+
+def joined_items(records: Sequence[Sequence[Any]]) -> list[_Item]:
+    """Queue items ``(type, session_id, ts, data, None)`` of a frame's records ``(type,
+    session_id, ts, data[, joins])``. A ``result`` with ``joins`` true answers the query
+    record its session sent last: when that record is in the same frame (within
+    JOIN_LOOKBACK records), is a ``query`` that has no result yet, and both events are
+    maps of fewer than 15 fields, the two become one record, the query carrying the result
+    as its ``result`` field (audit/SCHEMA.md); else the result is a record of its own."""
+    items: list[_Item] = []
+    open_queries: set[int] = set()  # items that are queries without a result
+    for record in records:
+        kind, sid, ts, data = record[0], record[1], record[2], record[3]
+        if kind == "result" and len(record) > 4 and record[4] is True:
+            at = next((at for at in range(len(items) - 1, max(-1, len(items) - 1 - JOIN_LOOKBACK), -1)
+                       if items[at][1] == sid), None)  # the session's last record in the frame
+            if at is not None and at in open_queries:
+                joined = with_result(items[at][3], data)
+                if joined is not None:
+                    query = items[at]
+                    items[at] = (query[0], query[1], query[2], joined, None)
+                    open_queries.discard(at)
+                    continue
+        if kind == "query":
+            open_queries.add(len(items))
+        items.append((kind, sid, ts, data, None))
+    return items
 
 
 def _batch_items_py(body: bytes, types: frozenset[str]) -> list[_Item] | None:
     """The records of an agent's batch frame (msgpack ``["b", [[type, session_id, ts,
-    data], ...]]``) as the writer queues them, ``(type, session_id, ts, data, None)``; None
-    when ``body`` is anything else, holds a value of another kind or a type not in
-    ``types`` (audit/_link.c has it compiled)."""
+    data], ...]]``, a joining result with ``true`` after them) as the writer queues them,
+    ``(type, session_id, ts, data, None)``, joined as :func:`joined_items` says; None when
+    ``body`` is anything else, holds a value of another kind or a type not in ``types``
+    (audit/_link.c has it compiled)."""
     if not body.startswith(_BATCH_HEAD):
         return None
     try:
@@ -182,17 +220,16 @@ def _batch_items_py(body: bytes, types: frozenset[str]) -> list[_Item] | None:
         return None
     if not isinstance(frame[1], list):
         return None
-    items: list[_Item] = []
     for record in frame[1]:
-        if not isinstance(record, list) or len(record) != 4:
+        if not isinstance(record, list) or not 4 <= len(record) <= 5:
             return None
-        kind, sid, ts, data = record
+        kind, sid, ts, data = record[:4]
         if (not isinstance(kind, str) or kind not in types
                 or not (sid is None or isinstance(sid, str))
-                or type(ts) is not int or ts < 0 or not isinstance(data, bytes)):
+                or type(ts) is not int or ts < 0 or not isinstance(data, bytes)
+                or (len(record) == 5 and not isinstance(record[4], bool))):
             return None
-        items.append((kind, sid, ts, data, None))
-    return items
+    return joined_items(frame[1])
 
 
 # Why the compiled steps are not in use, for `ringfence doctor`; None when they are.
@@ -511,11 +548,13 @@ class AuditLog:
         self._enqueue(type, session_id, ts, data, waiter)
 
     def emit_encoded_many(self, items: Sequence[Sequence[Any]]) -> None:
-        """Queue batched records already encoded, each ``(type, session_id, ts, data)``, under
-        one lock. While the store fails (or once closed) the rest are counted lost, not raised."""
+        """Queue batched records already encoded, each ``(type, session_id, ts, data)`` or,
+        for a result that joins its query, ``(type, session_id, ts, data, True)`` (see
+        :func:`joined_items`), under one lock. While the store fails (or once closed) the
+        rest are counted lost, not raised."""
         for item in items:
             require_producer_type(item[0])
-        self.queue_items([(type, session_id, ts, data, None) for type, session_id, ts, data in items])
+        self.queue_items(joined_items(items))
 
     def queue_items(self, items: list[_Item]) -> None:
         """:meth:`emit_encoded_many` for items already checked and made queue items,

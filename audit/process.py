@@ -13,7 +13,9 @@ at once. Over a Unix
 socket pair, each frame is a 4-byte big-endian length and a msgpack array:
 
 agent → writer: ``["b", [[type, session_id, ts_ns, event], ...]]`` batched
-records; ``["d", id, type, session_id, ts_ns, event]`` a strict record;
+records (a ``result`` may carry a fifth element, ``true``: it answers the query record its
+session sent last, and when that is in the same frame the writer stores both as one
+record, see ``AuditProcess.emit_result``); ``["d", id, type, session_id, ts_ns, event]`` a strict record;
 ``["f", id]`` flush; ``["c"]`` close. The writer reads batch frames into its queue in
 one compiled step (``audit.log.batch_items``) and anything else with msgpack.
 
@@ -142,8 +144,9 @@ class AuditProcess:
         # Called (on a reader thread) if the writer ends while the trail is open.
         self.on_gone: Callable[[str], None] | None = None
         self._lock = threading.Lock()  # the outgoing buffer and the socket
-        # Batched records not yet sent, encoded when their batch is.
-        self._unencoded: list[tuple[str, str | None, int, Event]] = []
+        # Batched records not yet sent, encoded when their batch is: (type, session_id, ts,
+        # event), and True after them for a result that joins its query (emit_result).
+        self._unencoded: list[tuple[Any, ...]] = []
         self._flush_loop: asyncio.AbstractEventLoop | None = None  # where a send is scheduled
         # The timer that sends the batch if no later record does (None once a send is due).
         self._flush_timer: asyncio.TimerHandle | None = None
@@ -278,6 +281,26 @@ class AuditProcess:
         if not self._healthy:
             raise AuditUnavailable(f"audit store is failing: {self.failure}")
 
+    def emit_result(self, joins: bool, data: bytes, session_id: str | None,
+                    caller: asyncio.AbstractEventLoop | None = None) -> None:
+        """:meth:`emit_packed` of a ``result`` event; ``joins``: it answers the query record
+        this session emitted last (with :meth:`emit_packed`, nothing of the session's
+        since). When that record is still in the same batch, the writer stores the two as
+        one, the query carrying its result (audit/SCHEMA.md); else the result is a record
+        of its own."""
+        loop = self._loop
+        if (not joins or loop is None or self._closing
+                or (caller is not loop if caller is not None else
+                    threading.get_ident() != self._loop_thread or not loop.is_running())):
+            self.emit_packed("result", data, session_id, caller)
+            return
+        ts = time.time_ns()
+        self._unencoded.append(("result", session_id, ts, data, True))
+        if ts >= self._check_at or self._flush_loop is not loop:
+            self._batch_step(loop, ts)
+        if not self._healthy:
+            raise AuditUnavailable(f"audit store is failing: {self.failure}")
+
     def _batch_step(self, loop: asyncio.AbstractEventLoop, ts: int) -> None:
         """After a record from the loop's thread: start a batch, or have it sent when due."""
         if self._flush_loop is not loop:  # (a loop that ended may have left one unsent)
@@ -358,15 +381,18 @@ class AuditProcess:
     def _encode(self, type: str, event: Event) -> bytes:
         return encode_producer_event(self._tls, type, event)
 
-    def _item(self, type: str, session_id: str | None, ts: int, event: Event) -> bytes:
-        """One record of a batch frame, ``[type, session_id, ts, event]`` packed."""
+    def _item(self, type: str, session_id: str | None, ts: int, event: Event,
+              joins: bool = False) -> bytes:
+        """One record of a batch frame, ``[type, session_id, ts, event]`` packed (with
+        ``true`` after it for a result that joins its query, see :meth:`emit_result`)."""
         try:
             data = self._encode(type, event)
         except InvalidEvent as e:
             log.error("audit record %r of session %s holds values msgpack cannot encode (%s); "
                       "they are recorded as text", type, session_id, e)
             data = self._encode(type, _encodable(event))
-        item: bytes = thread_packer(self._tls).pack((type, session_id, ts, data))
+        record = (type, session_id, ts, data, True) if joins else (type, session_id, ts, data)
+        item: bytes = thread_packer(self._tls).pack(record)
         return item
 
     def _loop_of_caller(self) -> asyncio.AbstractEventLoop | None:

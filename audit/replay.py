@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from audit.schema import Record
+from audit.schema import Record, statement_result
 
 
 def _who(ev: Any) -> str:
@@ -21,6 +21,13 @@ def _who(ev: Any) -> str:
     if target:
         parts.append(f"as {target.get('user')} to {target.get('database')}")
     return " ".join(parts) or "unknown client"
+
+
+def _result_line(at: str, ev: Any) -> str:
+    err = ev.get("error")
+    tail = f" error {err.get('sqlstate')}: {err.get('message')}" if isinstance(err, dict) else ""
+    return (f"{at}    -> {ev.get('outcome')} {ev.get('command_tag') or ''} "
+            f"rows={ev.get('rows')} in {ev.get('duration_ms')} ms{tail}")
 
 
 def replay_lines(records: Sequence[Record]) -> Iterator[str]:
@@ -39,13 +46,11 @@ def replay_lines(records: Sequence[Record]) -> Iterator[str]:
             if ev.get("parameters"):
                 more += f" with parameters {ev['parameters']}"
             yield f"{at}  {ev.get('protocol', '')} query: {ev.get('text')}{more}"
+            result = statement_result(r.type, ev)
+            if result is not None:  # (the answer came before the record was written)
+                yield _result_line(at, result)
         elif r.type == "result":
-            err = ev.get("error")
-            tail = f" error {err.get('sqlstate')}: {err.get('message')}" if isinstance(err, dict) else ""
-            yield (
-                f"{at}    -> {ev.get('outcome')} {ev.get('command_tag') or ''} "
-                f"rows={ev.get('rows')} in {ev.get('duration_ms')} ms{tail}"
-            )
+            yield _result_line(at, ev)
         elif r.type == "policy.decision":
             yield (f"{at}  policy: {ev.get('effect')} {ev.get('scope') or ''} "
                    f"({ev.get('rule_id')}): {ev.get('reason')}")

@@ -139,15 +139,6 @@ class SessionStart(TypedDict):
     target: Target | None
 
 
-class Query(TypedDict):
-    text: str
-    length: int
-    sha256: str
-    truncated: bool
-    protocol: Literal["simple", "extended"]
-    parameters: NotRequired[list[Any]]
-
-
 class ErrorInfo(TypedDict):
     sqlstate: str
     message: str
@@ -158,15 +149,65 @@ class Result(TypedDict):
     rows: int
     command_tag: str | None
     commands: list[str]
-    outcome: Literal["success", "failure"]
+    outcome: Literal["success", "failure", "blocked"]
+    copy_bytes: NotRequired[int]
     error: NotRequired[ErrorInfo]
 
 
+class Verdict(TypedDict):
+    effect: str
+    rule_id: str | None
+    version: str | None
+    classes: list[str]
+
+
+class Query(TypedDict):
+    text: NotRequired[str]
+    length: int
+    sha256: str
+    truncated: NotRequired[bool]
+    protocol: Literal["simple", "extended", "function"]
+    parameters: NotRequired[list[Any]]
+    policy: NotRequired[Verdict]
+    # The statement's result, when it came before this record left the agent (then no
+    # ``result`` record follows); see statement_result.
+    result: NotRequired[Result]
+
+
 class PolicyDecision(TypedDict):
-    action: str
-    rule: str | None
+    scope: Literal["connection", "statement", "policy"]
+    effect: str
+    rule_id: str | None
     reason: str
-    statement_index: NotRequired[int]
+    policy_version: str | None
+    record: NotRequired[str]
+    mask: NotRequired[list[str]]
+    statements: NotRequired[list[Any]]
+
+
+_RESULT_KEY: bytes = msgpack.packb("result")
+_FIXMAP_ONE_MORE = {head: bytes((head + 1,)) for head in range(0x80, 0x8F)}
+
+
+def with_result(query: bytes, result: bytes) -> bytes | None:
+    """A ``query`` event (an encoded msgpack map) carrying the statement's ``result`` event
+    (encoded too) as its field ``result``: the statement as one record. None when either is
+    not a small map (fewer than 15 fields, which the agent's are)."""
+    head = _FIXMAP_ONE_MORE.get(query[0]) if query else None
+    if head is not None and result and 0x80 <= result[0] <= 0x8F:
+        return head + query[1:] + _RESULT_KEY + result
+    return None
+
+
+def statement_result(record_type: str, event: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The result a record gives: a ``result`` record's event, or the ``result`` a ``query``
+    record carries when the answer came before the record was written (None otherwise)."""
+    if record_type == RESULT:
+        return event
+    if record_type == QUERY:
+        found = event.get("result")
+        return found if isinstance(found, Mapping) else None
+    return None
 
 
 class ApprovalRequest(TypedDict):

@@ -99,13 +99,13 @@ def test_kill_9_during_pgbench_loses_no_committed_record(
                      stderr=subprocess.DEVNULL)
     try:
         agent.wait_for(lambda rs: sum(1 for r in rs if r["type"] == "query") > 2000, timeout=60)
-        before = agent.records()
+        before = agent.records(joined=True)  # as stored: one record a seq
         agent.kill()
     finally:
         bench.kill()
         bench.wait()
     agent.start()
-    after = agent.records()
+    after = agent.records(joined=True)
     assert verify(agent).returncode == 0, verify(agent).stdout + verify(agent).stderr
     by_seq = {r["seq"]: r for r in after}
     assert all(by_seq.get(r["seq"]) == r for r in before), "a committed record changed or vanished"
@@ -129,7 +129,7 @@ def test_full_audit_disk_refuses_sessions_then_recovers_without_restart(
     agent.start()
     psql = [server.tool("psql"), "-X", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-tAc"]
     assert ns.run([*psql, "select 'before'"]).stdout.strip() == "before"
-    committed = agent.records()
+    committed = agent.records(joined=True)
     filler = audit_dir / "filler"
     subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True, check=False)
     try:
@@ -154,7 +154,7 @@ def test_full_audit_disk_refuses_sessions_then_recovers_without_restart(
         assert time.monotonic() < deadline, f"the agent did not recover: {done.stderr}"
         time.sleep(0.5)
     assert done.stdout.strip() == "after"
-    records = agent.records()
+    records = agent.records(joined=True)
     by_seq = {r["seq"]: r for r in records}
     assert all(by_seq.get(r["seq"]) == r for r in committed), "nothing recorded before was lost"
     losses = [r for r in records if r["type"] == "audit.loss"]

@@ -132,12 +132,16 @@ path = "{policy or REPO / 'packaging' / 'policy.toml'}"
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def records(self) -> list[dict[str, Any]]:
-        """Every audit record so far, via ``ringfence audit tail --json``."""
+    def records(self, *, joined: bool = False) -> list[dict[str, Any]]:
+        """Every audit record so far, via ``ringfence audit tail --json``. A query record
+        that carries its result (audit/SCHEMA.md) is given as the query and then its result,
+        as when the two are stored apart, so that tests read both forms alike; ``joined``:
+        the records as they are stored."""
         done = ringfence("audit", "tail", "--json", "--lines", "1000000000", config=self.config)
         if done.returncode != 0:
             raise RuntimeError(f"audit tail failed: {done.stderr}")
-        return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+        records = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+        return records if joined else results_apart(records)
 
     def wait_for(self, predicate: Callable[[list[dict[str, Any]]], Any], timeout: float = 20) -> Any:
         """Poll the audit trail until ``predicate(records)`` is truthy; return its value."""
@@ -152,6 +156,23 @@ path = "{policy or REPO / 'packaging' / 'policy.toml'}"
                     f"audit trail never matched; last records: {json.dumps(records[-10:], indent=1)}"
                 )
             time.sleep(0.1)
+
+
+def results_apart(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``records`` (JSON form) with each result a query record carries as a ``result``
+    record of its own right after it (same seq, session and time)."""
+    out: list[dict[str, Any]] = []
+    for r in records:
+        result = r.get("result") if r["type"] == "query" else None
+        if isinstance(result, dict):
+            r = dict(r)
+            del r["result"]
+            out.append(r)
+            out.append({key: r[key] for key in ("seq", "ts", "host", "session_id", "index")}
+                       | {"type": "result"} | result)
+        else:
+            out.append(r)
+    return out
 
 
 def sessions(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

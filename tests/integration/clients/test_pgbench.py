@@ -50,5 +50,12 @@ def test_pgbench_mode(pghost: Host, pgbench_tables: None, mode: str) -> None:
         assert all(q["protocol"] == "extended" and q["parameters"][0].isdigit() for q in selects)
     results = [r for r in records if r["type"] == "result"]
     assert len(results) == len(queries)
+    # As stored, most statements are one record, the query carrying its result
+    # (audit/SCHEMA.md); the rest have a result record of their own. None is doubled.
+    mine = {recs[0]["session_id"] for recs in sessions}
+    stored = [r for r in pghost.agent.records(joined=True) if r["session_id"] in mine]
+    joined = [r for r in stored if r["type"] == "query" and "result" in r]
+    apart = [r for r in stored if r["type"] == "result"]
+    assert joined and len(joined) + len(apart) == len(queries)
     assert all(r["outcome"] == "success" for r in results)
     assert sum(r["command_tag"] == "UPDATE 1" for r in results) == 3 * processed

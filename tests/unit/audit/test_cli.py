@@ -71,7 +71,11 @@ def build(audit_dir: Path, signer: Signer, export: Path | None = None) -> None:
         },
         session_id="sess-1",
     )
-    log.emit("query", {"text": "select $1", "protocol": "extended", "parameters": ["7"]},
+    # A statement whose answer came before its record was written: one record.
+    log.emit("query", {"text": "select $1", "protocol": "extended", "parameters": ["7"],
+                       "result": {"rows": 1, "command_tag": "SELECT 1", "outcome": "failure",
+                                  "duration_ms": 0.4,
+                                  "error": {"sqlstate": "22012", "message": "division by zero"}}},
              session_id="sess-1")
     log.emit(
         "session.end",
@@ -112,6 +116,9 @@ def test_replay_tells_the_session(audit_dir: Path, signer: Signer, key_path: Pat
     assert "42501" in out and "client terminated" in out
     assert "policy: block statement (block-drop): DROP is not allowed" in out
     assert "extended query: select $1 with parameters ['7']" in out
+    # The result a query record carries is told as any other.
+    assert "-> failure SELECT 1 rows=1 in 0.4 ms error 22012: division by zero" in out
+    assert out.index("select $1") < out.index("22012") < out.index("client terminated")
     assert "+    0.000s" in out
 
 
@@ -194,6 +201,12 @@ def test_export_jsonl_and_ocsf(audit_dir: Path, signer: Signer, key_path: Path) 
     events = [json.loads(x) for x in ocsf.output.splitlines()]
     q = next(e for e in events if e["metadata"]["event_code"] == "query")
     assert q["class_uid"] == 6005 and q["query_info"]["query_string"] == "select * from t"
+    # A query carrying its result is the whole activity: its status is the result's.
+    last = next(e for e in events if e["metadata"]["event_code"] == "query"
+                and e["query_info"]["query_string"] == "select $1")
+    assert last["status"] == "Failure" and last["status_code"] == "22012"
+    assert last["unmapped"]["command_tag"] == "SELECT 1" and "result" not in last["unmapped"]
+    assert "status" not in q
     start = next(e for e in events if e["metadata"]["event_code"] == "session.start")
     assert start["src_endpoint"] == {"ip": "10.0.0.7", "port": 40000}
     assert start["actor"]["process"]["pid"] == 4242

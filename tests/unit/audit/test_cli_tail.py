@@ -34,6 +34,25 @@ def test_tail_json_flattens_envelope_and_event(new_log: Any, audit_dir: Path) ->
     assert obj["ts"].endswith("Z") and "T" in obj["ts"]
 
 
+def test_tail_type_result_includes_query_records_carrying_their_result(
+        new_log: Any, audit_dir: Path) -> None:
+    """--type result lists every statement's result: result records and the query records
+    that carry theirs (audit/SCHEMA.md); --type query lists every statement."""
+    log = new_log()
+    log.emit("query", {"text": "select 1"}, session_id="s1")
+    log.emit("result", {"rows": 1, "outcome": "success"}, session_id="s1")
+    log.emit("query", {"text": "select 2", "result": {"rows": 2, "outcome": "success"}},
+             session_id="s1")
+    log.emit("session.end", {"reason": "client closed"}, session_id="s1")
+    log.close()
+    results = [json.loads(line) for line in
+               run(audit_dir, "tail", "--json", "--type", "result").output.splitlines()]
+    assert [(r["type"], r.get("rows", r.get("result", {}).get("rows"))) for r in results] == [
+        ("result", 1), ("query", 2)]
+    queries = run(audit_dir, "tail", "--json", "--type", "query").output.splitlines()
+    assert [json.loads(line)["text"] for line in queries] == ["select 1", "select 2"]
+
+
 def test_tail_shows_last_n_and_filters_session(new_log: Any, audit_dir: Path) -> None:
     """tail -n N shows the last N records; --session keeps only that session's records."""
     log = new_log()

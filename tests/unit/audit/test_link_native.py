@@ -88,12 +88,14 @@ def test_bad_items_are_errors_not_crashes() -> None:
 # ------------------------------------------------------------- batch frames
 
 _TYPES = frozenset({"query", "result", SESSION_START})
+# Events as the agent encodes them (small maps), or any bytes.
+_maps = st.dictionaries(st.text(max_size=6), st.integers(-(2**63), 2**63 - 1), max_size=16).map(msgpack.packb)
 _fields = st.tuples(
-    st.sampled_from(["query", "result", SESSION_START, "checkpoint", "quer\u00e9"]),
-    st.one_of(st.none(), st.text(max_size=40)),
+    st.sampled_from(["query", "result", "result", SESSION_START, "checkpoint", "quer\u00e9"]),
+    st.one_of(st.none(), st.sampled_from(["s1", "s2", ""]), st.text(max_size=40)),
     st.integers(0, 2**64 - 1),
-    st.binary(max_size=300),
-)
+    st.one_of(st.binary(max_size=300), _maps),
+).flatmap(lambda r: st.one_of(st.just(r), st.booleans().map(lambda joins: (*r, joins))))
 
 
 def _frame(records: list[Any]) -> bytes:
@@ -109,9 +111,66 @@ def _twin(body: bytes) -> Any:
 @given(st.lists(_fields, max_size=40))
 def test_batch_frames_read_as_python_reads_them(records: list[Any]) -> None:
     body = _frame(records)
-    expected = [(*r, None) for r in records] if all(r[0] in _TYPES for r in records) else None
+    expected = audit_log.joined_items(records) if all(r[0] in _TYPES for r in records) else None
     assert _twin(body) == expected
     assert native("batch_items")(body, _TYPES) == expected
+    if expected is not None and not any(r[4:] == (True,) for r in records):
+        assert expected == [(*r[:4], None) for r in records]
+
+
+def _query(n: int) -> bytes:
+    data: bytes = msgpack.packb({"text": f"SELECT {n}"})
+    return data
+
+
+def _result(n: int) -> bytes:
+    data: bytes = msgpack.packb({"rows": n})
+    return data
+
+
+@pytest.mark.parametrize("read", ["native", "python"])
+def test_a_result_that_joins_becomes_part_of_its_sessions_last_query(read: str) -> None:
+    """A result marked as answering its session's last query record is stored in that
+    record when the record is in the same frame, is a query, has no result yet and is near
+    enough; in every other case it stays a record of its own, and nothing is lost."""
+    batch_items = native("batch_items") if read == "native" else audit_log._batch_items_py
+    types = frozenset({"query", "result", "session.end"})
+
+    def read_back(*records: tuple[Any, ...]) -> list[tuple[str, str | None, dict[str, Any]]]:
+        items = batch_items(_frame(list(records)), types)
+        assert items is not None
+        return [(t, sid, msgpack.unpackb(data)) for t, sid, _, data, _ in items]
+
+    q1, q2, r1, r2 = _query(1), _query(2), _result(1), _result(2)
+    joined = ("query", "s1", {"text": "SELECT 1", "result": {"rows": 1}})
+    assert read_back(("query", "s1", 5, q1), ("result", "s1", 6, r1, True)) == [joined]
+    # Another session's records in between do not matter.
+    assert read_back(("query", "s1", 5, q1), ("query", "s2", 5, q2), ("result", "s1", 6, r1, True)) \
+        == [joined, ("query", "s2", {"text": "SELECT 2"})]
+    apart = [("query", "s1", {"text": "SELECT 1"}), ("result", "s1", {"rows": 1})]
+    # Not marked, or marked false: apart.
+    assert read_back(("query", "s1", 5, q1), ("result", "s1", 6, r1)) == apart
+    assert read_back(("query", "s1", 5, q1), ("result", "s1", 6, r1, False)) == apart
+    # The query in an earlier frame: the result alone.
+    assert read_back(("result", "s1", 6, r1, True)) == [("result", "s1", {"rows": 1})]
+    # The session's last record is not a query, or the query has its result already.
+    assert read_back(("query", "s1", 5, q1), ("session.end", "s1", 6, r2), ("result", "s1", 7, r1, True)) \
+        == [apart[0], ("session.end", "s1", {"rows": 2}), apart[1]]
+    assert read_back(("query", "s1", 5, q1), ("result", "s1", 6, r1, True), ("result", "s1", 7, r2, True)) \
+        == [joined, ("result", "s1", {"rows": 2})]
+    # A session id of None is a session too; "" is another one.
+    assert read_back(("query", None, 5, q1), ("result", "", 6, r1, True)) == \
+        [("query", None, {"text": "SELECT 1"}), ("result", "", {"rows": 1})]
+    # Events that are not small maps stay apart.
+    wide = msgpack.packb({f"k{i}": i for i in range(15)})
+    assert len(read_back(("query", "s1", 5, wide), ("result", "s1", 6, r1, True))) == 2
+    assert len(read_back(("query", "s1", 5, q1), ("result", "s1", 6, b"\x01", True))) == 2
+    # Further back than JOIN_LOOKBACK records: apart.
+    between = [("query", "s2", 5, q2)] * audit_log.JOIN_LOOKBACK
+    assert len(read_back(("query", "s1", 5, q1), *between, ("result", "s1", 6, r1, True))) == \
+        audit_log.JOIN_LOOKBACK + 2
+    assert len(read_back(("query", "s1", 5, q1), *between[1:], ("result", "s1", 6, r1, True))) == \
+        audit_log.JOIN_LOOKBACK
 
 
 @settings(max_examples=examples(2000), deadline=None)
@@ -140,6 +199,7 @@ def test_batch_frames_of_other_kinds_are_left_to_the_general_reading() -> None:
         msgpack.packb(["b", [["query", "s", -1, b"x"]]], use_bin_type=True),
         msgpack.packb(["b", [["query", 7, 1, b"x"]]], use_bin_type=True),
         msgpack.packb(["b", [good + [None]]], use_bin_type=True),
+        msgpack.packb(["b", [good + [True, True]]], use_bin_type=True),
         b"\x92\xa1b\x91\x94\xa5query\xa1\xff\x01\xc4\x00",  # a session id that is not UTF-8
     ):
         assert batch_items(body, _TYPES) is None
@@ -159,7 +219,7 @@ _records = st.tuples(
     st.one_of(st.none(), st.text(max_size=40)),
     st.integers(0, 2**64 - 1),
     _events,
-)
+).flatmap(lambda r: st.one_of(st.just(r), st.just((*r, True))))
 
 
 @settings(max_examples=examples(1000), deadline=None)
@@ -169,10 +229,10 @@ def test_batch_frames_written_as_python_writes_them(records: list[Any]) -> None:
     pack = msgpack.Packer(use_bin_type=True).pack
     body = native("batch_frame")(records, pack)
     assert body == audit_log._batch_frame_py(records, pack)
-    assert msgpack.unpackb(body) == ["b", [[t, s, ts, e if isinstance(e, bytes) else pack(e)]
-                                           for t, s, ts, e in records]]
+    packed = [(t, s, ts, e if isinstance(e, bytes) else pack(e), *rest) for t, s, ts, e, *rest in records]
+    assert msgpack.unpackb(body) == ["b", [list(r) for r in packed]]
     assert audit_log._batch_items_py(body, frozenset({"query", "result", "quer\u00e9"})) == \
-        [(t, s, ts, e if isinstance(e, bytes) else pack(e), None) for t, s, ts, e in records]
+        audit_log.joined_items(packed)
 
 
 def test_batch_frame_raises_what_it_cannot_write() -> None:
@@ -180,7 +240,7 @@ def test_batch_frame_raises_what_it_cannot_write() -> None:
     batch_frame = native("batch_frame")
     pack = msgpack.Packer(use_bin_type=True).pack
     for records in ([("query", None, 1, {"x": object()})], [("query", None, -1, b"")],
-                    [("query", 5, 1, b"")], [("query", None, 1)]):
+                    [("query", 5, 1, b"")], [("query", None, 1)], [("result", None, 1, b"", False)]):
         with pytest.raises((TypeError, OverflowError)):
             batch_frame(records, pack)
     assert batch_frame([], pack) == b"\x92\xa1b\x90"

@@ -140,13 +140,18 @@ def test_values_msgpack_cannot_encode_are_recorded_as_text(tmp_path: Path) -> No
         trail.emit("query", {"n": 0}, session_id="s1")
         trail.emit("query", odd, session_id="s1")
         trail.emit("query", {"n": 2}, session_id="s1")
+        # A statement joined in the same batch (written record by record) stays joined.
+        trail.emit_packed("query", msgpack.packb({"n": 5}), "s2", asyncio.get_running_loop())
+        trail.emit_result(True, msgpack.packb({"rows": 6}), "s2", asyncio.get_running_loop())
 
     asyncio.run(loop())
     trail.emit("result", odd, session_id="s1")  # outside the loop
     assert trail.flush(timeout=30)
     trail.close()
     records = read_types(tmp_path)
-    assert [event["n"] for _, _, event in records] == [0, 1, 2, 1]
+    assert [event["n"] for _, _, event in records] == [0, 1, 2, 5, 1]
+    assert records[3][2]["result"] == {"rows": 6}
+    del records[3]
     for _, _, event in (records[1], records[3]):
         assert event["text"] == "x\\ud800y"
         assert event["big"] == str(1 << 70)
@@ -284,6 +289,79 @@ def test_events_already_encoded_are_stored_as_they_are(tmp_path: Path) -> None:
     assert [event.get("encoded", False) for _, _, event in records] == [
         True, False, True, True, True] * 2 + [True]
     assert {sid for _, sid, _ in records} == {"s1"}
+
+
+def test_a_result_joins_its_query_record_while_that_waits_for_its_batch(tmp_path: Path) -> None:
+    """emit_result: a result that answers its session's last query record (emit_packed), while
+    that record still waits in the agent, is stored in it (one record for the statement);
+    once the query record has gone to the writer, or when the result is not said to answer
+    it, the result is a record of its own. Every statement keeps exactly one result, in
+    order, and the trail verifies."""
+    trail = start(tmp_path)
+
+    def query(n: int) -> bytes:
+        data: bytes = msgpack.packb({"text": f"SELECT {n}", "length": 8})
+        return data
+
+    def result(n: int) -> bytes:
+        data: bytes = msgpack.packb({"rows": n, "outcome": "success"})
+        return data
+
+    async def session() -> None:
+        loop = asyncio.get_running_loop()
+        trail.emit("session.start", {}, session_id="s1")
+        trail.emit_packed("query", query(1), "s1", loop)
+        trail.emit_result(True, result(1), "s1", loop)  # joins its query
+        trail.emit_packed("query", query(2), "s1", loop)
+        assert trail.flush(timeout=30)  # the batch holding the query goes to the writer
+        trail.emit_result(True, result(2), "s1", loop)  # its own record
+        trail.emit_packed("query", query(3), "s1", loop)
+        trail.emit_packed("query", query(4), "s2", loop)  # another session's, in between
+        trail.emit_result(True, result(3), "s1", loop)  # still waiting: joins
+        trail.emit_result(False, result(4), "s2", loop)  # not said to answer it
+        trail.emit("session.end", {}, session_id="s1")
+
+    asyncio.run(session())
+    trail.emit_result(True, result(5), "s3")  # outside any loop: sent at once, alone
+    assert trail.flush(timeout=30)
+    trail.close()
+    records = read_types(tmp_path)
+    assert [(t, sid, e.get("text"), (e.get("result") or {}).get("rows"), e.get("rows"))
+            for t, sid, e in records] == [
+        ("session.start", "s1", None, None, None),
+        ("query", "s1", "SELECT 1", 1, None),
+        ("query", "s1", "SELECT 2", None, None),
+        ("result", "s1", None, None, 2),
+        ("query", "s1", "SELECT 3", 3, None),
+        ("query", "s2", "SELECT 4", None, None),
+        ("result", "s2", None, None, 4),
+        ("session.end", "s1", None, None, None),
+        ("result", "s3", None, None, 5),
+    ]
+    signer = Signer.parse((tmp_path / "state" / "audit.key").read_text())
+    with Store(tmp_path / "audit") as store:
+        report = verify(store, signer.verifier)
+    assert report.problem is None
+
+
+def test_with_result_joins_small_maps_only() -> None:
+    """The query event gains one field, ``result``, holding the result event as it was
+    encoded; an event too large for a one-byte map header is left to a record of its own."""
+    from audit.schema import statement_result, with_result
+
+    query = msgpack.packb({"text": "SELECT 1", "length": 8, "policy": {"effect": "allow"}})
+    result = msgpack.packb({"rows": 1, "outcome": "success", "commands": ["SELECT 1"]})
+    joined = with_result(query, result)
+    assert joined is not None
+    event = msgpack.unpackb(joined)
+    assert event == {"text": "SELECT 1", "length": 8, "policy": {"effect": "allow"},
+                     "result": {"rows": 1, "outcome": "success", "commands": ["SELECT 1"]}}
+    assert statement_result("query", event) == event["result"]
+    assert statement_result("query", msgpack.unpackb(query)) is None
+    assert statement_result("result", {"rows": 2}) == {"rows": 2}
+    wide = msgpack.packb({f"k{i}": i for i in range(15)})
+    assert with_result(wide, result) is None
+    assert with_result(query, msgpack.packb([1, 2])) is None
 
 
 def test_further_producers_share_the_trail_and_the_writer_waits_for_them(tmp_path: Path) -> None:
