@@ -48,7 +48,9 @@ def replay_lines(records: Sequence[Record]) -> Iterator[str]:
             yield f"{at}  {ev.get('protocol', '')} query: {ev.get('text')}{more}"
             result = statement_result(r.type, ev)
             if result is not None:  # (the answer came before the record was written)
-                yield _result_line(at, result)
+                duration = result.get("duration_ms")
+                ended = r.ts_ns + int(duration * 1e6) if isinstance(duration, (int, float)) else r.ts_ns
+                yield _result_line(f"+{(ended - t0) / 1e9:9.3f}s", result)
         elif r.type == "result":
             yield _result_line(at, ev)
         elif r.type == "policy.decision":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,7 @@ def build(audit_dir: Path, signer: Signer, export: Path | None = None) -> None:
     # A statement whose answer came before its record was written: one record.
     log.emit("query", {"text": "select $1", "protocol": "extended", "parameters": ["7"],
                        "result": {"rows": 1, "command_tag": "SELECT 1", "outcome": "failure",
-                                  "duration_ms": 0.4,
+                                  "duration_ms": 2500.0,
                                   "error": {"sqlstate": "22012", "message": "division by zero"}}},
              session_id="sess-1")
     log.emit(
@@ -117,7 +118,9 @@ def test_replay_tells_the_session(audit_dir: Path, signer: Signer, key_path: Pat
     assert "policy: block statement (block-drop): DROP is not allowed" in out
     assert "extended query: select $1 with parameters ['7']" in out
     # The result a query record carries is told as any other.
-    assert "-> failure SELECT 1 rows=1 in 0.4 ms error 22012: division by zero" in out
+    # ... at the time it ended: the statement's start and its duration.
+    assert re.search(r"\+ {4}2\.5\d\ds {4}-> failure SELECT 1 rows=1 in 2500.0 ms error 22012: "
+                     r"division by zero", out), out
     assert out.index("select $1") < out.index("22012") < out.index("client terminated")
     assert "+    0.000s" in out
 
