@@ -70,15 +70,11 @@ class AuditSink(Protocol):
         """Queue records in order."""
 
     def emit_packed(self, type: str, data: bytes, session_id: str | None,
-                    caller: asyncio.AbstractEventLoop | None = None) -> None:
+                    caller: asyncio.AbstractEventLoop | None = None, joins: bool = False) -> None:
         """Queue a record whose event is already encoded (msgpack); ``caller``: the loop
-        whose callback makes this call."""
-
-    def emit_result(self, joins: bool, data: bytes, session_id: str | None,
-                    caller: asyncio.AbstractEventLoop | None = None) -> None:
-        """Queue a result record (encoded); ``joins``: it answers the query record this
-        session emitted last, with nothing of the session's since (then the two are stored
-        as one record when they go to the writer together)."""
+        whose callback makes this call; ``joins``: a result that answers the query record
+        this session emitted last, with nothing of the session's since (then the two are
+        stored as one record when they go to the writer together)."""
 
     async def emit_durable(
         self, type: str, event: dict[str, Any], *, session_id: str | None = None
@@ -339,7 +335,7 @@ class ClientSide(asyncio.Protocol):
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop this connection runs on
         # Whether the session's last record is the query record of a statement a one-step
         # path sent, whose answer may still come by the other one-step path with nothing
-        # recorded in between: the result then joins that record (see emit_result).
+        # recorded in between: the result then joins that record (see _emit_result).
         self._query_last = False
 
     # asyncio callbacks --------------------------------------------------
@@ -765,7 +761,7 @@ class ClientSide(asyncio.Protocol):
         record when that is the session's last (see _query_last)."""
         joins, self._query_last = self._query_last, False
         try:
-            self.proxy.audit.emit_result(joins, data, self.session_id, self._loop)
+            self.proxy.audit.emit_packed("result", data, self.session_id, self._loop, joins)
         except Exception as e:
             self._audit_failed(e)
 

@@ -13,9 +13,10 @@ at once. Over a Unix
 socket pair, each frame is a 4-byte big-endian length and a msgpack array:
 
 agent → writer: ``["b", [[type, session_id, ts_ns, event], ...]]`` batched
-records (a ``result`` may carry a fifth element, ``true``: it answers the query record its
-session sent last, and when that is in the same frame the writer stores both as one
-record, see ``AuditProcess.emit_result``); ``["d", id, type, session_id, ts_ns, event]`` a strict record;
+records (a ``result`` may carry a fifth element, ``true``: it answers the query record
+its session sent last, and when that is in the same frame the writer stores both as one
+record, see ``AuditProcess.emit_packed``); ``["d", id, type, session_id, ts_ns, event]``
+a strict record;
 ``["f", id]`` flush; ``["c"]`` close. The writer reads batch frames into its queue in
 one compiled step (``audit.log.batch_items``) and anything else with msgpack.
 
@@ -145,7 +146,7 @@ class AuditProcess:
         self.on_gone: Callable[[str], None] | None = None
         self._lock = threading.Lock()  # the outgoing buffer and the socket
         # Batched records not yet sent, encoded when their batch is: (type, session_id, ts,
-        # event), and True after them for a result that joins its query (emit_result).
+        # event), and True after them for a result that joins its query (emit_packed).
         self._unencoded: list[tuple[Any, ...]] = []
         self._flush_loop: asyncio.AbstractEventLoop | None = None  # where a send is scheduled
         # The timer that sends the batch if no later record does (None once a send is due).
@@ -262,12 +263,16 @@ class AuditProcess:
             raise AuditUnavailable(f"audit store is failing: {failure}")
 
     def emit_packed(self, type: str, data: bytes, session_id: str | None,
-                    caller: asyncio.AbstractEventLoop | None = None) -> None:
+                    caller: asyncio.AbstractEventLoop | None = None, joins: bool = False) -> None:
         """:meth:`emit` of an event already encoded (a msgpack map), in as few steps as
         can be: the proxy's commonest records, on the event loop's thread.
 
         ``caller``: the loop whose callback is running this call, when the caller knows it
-        (a protocol's ``data_received``); it saves asking which thread and loop this is."""
+        (a protocol's ``data_received``); it saves asking which thread and loop this is.
+        ``joins``, for a ``result``: it answers the query record this session emitted last
+        (with this method, nothing of the session's since). When that record is still in
+        the same batch, the writer stores the two as one, the query carrying its result
+        (audit/SCHEMA.md); else the result is a record of its own."""
         loop = self._loop
         if (loop is None or self._closing or type not in _PRODUCER_TYPES
                 or (caller is not loop if caller is not None else
@@ -275,27 +280,8 @@ class AuditProcess:
             self.emit_many(((type, data),), session_id=session_id)  # says what is wrong
             return
         ts = time.time_ns()
-        self._unencoded.append((type, session_id, ts, data))
-        if ts >= self._check_at or self._flush_loop is not loop:
-            self._batch_step(loop, ts)
-        if not self._healthy:
-            raise AuditUnavailable(f"audit store is failing: {self.failure}")
-
-    def emit_result(self, joins: bool, data: bytes, session_id: str | None,
-                    caller: asyncio.AbstractEventLoop | None = None) -> None:
-        """:meth:`emit_packed` of a ``result`` event; ``joins``: it answers the query record
-        this session emitted last (with :meth:`emit_packed`, nothing of the session's
-        since). When that record is still in the same batch, the writer stores the two as
-        one, the query carrying its result (audit/SCHEMA.md); else the result is a record
-        of its own."""
-        loop = self._loop
-        if (not joins or loop is None or self._closing
-                or (caller is not loop if caller is not None else
-                    threading.get_ident() != self._loop_thread or not loop.is_running())):
-            self.emit_packed("result", data, session_id, caller)
-            return
-        ts = time.time_ns()
-        self._unencoded.append(("result", session_id, ts, data, True))
+        self._unencoded.append((type, session_id, ts, data, True) if joins and type == "result"
+                               else (type, session_id, ts, data))
         if ts >= self._check_at or self._flush_loop is not loop:
             self._batch_step(loop, ts)
         if not self._healthy:
@@ -384,7 +370,7 @@ class AuditProcess:
     def _item(self, type: str, session_id: str | None, ts: int, event: Event,
               joins: bool = False) -> bytes:
         """One record of a batch frame, ``[type, session_id, ts, event]`` packed (with
-        ``true`` after it for a result that joins its query, see :meth:`emit_result`)."""
+        ``true`` after it for a result that joins its query, see :meth:`emit_packed`)."""
         try:
             data = self._encode(type, event)
         except InvalidEvent as e:

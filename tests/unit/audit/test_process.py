@@ -142,7 +142,7 @@ def test_values_msgpack_cannot_encode_are_recorded_as_text(tmp_path: Path) -> No
         trail.emit("query", {"n": 2}, session_id="s1")
         # A statement joined in the same batch (written record by record) stays joined.
         trail.emit_packed("query", msgpack.packb({"n": 5}), "s2", asyncio.get_running_loop())
-        trail.emit_result(True, msgpack.packb({"rows": 6}), "s2", asyncio.get_running_loop())
+        trail.emit_packed("result", msgpack.packb({"rows": 6}), "s2", asyncio.get_running_loop(), True)
 
     asyncio.run(loop())
     trail.emit("result", odd, session_id="s1")  # outside the loop
@@ -292,7 +292,7 @@ def test_events_already_encoded_are_stored_as_they_are(tmp_path: Path) -> None:
 
 
 def test_a_result_joins_its_query_record_while_that_waits_for_its_batch(tmp_path: Path) -> None:
-    """emit_result: a result that answers its session's last query record (emit_packed), while
+    """emit_packed(joins=True): a result that answers its session's last query record (emit_packed), while
     that record still waits in the agent, is stored in it (one record for the statement);
     once the query record has gone to the writer, or when the result is not said to answer
     it, the result is a record of its own. Every statement keeps exactly one result, in
@@ -311,18 +311,18 @@ def test_a_result_joins_its_query_record_while_that_waits_for_its_batch(tmp_path
         loop = asyncio.get_running_loop()
         trail.emit("session.start", {}, session_id="s1")
         trail.emit_packed("query", query(1), "s1", loop)
-        trail.emit_result(True, result(1), "s1", loop)  # joins its query
+        trail.emit_packed("result", result(1), "s1", loop, True)  # joins its query
         trail.emit_packed("query", query(2), "s1", loop)
         assert trail.flush(timeout=30)  # the batch holding the query goes to the writer
-        trail.emit_result(True, result(2), "s1", loop)  # its own record
+        trail.emit_packed("result", result(2), "s1", loop, True)  # its own record
         trail.emit_packed("query", query(3), "s1", loop)
         trail.emit_packed("query", query(4), "s2", loop)  # another session's, in between
-        trail.emit_result(True, result(3), "s1", loop)  # still waiting: joins
-        trail.emit_result(False, result(4), "s2", loop)  # not said to answer it
+        trail.emit_packed("result", result(3), "s1", loop, True)  # still waiting: joins
+        trail.emit_packed("result", result(4), "s2", loop, False)  # not said to answer it
         trail.emit("session.end", {}, session_id="s1")
 
     asyncio.run(session())
-    trail.emit_result(True, result(5), "s3")  # outside any loop: sent at once, alone
+    trail.emit_packed("result", result(5), "s3", None, True)  # outside any loop: sent at once, alone
     assert trail.flush(timeout=30)
     trail.close()
     records = read_types(tmp_path)
