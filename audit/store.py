@@ -29,7 +29,7 @@ from typing import Any
 import lmdb
 import msgpack
 
-from audit.errors import StoreCorrupt
+from audit.errors import AuditError, StoreCorrupt
 from audit.merkle import Frontier, stored_hash_count, stored_hash_index
 from audit.schema import Record, decode_record
 
@@ -66,9 +66,21 @@ class SharedEnv:
         # Held by same-process readers for the length of a read transaction and by
         # the writer while it grows the map (LMDB forbids resizing under live txns).
         self.resize_lock = threading.Lock()
-        self.dbs = {
-            name: env.open_db(name) for name in (DB_RECORDS, DB_NODES, DB_SESSIONS, DB_CHECKPOINTS, DB_META)
-        }
+        self.dbs = _open_dbs(env)
+
+
+def _open_dbs(env: lmdb.Environment) -> dict[bytes, Any]:
+    """The segment's named databases. Opening them takes a transaction, which LMDB refuses
+    (MDB_MAP_RESIZED) when another process grew the map since this one opened the
+    environment, as the agent's writer does while a reader starts: the new size is adopted
+    and the opening tried again."""
+    for _ in range(8):
+        try:
+            return {name: env.open_db(name)
+                    for name in (DB_RECORDS, DB_NODES, DB_SESSIONS, DB_CHECKPOINTS, DB_META)}
+        except lmdb.MapResizedError:
+            env.set_mapsize(0)
+    raise AuditError(f"{env.path()}: the audit store kept growing while it was being opened; try again")
 
 
 _registry: dict[str, SharedEnv] = {}

@@ -179,3 +179,36 @@ def test_map_grows_instead_of_failing(new_log: Any, audit_dir: Path, monkeypatch
         seg = store.segments[-1]
         assert seg.env.info()["map_size"] > 1 << 20
         assert [r.event["i"] for r in store.iter_records() if r.type == "query"] == list(range(3000))
+
+
+def test_a_reader_opens_a_store_whose_map_another_process_just_grew(
+        new_log: Any, audit_dir: Path) -> None:
+    """`ringfence audit tail` opening the store while the agent's writer grows its map (LMDB
+    says MDB_MAP_RESIZED to the reader's first transaction) reads it as usual."""
+    import subprocess
+    import sys
+
+    import lmdb
+
+    import audit.store
+
+    log = new_log()
+    session_events(log, "s1")
+    log.close()
+    segment = audit.store.list_segments(audit_dir)[-1][1]
+    # The reader's environment is open; then another process grows the map and fills it.
+    env = lmdb.open(str(segment), max_dbs=audit.store.MAX_DBS, subdir=True, create=False,
+                    readahead=False)
+    size = env.info()["map_size"]
+    grow = ("import lmdb, sys\n"
+            "env = lmdb.open(sys.argv[1], max_dbs=8, subdir=True, create=False,\n"
+            "                map_size=int(sys.argv[2]) * 4)\n"
+            "with env.begin(write=True) as txn:\n"
+            "    txn.put(b'more', b'x' * int(sys.argv[2]) * 2, db=env.open_db(b'more', txn=txn))\n")
+    subprocess.run([sys.executable, "-c", grow, str(segment), str(size)], check=True, timeout=120)
+    with pytest.raises(lmdb.MapResizedError):
+        env.begin().abort()  # what LMDB says to the reader
+    shared = audit.store.SharedEnv(segment, env)
+    with audit.store.ReadTxn(shared) as txn:
+        assert txn.get(b"next_seq", db=shared.dbs[audit.store.DB_META]) is not None
+    env.close()
