@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from tests.conftest import require
@@ -75,3 +76,38 @@ def test_asyncpg_identical_and_recorded(pghost: Host) -> None:
     results = [r for r in records if r["type"] == "result"]
     assert any(r["command_tag"] == "COPY 3000" for r in results)
     assert any(r.get("error", {}).get("sqlstate") == "57014" for r in results)
+
+
+def test_every_statement_is_recorded_with_its_own_result(pghost: Host) -> None:
+    """Statements whose row counts name them, sent every way psycopg sends them (simple and
+    extended protocol, a pipeline, errors in between): each query record's result is its
+    own statement's, whether stored apart or carried in the query record, and most of the
+    one-step statements are one record."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        require(False, "psycopg (pip install 'psycopg[binary]')")
+    app = app_name("statement-results")
+    out = both_ways(pghost, "statement_results_client.py", pghost.dsn(direct=True), pghost.dsn(), app)
+    (session,) = wait_sessions(pghost.agent, app)
+    # In session order, the n-th result answers the n-th statement (pipelined ones too).
+    queries = [r for r in session if r["type"] == "query"]
+    results = [r for r in session if r["type"] == "result"]
+    assert len(queries) == len(results) == len(out)
+    for query, result, seen in zip(queries, results, out, strict=True):
+        counted = re.fullmatch(r"select generate_series\(1, (\d+)\)", query["text"])
+        if counted:
+            rows = int(counted.group(1))
+            assert seen == rows and result["rows"] == rows, (query, result)
+            assert result["outcome"] == "success" and result["command_tag"] == f"SELECT {rows}"
+        else:
+            assert query["text"] == "select 1/0" and seen == "22012"
+            assert result["outcome"] == "failure" and result["error"]["sqlstate"] == "22012"
+    # As stored: the results carried in query records are their own statements' too.
+    stored = [r for r in pghost.agent.records(joined=True)
+              if r["session_id"] == session[0]["session_id"]]
+    joined = [r for r in stored if r["type"] == "query" and "result" in r]
+    assert joined
+    for query in joined:
+        rows = int(re.fullmatch(r"select generate_series\(1, (\d+)\)", query["text"]).group(1))  # type: ignore[union-attr]
+        assert query["result"]["rows"] == rows and query["result"]["command_tag"] == f"SELECT {rows}"
