@@ -206,6 +206,11 @@ async def _serve(config: Config) -> int:
                 "attribution_reason": attribution_reason,
                 "redirect_families": [f.name for f in redirector.families],
                 "worker_pids": workers.pids,
+                # How new sessions are spread over the event loops, when there are several:
+                # by the sessions each carries, or (configured so, or the kernel refused the
+                # program) by the kernel's hash of addresses.
+                "balance": (("least-sessions" if balancer is not None else "hash")
+                            if loops > 1 else None),
             },
         )
         sd_notify("READY=1")

@@ -166,6 +166,7 @@ def test_the_agent_runs_a_worker_and_sessions_land_on_both(stack: Any) -> None:
     assert len(pids) == 2
     start = agent.wait_for(lambda rs: [r for r in rs if r["type"] == "agent.start"])[-1]
     assert start["worker_pids"] == pids[1:]
+    assert start["balance"] == "least-sessions"
     with holding(ns, "spread") as hold:
         held = started(agent, "spread", CONNECTIONS)
         assert {s["agent_pid"] for s in held} == set(pids)
