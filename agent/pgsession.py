@@ -83,6 +83,10 @@ class Actions:
     # Start TLS with the client once the bytes above are sent (after 'S').
     start_tls: bool = False
     close: str | None = None  # end the connection, for this reason, after sending
+    # The result event among ``records`` that answers the last statement the session sent
+    # (none is left waiting after it): the audit trail may store it in that statement's
+    # query record (see audit.process.AuditProcess.emit_packed).
+    joining: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -1119,7 +1123,11 @@ class PostgresSession:
                 self._finish(item, actions)
 
     def _finish(self, item: _Pending, actions: Actions, outcome: str | None = None) -> None:
-        actions.records.append(("result", self._result_record(item, outcome)))
+        record = self._result_record(item, outcome)
+        actions.records.append(("result", record))
+        if outcome is None and item.kind in ("query", "execute") and not any(
+                other is not item and other.kind != "sync" for other in self._pending):
+            actions.joining = record  # (the last statement sent: its query record is the last)
 
     def _result_record(self, item: _Pending, outcome: str | None = None) -> dict[str, Any]:
         """The ``result`` record of an answered request."""

@@ -66,8 +66,10 @@ class AuditSink(Protocol):
 
     def emit(self, type: str, event: dict[str, Any], *, session_id: str | None = None) -> None: ...
 
-    def emit_many(self, records: Sequence[Emitted], *, session_id: str | None = None) -> None:
-        """Queue records in order."""
+    def emit_many(self, records: Sequence[Emitted], *, session_id: str | None = None,
+                  joining: object = None) -> None:
+        """Queue records in order; ``joining``: the event of a result among them that answers
+        the query record this session emitted last (see ``emit_packed``)."""
 
     def emit_packed(self, type: str, data: bytes, session_id: str | None,
                     caller: asyncio.AbstractEventLoop | None = None, joins: bool = False) -> None:
@@ -333,9 +335,9 @@ class ClientSide(asyncio.Protocol):
         # _take_plain_path).
         self._plain = False
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop this connection runs on
-        # Whether the session's last record is the query record of a statement a one-step
-        # path sent, whose answer may still come by the other one-step path with nothing
-        # recorded in between: the result then joins that record (see _emit_result).
+        # Whether the session's last record is the query record of the last statement it
+        # sent, whose answer may still come by the one-step reply path with nothing recorded
+        # in between: the result then joins that record (see _emit_result).
         self._query_last = False
 
     # asyncio callbacks --------------------------------------------------
@@ -720,12 +722,12 @@ class ClientSide(asyncio.Protocol):
         client's wait (the writer commits them in batches either way); a
         failing audit trail is checked before anything is forwarded.
         """
-        self._query_last = False  # (whatever these are, they come between)
+        self._query_last = False  # (whatever these are, they come between; see _emit)
         if self._deferred is not None:
             self._deferred.append(actions)
             return
         if actions.durable:
-            if not self._emit(actions.records):
+            if not self._emit(actions.records, actions.joining):
                 return
             self._deferred = [actions]
             self._pause_both()
@@ -733,17 +735,18 @@ class ClientSide(asyncio.Protocol):
             task.add_done_callback(self._setup_done)
             return
         if actions.records and not self.proxy.audit.healthy:
-            self._emit(actions.records)  # counts the records as lost and ends the session
+            self._emit(actions.records, actions.joining)  # counts them lost, ends the session
             return
         self._carry_out(actions)
-        self._emit(actions.records)
+        self._emit(actions.records, actions.joining)
 
-    def _emit(self, records: Sequence[Emitted]) -> bool:
-        self._query_last = False
+    def _emit(self, records: Sequence[Emitted], joining: object = None) -> bool:
+        # (A query record last: the statement the one-step reply path may answer next.)
+        self._query_last = bool(records) and records[-1][0] == "query"
         if not records:
             return True
         try:
-            self.proxy.audit.emit_many(records, session_id=self.session_id)
+            self.proxy.audit.emit_many(records, session_id=self.session_id, joining=joining)
         except Exception as e:
             self._audit_failed(e)
             return False
@@ -790,7 +793,8 @@ class ClientSide(asyncio.Protocol):
                     return
             self._carry_out(actions)
             # Records of actions that arrived while waiting, in their order.
-            if deferred and not self.closed and not self._emit(deferred[0].records):
+            if deferred and not self.closed and not self._emit(deferred[0].records,
+                                                               deferred[0].joining):
                 return
         self._deferred = None
         self._resume_both()

@@ -232,9 +232,12 @@ class AuditProcess:
         self.emit_many(((type, event),), session_id=session_id)
 
     def emit_many(
-        self, records: Sequence[tuple[str, Event]], *, session_id: str | None = None
+        self, records: Sequence[tuple[str, Event]], *, session_id: str | None = None,
+        joining: object = None,
     ) -> None:
-        """:meth:`emit` for several records of one session, in order, in one call."""
+        """:meth:`emit` for several records of one session, in order, in one call.
+        ``joining``: the event of a ``result`` among them that answers the query record this
+        session emitted last (see :meth:`emit_packed`'s ``joins``)."""
         for type, _ in records:
             require_producer_type(type)
         loop = self._loop_of_caller()
@@ -244,7 +247,9 @@ class AuditProcess:
             ts = time.time_ns()
             unencoded = self._unencoded
             for type, event in records:
-                unencoded.append((type, session_id, ts, event))
+                unencoded.append((type, session_id, ts, event, True)
+                                 if joining is not None and event is joining and type == "result"
+                                 else (type, session_id, ts, event))
             if ts >= self._check_at or self._flush_loop is not loop:
                 self._batch_step(loop, ts)
             healthy, failure = self._healthy, self.failure
@@ -255,7 +260,9 @@ class AuditProcess:
                 # Sent at once, after the loop's records queued before it.
                 ts = time.time_ns()
                 for type, event in records:
-                    self._unencoded.append((type, session_id, ts, event))
+                    self._unencoded.append((type, session_id, ts, event, True)
+                                           if joining is not None and event is joining and type == "result"
+                                           else (type, session_id, ts, event))
                 self._send_buffer()
                 healthy, failure = self._healthy, self.failure
         if not healthy:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 from typing import Any
 
 from agent.pgsession import PostgresSession
@@ -113,6 +114,55 @@ def test_extended_pipeline_error_marks_later_executions_not_executed() -> None:
     results = records(s.server_data(reply), "result")
     assert [r["error"]["sqlstate"] for r in results] == ["22012", ""]
     assert "not executed" in results[1]["error"]["message"]
+
+
+def test_a_result_answering_the_last_statement_sent_may_join_its_query_record() -> None:
+    """Actions.joining names the result that answers the last statement the session sent,
+    none left waiting behind it (the audit trail may store the two as one record): a lone
+    Query's, an error's, the last of a pipeline's; not one with others still waiting, nor
+    a blocked statement's."""
+    s, _ = session()
+    ready(s)
+    s.client_data(pg.query_message("select 1"))
+    actions = s.server_data(msg(b"C", b"SELECT 0\x00") + msg(b"Z", b"I"))
+    (result,) = records(actions, "result")
+    assert actions.joining is result
+    s.client_data(pg.query_message("select * from nope"))
+    actions = s.server_data(msg(b"E", b"SERROR\x00C42P01\x00Mno such table\x00\x00") + msg(b"Z", b"I"))
+    assert actions.joining is records(actions, "result")[0]
+    # Two queries in flight: the first's answer leaves the second waiting.
+    s.client_data(pg.query_message("select 2") + pg.query_message("select 3"))
+    first = s.server_data(msg(b"C", b"SELECT 0\x00") + msg(b"Z", b"I"))
+    assert records(first, "result") and first.joining is None
+    last = s.server_data(msg(b"C", b"SELECT 0\x00") + msg(b"Z", b"I"))
+    assert last.joining is records(last, "result")[0]
+    # A pipeline of two executions: only the last one's result may join.
+    parse = msg(b"P", b"\x00select $1\x00" + struct.pack("!h", 0))
+    bind = msg(b"B", b"\x00\x00" + struct.pack("!hhi", 0, 1, 1) + b"0" + struct.pack("!h", 0))
+    execute = msg(b"E", b"\x00" + struct.pack("!i", 0))
+    s.client_data(parse + bind + execute + bind + execute + msg(b"S", b""))
+    actions = s.server_data(msg(b"1", b"") + msg(b"2", b"") + msg(b"C", b"SELECT 1\x00")
+                            + msg(b"2", b"") + msg(b"C", b"SELECT 1\x00") + msg(b"Z", b"I"))
+    results = records(actions, "result")
+    assert len(results) == 2 and actions.joining is results[1]
+    # A statement interrupted by the connection's end is answered too.
+    s.client_data(pg.query_message("select pg_sleep(10)"))
+    actions = s.connection_lost("client closed")
+    assert actions.joining is records(actions, "result")[0]
+
+
+def test_a_blocked_statements_result_does_not_join() -> None:
+    """A statement the policy kept from the server has its decision recorded between its
+    query and result: the result stays a record of its own."""
+    from policy import load_policy
+
+    policy = load_policy(Path(__file__).resolve().parents[2] / "packaging" / "policy.toml")
+    s = PostgresSession("s1", {"service": "postgres"}, policy=lambda: policy)
+    ready(s)
+    s.client_data(pg.query_message("drop table accounts"))
+    actions = s.server_data(msg(b"E", b"SERROR\x00C42501\x00Mblocked\x00\x00") + msg(b"Z", b"I"))
+    (result,) = records(actions, "result")
+    assert result["outcome"] == "blocked" and actions.joining is None
 
 
 def test_garbage_startup_ends_session_with_reason() -> None:

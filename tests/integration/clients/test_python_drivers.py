@@ -90,24 +90,26 @@ def test_every_statement_is_recorded_with_its_own_result(pghost: Host) -> None:
     app = app_name("statement-results")
     out = both_ways(pghost, "statement_results_client.py", pghost.dsn(direct=True), pghost.dsn(), app)
     (session,) = wait_sessions(pghost.agent, app)
+    def answers(query: dict[str, Any], result: dict[str, Any]) -> int | str:
+        """What ``result`` says ``query`` gave, checked against what its text asks."""
+        counted = re.fullmatch(r"select generate_series\(1, (\d+)\)", query["text"])
+        if counted is None:
+            assert query["text"] == "select 1/0", query
+            assert result["outcome"] == "failure" and result["error"]["sqlstate"] == "22012"
+            return "22012"
+        rows = int(counted.group(1))
+        assert result["outcome"] == "success" and result["command_tag"] == f"SELECT {rows}"
+        assert result["rows"] == rows, (query, result)
+        return rows
+
     # In session order, the n-th result answers the n-th statement (pipelined ones too).
     queries = [r for r in session if r["type"] == "query"]
     results = [r for r in session if r["type"] == "result"]
-    assert len(queries) == len(results) == len(out)
-    for query, result, seen in zip(queries, results, out, strict=True):
-        counted = re.fullmatch(r"select generate_series\(1, (\d+)\)", query["text"])
-        if counted:
-            rows = int(counted.group(1))
-            assert seen == rows and result["rows"] == rows, (query, result)
-            assert result["outcome"] == "success" and result["command_tag"] == f"SELECT {rows}"
-        else:
-            assert query["text"] == "select 1/0" and seen == "22012"
-            assert result["outcome"] == "failure" and result["error"]["sqlstate"] == "22012"
+    assert [answers(q, r) for q, r in zip(queries, results, strict=True)] == out
     # As stored: the results carried in query records are their own statements' too.
     stored = [r for r in pghost.agent.records(joined=True)
               if r["session_id"] == session[0]["session_id"]]
     joined = [r for r in stored if r["type"] == "query" and "result" in r]
     assert joined
     for query in joined:
-        rows = int(re.fullmatch(r"select generate_series\(1, (\d+)\)", query["text"]).group(1))  # type: ignore[union-attr]
-        assert query["result"]["rows"] == rows and query["result"]["command_tag"] == f"SELECT {rows}"
+        answers(query, query["result"])
