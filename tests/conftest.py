@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,15 @@ def require(condition: bool, what: str) -> None:
     if IN_CI:
         pytest.fail(f"CI must provide {what}", pytrace=False)
     pytest.skip(f"needs {what}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_agent_outlives_the_run() -> Iterator[None]:
+    """An agent that a failing test left running is stopped when the run ends."""
+    yield
+    from tests.support.agent import stop_leftovers
+
+    stop_leftovers()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -29,6 +30,20 @@ def ringfence(*args: str, config: Path | None = None, **kwargs: Any) -> subproce
     kwargs.setdefault("text", True)
     kwargs.setdefault("timeout", 120)
     return subprocess.run([*RINGFENCE, *args], env=env, check=False, **kwargs)
+
+
+# Every agent a test started, so that one a failing test left running is stopped when the
+# test run ends (see stop_leftovers).
+STARTED: list[AgentProcess] = []
+
+
+def stop_leftovers() -> None:
+    """Stop the agents still running (a test that failed before stopping its own)."""
+    for agent in STARTED:
+        if agent.running:
+            with contextlib.suppress(RuntimeError):  # (stop kills one that would not end)
+                agent.stop(timeout=30)
+    STARTED.clear()
 
 
 class AgentProcess:
@@ -84,6 +99,8 @@ path = "{policy or REPO / 'packaging' / 'policy.toml'}"
                 preexec_fn=None if open_files is None else
                 (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, open_files)),
             )
+        if self not in STARTED:
+            STARTED.append(self)
         deadline = time.monotonic() + timeout
         try:
             while True:
