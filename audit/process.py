@@ -92,6 +92,16 @@ SEND_AT_THE_LATEST = 0.005
 _NEVER = 1 << 64
 
 
+def _queued(records: Sequence[tuple[str, Event]], session_id: str | None, ts: int,
+            joining: object) -> list[tuple[Any, ...]]:
+    """The batch buffer's items for ``records`` of one session emitted at ``ts``: (type,
+    session_id, ts, event), True after them for the result ``joining`` (see emit_many)."""
+    return [(type, session_id, ts, event, True)
+            if joining is not None and event is joining and type == "result"
+            else (type, session_id, ts, event)
+            for type, event in records]
+
+
 def _send(sock: socket.socket, message: Any) -> None:
     data = msgpack.packb(message, use_bin_type=True)
     sock.sendall(_LENGTH.pack(len(data)) + data)
@@ -245,11 +255,7 @@ class AuditProcess:
             if self._closing:
                 raise AuditUnavailable("audit log is closed")
             ts = time.time_ns()
-            unencoded = self._unencoded
-            for type, event in records:
-                unencoded.append((type, session_id, ts, event, True)
-                                 if joining is not None and event is joining and type == "result"
-                                 else (type, session_id, ts, event))
+            self._unencoded.extend(_queued(records, session_id, ts, joining))
             if ts >= self._check_at or self._flush_loop is not loop:
                 self._batch_step(loop, ts)
             healthy, failure = self._healthy, self.failure
@@ -259,10 +265,7 @@ class AuditProcess:
                     raise AuditUnavailable("audit log is closed")
                 # Sent at once, after the loop's records queued before it.
                 ts = time.time_ns()
-                for type, event in records:
-                    self._unencoded.append((type, session_id, ts, event, True)
-                                           if joining is not None and event is joining and type == "result"
-                                           else (type, session_id, ts, event))
+                self._unencoded.extend(_queued(records, session_id, ts, joining))
                 self._send_buffer()
                 healthy, failure = self._healthy, self.failure
         if not healthy:

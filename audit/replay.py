@@ -23,6 +23,11 @@ def _who(ev: Any) -> str:
     return " ".join(parts) or "unknown client"
 
 
+def _since(ns: int) -> str:
+    """The prefix of a line: the time since the session started."""
+    return f"+{ns / 1e9:9.3f}s"
+
+
 def _result_line(at: str, ev: Any) -> str:
     err = ev.get("error")
     tail = f" error {err.get('sqlstate')}: {err.get('message')}" if isinstance(err, dict) else ""
@@ -38,7 +43,7 @@ def replay_lines(records: Sequence[Record]) -> Iterator[str]:
     yield f"session {records[0].session_id} on {records[0].host}, started {records[0].ts}"
     for r in records:
         ev = r.event
-        at = f"+{(r.ts_ns - t0) / 1e9:9.3f}s"
+        at = _since(r.ts_ns - t0)
         if r.type == "session.start":
             yield f"{at}  connect  {ev.get('service')} ({ev.get('protocol')}) {_who(ev)}"
         elif r.type == "query":
@@ -50,7 +55,7 @@ def replay_lines(records: Sequence[Record]) -> Iterator[str]:
             if result is not None:  # (the answer came before the record was written)
                 duration = result.get("duration_ms")
                 ended = r.ts_ns + int(duration * 1e6) if isinstance(duration, (int, float)) else r.ts_ns
-                yield _result_line(f"+{(ended - t0) / 1e9:9.3f}s", result)
+                yield _result_line(_since(ended - t0), result)
         elif r.type == "result":
             yield _result_line(at, ev)
         elif r.type == "policy.decision":
