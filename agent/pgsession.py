@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -160,6 +161,16 @@ class _Portal:
 
 class PostgresSession:
     """Protocol state and recording for one client connection."""
+
+    # The fields the compiled one-step paths (agent/protocols/_pgscan.c) read and move on,
+    # as slots; the rest of its state is in its __dict__.
+    __slots__ = (
+        "policy", "phase", "replication", "record_level", "frontend", "backend", "subject",
+        "_reused_subject", "_reused", "_reused_policy", "max_statement",
+        "bytes_from_client", "_segments_sent", "statements", "_pending", "clock", "_held",
+        "_blocked_pending", "_describes", "_touched", "transaction", "_segments_done",
+        "bytes_from_server", "__dict__", "__weakref__",
+    )
 
     def __init__(
         self,
@@ -1538,3 +1549,16 @@ def _plain_reply_py(data: bytes, max_message: int, duration_ms: float) -> tuple[
 
 
 _plain_reply = pg.native_plain_reply or _plain_reply_py
+
+# The proxy's one-step paths compiled (agent/protocols/_pgscan.c): what ClientSide and
+# UpstreamSide (agent/proxy.py) do with bytes that allowed_query or plain_reply takes, in
+# one call that reads and moves on the same state (the slots of their classes). None
+# without the extension; either way the proxy's Python does the same whenever a step
+# declines.
+#   client_step(side, data) -> bool: True when the lone Query went the one-step way;
+#   server_step(side, data) -> 0 (nothing done), 1 (taken), 2 (the bytes relayed to the
+#   client, the rest for server_data(data, forwarded=True)).
+client_step: Callable[[Any, bytes], bool] | None = (
+    partial(pg.native_client_step, _plain_text, _Pending, MAX_CACHED_TEXT)
+    if pg.native_client_step is not None else None)
+server_step: Callable[[Any, bytes], int] | None = pg.native_server_step

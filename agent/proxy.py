@@ -36,7 +36,7 @@ from typing import Any, Protocol, cast
 from agent.balance import SessionCount
 from agent.config import Config, ProtectedService
 from agent.pgconf import keepalive_timing
-from agent.pgsession import Actions, PostgresSession
+from agent.pgsession import Actions, PostgresSession, client_step, server_step
 from agent.protocols import postgres as pg
 from agent.tls import TlsChannel, client_facing_context, upstream_context
 from agent.workers import CancelKeys
@@ -164,6 +164,12 @@ def _endpoint(address: Any) -> dict[str, Any]:
 
 class Proxy:
     """Listeners for every protected service and the sessions they carry."""
+
+    # The fields the compiled one-step paths (agent/protocols/_pgscan.c) read and move on,
+    # as slots; the rest of its state is in its __dict__.
+    __slots__ = (
+        "audit", "__dict__", "__weakref__",
+    )
 
     def __init__(
         self,
@@ -308,6 +314,13 @@ def _keep_alive(sock: Any, timing: tuple[int, int, int] | None = None) -> None:
 class ClientSide(asyncio.Protocol):
     """The client's connection to the agent; owns the session and the upstream."""
 
+    # The fields the compiled one-step paths (agent/protocols/_pgscan.c) read and move on,
+    # as slots; the rest of its state is in its __dict__.
+    __slots__ = (
+        "closed", "_early", "session", "_plain", "_deferred", "proxy", "upstream",
+        "transport", "_loop", "session_id", "_query_last", "__dict__", "__weakref__",
+    )
+
     def __init__(self, proxy: Proxy, service: ProtectedService) -> None:
         self.proxy = proxy
         self.service = service
@@ -378,6 +391,8 @@ class ClientSide(asyncio.Protocol):
             self._close_all()
 
     def data_received(self, data: bytes) -> None:
+        if client_step is not None and client_step(self, data):
+            return  # (compiled: what _client_bytes does with a Query allowed_query takes)
         if self.closed:
             return
         if self._early is not None:
@@ -882,6 +897,12 @@ class ClientSide(asyncio.Protocol):
 class UpstreamSide(asyncio.Protocol):
     """The agent's (marked) connection to the real server."""
 
+    # The fields the compiled one-step paths (agent/protocols/_pgscan.c) read and move on,
+    # as slots; the rest of its state is in its __dict__.
+    __slots__ = (
+        "client", "transport", "__dict__", "__weakref__",
+    )
+
     def __init__(self, client: ClientSide) -> None:
         self.client = client
         self.transport: asyncio.Transport | None = None
@@ -893,6 +914,14 @@ class UpstreamSide(asyncio.Protocol):
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
 
     def data_received(self, data: bytes) -> None:
+        if server_step is not None:  # (compiled: what follows does with bytes plain_reply takes)
+            step = server_step(self, data)
+            if step == 1:
+                return
+            if step == 2:  # relayed to the client, not the one-step answer
+                self.client.apply(cast(PostgresSession, self.client.session).server_data(
+                    data, forwarded=True))
+                return
         client = self.client
         session = client.session
         if session is None or client.closed:

@@ -149,6 +149,13 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
 class AuditProcess:
     """The agent's side of an audit trail written by a child process (see the module doc)."""
 
+    # The fields the proxy's compiled one-step paths (agent/protocols/_pgscan.c) read and
+    # move on, as slots; the rest of its state is in its __dict__.
+    __slots__ = (
+        "_loop", "_closing", "_healthy", "_unencoded", "_check_at", "_flush_loop",
+        "__dict__", "__weakref__",
+    )
+
     def __init__(self, process: subprocess.Popen[bytes] | None, sock: socket.socket) -> None:
         self._process = process  # None in a session worker, which shares the agent's writer
         self._sock = sock
@@ -295,7 +302,11 @@ class AuditProcess:
         if ts >= self._check_at or self._flush_loop is not loop:
             self._batch_step(loop, ts)
         if not self._healthy:
-            raise AuditUnavailable(f"audit store is failing: {self.failure}")
+            raise self._failing()
+
+    def _failing(self) -> AuditUnavailable:
+        """What a record emitted while the store fails raises."""
+        return AuditUnavailable(f"audit store is failing: {self.failure}")
 
     def _batch_step(self, loop: asyncio.AbstractEventLoop, ts: int) -> None:
         """After a record from the loop's thread: start a batch, or have it sent when due."""

@@ -39,6 +39,17 @@
  * NULL), and ``parse`` the Parse's (name, text, parameter types) or None.
  * None for anything else.
  *
+ * client_step(plain, pending, max_cached_text, side, data) -> bool
+ * server_step(side, data) -> 0 | 1 | 2
+ *
+ * The proxy's one-step paths (agent/proxy.py ClientSide.data_received and
+ * UpstreamSide.data_received around allowed_query and plain_reply), in one call each:
+ * the same checks, the same writes to the transports, the same records queued and the
+ * same session state moved on, read and written in the objects' __slots__. They decline
+ * (False, 0) with nothing done whenever the Python would not take the one-step way;
+ * server_step answers 2 when it relayed the bytes and the session's general path is to
+ * read them. tests/unit/test_proxy_fast.py holds them to the proxy's Python.
+ *
  * agent/protocols/postgres.py (datarows) and agent/pgsession.py
  * (allowed_query, plain_reply, bound_execute) have the same in Python, used when this module
  * is not built; tests/unit/protocols/test_pgscan_native.py and
@@ -49,6 +60,8 @@
 #include <stdint.h>
 #include <string.h>
 #include <openssl/evp.h>
+#include <structmember.h>
+#include <time.h>
 
 #include "_msgpack.h" /* audit/_msgpack.h */
 
@@ -119,12 +132,13 @@ datarows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(nnn)", pos, rows, row_bytes);
 }
 
+/* allowed_query's answer for the message at p (size bytes): the record, None, or NULL with
+ * an exception set. ``reused`` is a dict. */
 static PyObject *
-allowed_query(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+query_record(const unsigned char *p, Py_ssize_t size, PyObject *reused, Py_ssize_t max_message,
+             Py_ssize_t max_text, PyObject *plain)
 {
-    Py_buffer view;
-    Py_ssize_t size, n, i, max_message, max_text;
-    const unsigned char *p;
+    Py_ssize_t n, i;
     PyObject *shape = NULL, *known, *allowed = NULL, *policy = NULL, *record = NULL, *text;
     unsigned char *q;
     unsigned char digest[EVP_MAX_MD_SIZE];
@@ -133,26 +147,6 @@ allowed_query(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     int truth;
     uint32_t length;
 
-    (void)module;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError,
-                        "allowed_query(data, reused, max_message, max_text, plain) takes 5 arguments");
-        return NULL;
-    }
-    if (!PyDict_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "allowed_query: reused must be a dict");
-        return NULL;
-    }
-    max_message = PyNumber_AsSsize_t(args[2], PyExc_OverflowError);
-    if (max_message == -1 && PyErr_Occurred())
-        return NULL;
-    max_text = PyNumber_AsSsize_t(args[3], PyExc_OverflowError);
-    if (max_text == -1 && PyErr_Occurred())
-        return NULL;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
-        return NULL;
-    p = (const unsigned char *)view.buf;
-    size = view.len;
     if (size < 6 || p[0] != 'Q' || p[size - 1] != 0)
         goto none;
     length = length_at(p + 1);
@@ -168,13 +162,13 @@ allowed_query(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     text = PyUnicode_DecodeASCII((const char *)p + 5, n, "strict");
     if (text == NULL)
         goto fail;
-    shape = PyObject_CallOneArg(args[4], text);
+    shape = PyObject_CallOneArg(plain, text);
     Py_DECREF(text);
     if (shape == NULL)
         goto fail;
     if (!PyTuple_Check(shape) || PyTuple_GET_SIZE(shape) < 1)
         goto none;
-    known = PyDict_GetItemWithError(args[1], PyTuple_GET_ITEM(shape, 0)); /* borrowed */
+    known = PyDict_GetItemWithError(reused, PyTuple_GET_ITEM(shape, 0)); /* borrowed */
     if (known == NULL) {
         if (PyErr_Occurred())
             goto fail;
@@ -228,13 +222,11 @@ allowed_query(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_DECREF(shape);
     Py_DECREF(allowed);
     Py_DECREF(policy);
-    PyBuffer_Release(&view);
     return record;
 
 none:
     Py_XDECREF(shape);
     Py_XDECREF(allowed);
-    PyBuffer_Release(&view);
     Py_RETURN_NONE;
 
 fail:
@@ -242,36 +234,54 @@ fail:
     Py_XDECREF(allowed);
     Py_XDECREF(policy);
     Py_XDECREF(record);
-    PyBuffer_Release(&view);
     return NULL;
 }
 
 static PyObject *
-plain_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+allowed_query(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer view;
-    Py_ssize_t size, pos = 0, rows = 0, row_bytes = 0, max_message, end, i, tag_len, space = -1;
-    const unsigned char *p, *tag;
+    Py_ssize_t max_message, max_text;
+    PyObject *record;
+
+    (void)module;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "allowed_query(data, reused, max_message, max_text, plain) takes 5 arguments");
+        return NULL;
+    }
+    if (!PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "allowed_query: reused must be a dict");
+        return NULL;
+    }
+    max_message = PyNumber_AsSsize_t(args[2], PyExc_OverflowError);
+    if (max_message == -1 && PyErr_Occurred())
+        return NULL;
+    max_text = PyNumber_AsSsize_t(args[3], PyExc_OverflowError);
+    if (max_text == -1 && PyErr_Occurred())
+        return NULL;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    record = query_record((const unsigned char *)view.buf, view.len, args[1], max_message,
+                          max_text, args[4]);
+    PyBuffer_Release(&view);
+    return record;
+}
+
+/* plain_reply's answer for the size bytes at p: (record, status), None, or NULL with an
+ * exception set. */
+static PyObject *
+reply_record(const unsigned char *p, Py_ssize_t size, Py_ssize_t max_message, double duration)
+{
+    Py_ssize_t pos = 0, rows = 0, row_bytes = 0, end, i, tag_len, space = -1;
+    const unsigned char *tag;
     PyObject *event;
     unsigned char *q;
     uint32_t length;
     uint64_t count, bits;
-    double duration;
     char status;
     int counted;
 
-    (void)module;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "plain_reply(data, max_message, duration_ms) takes 3 arguments");
-        return NULL;
-    }
-    duration = PyFloat_AsDouble(args[2]);
-    if (duration == -1.0 && PyErr_Occurred())
-        return NULL;
-    if (data_and_size(args, 2, "plain_reply(data, max_message, duration_ms)", &view, &max_message) < 0)
-        return NULL;
-    p = (const unsigned char *)view.buf;
-    size = view.len;
     if (size - pos >= 5 && p[pos] == 'T') {
         length = length_at(p + pos + 1);
         if (length < 6 || (Py_ssize_t)length > max_message || (Py_ssize_t)length > size - pos - 1)
@@ -338,18 +348,38 @@ plain_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     q = put_str(q, tag, (size_t)tag_len);
     q = PUT_KEY(q, "outcome");
     q = PUT_KEY(q, "success");
-    PyBuffer_Release(&view);
     if (_PyBytes_Resize(&event, (Py_ssize_t)(q - (unsigned char *)PyBytes_AS_STRING(event))) < 0)
         return NULL;
     return Py_BuildValue("(NC)", event, (int)status);
 
 none:
-    PyBuffer_Release(&view);
     Py_RETURN_NONE;
 
 fail:
-    PyBuffer_Release(&view);
     return NULL;
+}
+
+static PyObject *
+plain_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    Py_ssize_t max_message;
+    double duration;
+    PyObject *reply;
+
+    (void)module;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "plain_reply(data, max_message, duration_ms) takes 3 arguments");
+        return NULL;
+    }
+    duration = PyFloat_AsDouble(args[2]);
+    if (duration == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (data_and_size(args, 2, "plain_reply(data, max_message, duration_ms)", &view, &max_message) < 0)
+        return NULL;
+    reply = reply_record((const unsigned char *)view.buf, view.len, max_message, duration);
+    PyBuffer_Release(&view);
+    return reply;
 }
 
 /* A big-endian int16 at p. */
@@ -527,6 +557,714 @@ fail:
     return NULL;
 }
 
+/* ------------------------------------------------------------------------------------
+ * The proxy's one-step paths (agent/proxy.py ClientSide and UpstreamSide), compiled:
+ * what their data_received does with the commonest bytes, in one call, reading and moving
+ * on the same objects' state as their Python does. The fields it uses are __slots__ of
+ * their classes, read and written here at their member descriptors' offsets. Whenever an
+ * object is not as the one-step path needs (a field unset, a class whose field is not a
+ * slot, a session not ready), a step does nothing and says so: the Python then takes the
+ * bytes as it does without this.
+ */
+
+#define MAX_FIELDS 24
+
+/* Where a class keeps the fields a step uses: their offsets in its instances. */
+typedef struct {
+    const char *const *names;
+    int count;
+    PyTypeObject *type; /* the class last seen (a reference: no other class reuses it) */
+    int usable;         /* whether each field is a plain slot of that class */
+    Py_ssize_t offset[MAX_FIELDS];
+} Layout;
+
+enum { C_CLOSED, C_EARLY, C_SESSION, C_PLAIN, C_DEFERRED, C_PROXY, C_UPSTREAM, C_TRANSPORT,
+       C_LOOP, C_SESSION_ID, C_QUERY_LAST };
+static const char *const client_fields[] = {
+    "closed", "_early", "session", "_plain", "_deferred", "proxy", "upstream", "transport",
+    "_loop", "session_id", "_query_last"};
+enum { U_CLIENT, U_TRANSPORT };
+static const char *const upstream_fields[] = {"client", "transport"};
+enum { X_AUDIT };
+static const char *const proxy_fields[] = {"audit"};
+enum { A_LOOP, A_CLOSING, A_HEALTHY, A_UNENCODED, A_CHECK_AT, A_FLUSH_LOOP };
+static const char *const audit_fields[] = {
+    "_loop", "_closing", "_healthy", "_unencoded", "_check_at", "_flush_loop"};
+enum { S_POLICY, S_PHASE, S_REPLICATION, S_RECORD_LEVEL, S_FRONTEND, S_BACKEND, S_SUBJECT,
+       S_REUSED_SUBJECT, S_REUSED, S_REUSED_POLICY, S_MAX_STATEMENT, S_BYTES_FROM_CLIENT,
+       S_SEGMENTS_SENT, S_STATEMENTS, S_PENDING, S_CLOCK, S_HELD, S_BLOCKED_PENDING,
+       S_DESCRIBES, S_TOUCHED, S_TRANSACTION, S_SEGMENTS_DONE, S_BYTES_FROM_SERVER };
+static const char *const session_fields[] = {
+    "policy", "phase", "replication", "record_level", "frontend", "backend", "subject",
+    "_reused_subject", "_reused", "_reused_policy", "max_statement", "bytes_from_client",
+    "_segments_sent", "statements", "_pending", "clock", "_held", "_blocked_pending",
+    "_describes", "_touched", "transaction", "_segments_done", "bytes_from_server"};
+enum { F_BUFFER, F_STARTUP, F_COPY_REMAINING, F_BIND, F_PASS_REMAINING, F_MAX_MESSAGE };
+static const char *const frontend_fields[] = {
+    "_buffer", "_startup", "_copy_remaining", "_bind", "_pass_remaining", "max_message"};
+enum { B_REMAINING, B_HEADER, B_ROWS, B_COPY_MESSAGES, B_MAX_MESSAGE };
+static const char *const backend_fields[] = {
+    "_remaining", "_header", "_rows", "_copy_messages", "max_message"};
+enum { P_KIND, P_STARTED, P_ROWS, P_COMMAND_ROWS, P_COMMANDS, P_COPY_BYTES, P_ERROR,
+       P_CHANGES };
+static const char *const pending_fields[] = {
+    "kind", "started", "rows", "command_rows", "commands", "copy_bytes", "error", "changes"};
+
+#define LAYOUT(fields) {fields, (int)(sizeof fields / sizeof fields[0]), NULL, 0, {0}}
+static Layout client_layout = LAYOUT(client_fields), upstream_layout = LAYOUT(upstream_fields),
+    proxy_layout = LAYOUT(proxy_fields), audit_layout = LAYOUT(audit_fields),
+    session_layout = LAYOUT(session_fields), frontend_layout = LAYOUT(frontend_fields),
+    backend_layout = LAYOUT(backend_fields), pending_layout = LAYOUT(pending_fields);
+
+/* Values made once. */
+static PyObject *v_ready, *v_statements, *v_upstream_auth, *v_query, *v_result, *v_execute,
+    *v_sync, *v_started_kw, *v_three, *v_one, *n_write, *n_round, *n_append, *n_clear,
+    *n_audit_failed, *n_batch_step, *n_emit_packed, *n_failing, *n_reuses_decisions;
+
+/* Whether obj's class keeps every field of the layout in a slot (finding their offsets when
+ * the class is new to it): 1, 0, or -1 with an exception set. */
+static int
+laid_out(Layout *layout, PyObject *obj)
+{
+    PyTypeObject *type = Py_TYPE(obj);
+    int i, usable = 1;
+
+    if (layout->type == type)
+        return layout->usable;
+    for (i = 0; i < layout->count; i++) {
+        PyObject *name = PyUnicode_InternFromString(layout->names[i]), *found;
+
+        if (name == NULL)
+            return -1;
+        found = _PyType_Lookup(type, name); /* borrowed */
+        Py_DECREF(name);
+        if (found == NULL || !Py_IS_TYPE(found, &PyMemberDescr_Type)
+                || ((PyMemberDescrObject *)found)->d_member->type != T_OBJECT_EX
+                || (((PyMemberDescrObject *)found)->d_member->flags & READONLY)) {
+            usable = 0;
+            break;
+        }
+        layout->offset[i] = ((PyMemberDescrObject *)found)->d_member->offset;
+    }
+    Py_INCREF(type);
+    Py_XSETREF(layout->type, type);
+    layout->usable = usable;
+    return usable;
+}
+
+/* A field of obj (borrowed; NULL when unset), its class laid out by the layout. */
+#define FIELD(obj, layout, i) (*(PyObject **)((char *)(obj) + (layout).offset[i]))
+
+/* Stores value (a new reference, stolen) in a field. */
+static void
+set_field(PyObject *obj, const Layout *layout, int i, PyObject *value)
+{
+    PyObject **at = (PyObject **)((char *)obj + layout->offset[i]);
+
+    Py_XSETREF(*at, value);
+}
+
+/* Whether a field's value is true: 1, 0, or -1 (with an exception set by its __bool__). */
+static int
+truth_of(PyObject *value)
+{
+    if (value == Py_True)
+        return 1;
+    if (value == Py_False || value == Py_None)
+        return 0;
+    return PyObject_IsTrue(value);
+}
+
+/* field += amount (Python ints): 0, or -1 with an exception set. */
+static int
+add_to(PyObject *obj, const Layout *layout, int i, Py_ssize_t amount)
+{
+    PyObject *step, *sum, *value = FIELD(obj, *layout, i);
+
+    if (value == NULL) {
+        PyErr_Format(PyExc_AttributeError, "%s", layout->names[i]);
+        return -1;
+    }
+    step = amount == 1 ? Py_NewRef(v_one) : PyLong_FromSsize_t(amount);
+    if (step == NULL)
+        return -1;
+    sum = PyNumber_Add(value, step);
+    Py_DECREF(step);
+    if (sum == NULL)
+        return -1;
+    set_field(obj, layout, i, sum);
+    return 0;
+}
+
+/* Whether a str field equals a str value: 1, 0 (also when unset), or -1. */
+static int
+equals(PyObject *value, PyObject *text)
+{
+    if (value == text)
+        return 1;
+    if (value == NULL || !PyUnicode_Check(value))
+        return 0;
+    return PyUnicode_Compare(value, text) == 0 ? 1 : (PyErr_Occurred() ? -1 : 0);
+}
+
+/* Python's time.time_ns(). */
+static PyObject *
+time_ns_now(void)
+{
+    struct timespec now;
+
+    clock_gettime(CLOCK_REALTIME, &now);
+    return PyLong_FromLongLong((long long)now.tv_sec * 1000000000LL + now.tv_nsec);
+}
+
+/* The audit queue of a client side whose state lets a one-step path run: its session on the
+ * plain path (set up, no TLS), nothing deferred, the queue healthy (AuditProcess.healthy).
+ * Borrowed references; 1, 0 when not so, -1 on an error. */
+static int
+plain_session(PyObject *side, PyObject **session, PyObject **audit)
+{
+    PyObject *proxy, *closed, *plain;
+    int truth;
+
+    if ((truth = laid_out(&client_layout, side)) <= 0)
+        return truth;
+    closed = FIELD(side, client_layout, C_CLOSED);
+    plain = FIELD(side, client_layout, C_PLAIN);
+    *session = FIELD(side, client_layout, C_SESSION);
+    proxy = FIELD(side, client_layout, C_PROXY);
+    if (closed == NULL || plain == NULL || *session == NULL || proxy == NULL
+            || FIELD(side, client_layout, C_EARLY) != Py_None
+            || FIELD(side, client_layout, C_DEFERRED) != Py_None || *session == Py_None)
+        return 0;
+    if ((truth = truth_of(closed)) != 0 || (truth = truth_of(plain)) <= 0)
+        return truth < 0 ? -1 : 0;
+    if ((truth = laid_out(&proxy_layout, proxy)) <= 0)
+        return truth;
+    *audit = FIELD(proxy, proxy_layout, X_AUDIT);
+    if (*audit == NULL || (truth = laid_out(&audit_layout, *audit)) <= 0)
+        return *audit == NULL ? 0 : truth;
+    if (FIELD(*audit, audit_layout, A_HEALTHY) == NULL || FIELD(*audit, audit_layout, A_CLOSING) == NULL)
+        return 0;
+    if ((truth = truth_of(FIELD(*audit, audit_layout, A_HEALTHY))) <= 0
+            || (truth = truth_of(FIELD(*audit, audit_layout, A_CLOSING))) != 0)
+        return truth < 0 ? -1 : 0;
+    return 1;
+}
+
+/* audit.emit_packed(type, record, side.session_id, side._loop, joins) (audit/process.py)
+ * as it runs on the loop's thread: 0, or -1 with an exception set. */
+static int
+emit_packed(PyObject *audit, PyObject *side, PyObject *type, PyObject *record, int joins)
+{
+    PyObject *loop = FIELD(audit, audit_layout, A_LOOP), *caller, *sid, *ts, *item, *answer;
+    PyObject *unencoded, *check_at, *flush_loop;
+    int truth, late;
+
+    caller = FIELD(side, client_layout, C_LOOP);
+    sid = FIELD(side, client_layout, C_SESSION_ID);
+    if (caller == NULL || sid == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "client side without _loop or session_id");
+        return -1;
+    }
+    if ((truth = truth_of(FIELD(audit, audit_layout, A_CLOSING))) < 0)
+        return -1;
+    if (loop == NULL || loop == Py_None || truth || caller != loop) {
+        /* Not this loop's queue as it stands: the method says what to do. */
+        answer = PyObject_CallMethodObjArgs(audit, n_emit_packed, type, record, sid, caller,
+                                            joins ? Py_True : Py_False, NULL);
+        if (answer == NULL)
+            return -1;
+        Py_DECREF(answer);
+        return 0;
+    }
+    unencoded = FIELD(audit, audit_layout, A_UNENCODED);
+    if (unencoded == NULL || !PyList_Check(unencoded)) {
+        PyErr_SetString(PyExc_TypeError, "the audit queue is not a list");
+        return -1;
+    }
+    if ((ts = time_ns_now()) == NULL)
+        return -1;
+    item = joins ? PyTuple_Pack(5, type, sid, ts, record, Py_True)
+                 : PyTuple_Pack(4, type, sid, ts, record);
+    if (item == NULL || PyList_Append(unencoded, item) < 0)
+        goto fail;
+    Py_DECREF(item);
+    item = NULL;
+    check_at = FIELD(audit, audit_layout, A_CHECK_AT);
+    flush_loop = FIELD(audit, audit_layout, A_FLUSH_LOOP);
+    late = check_at == NULL ? 1 : PyObject_RichCompareBool(ts, check_at, Py_GE);
+    if (late < 0)
+        goto fail;
+    if (late || flush_loop != loop) {
+        answer = PyObject_CallMethodObjArgs(audit, n_batch_step, loop, ts, NULL);
+        if (answer == NULL)
+            goto fail;
+        Py_DECREF(answer);
+    }
+    Py_DECREF(ts);
+    ts = NULL;
+    if ((truth = truth_of(FIELD(audit, audit_layout, A_HEALTHY))) < 0)
+        return -1;
+    if (!truth) {
+        answer = PyObject_CallMethodNoArgs(audit, n_failing);
+        if (answer != NULL) {
+            PyErr_SetObject((PyObject *)Py_TYPE(answer), answer);
+            Py_DECREF(answer);
+        }
+        return -1;
+    }
+    return 0;
+fail:
+    Py_XDECREF(item);
+    Py_XDECREF(ts);
+    return -1;
+}
+
+/* A record to the audit queue as ClientSide._emit_packed does: an Exception raised on the
+ * way goes to side._audit_failed (which ends the session). 0, or -1 for anything else. */
+static int
+emit(PyObject *audit, PyObject *side, PyObject *type, PyObject *record, int joins)
+{
+    PyObject *kind, *error, *trace, *answer;
+
+    if (emit_packed(audit, side, type, record, joins) == 0)
+        return 0;
+    if (!PyErr_ExceptionMatches(PyExc_Exception))
+        return -1;
+    PyErr_Fetch(&kind, &error, &trace);
+    PyErr_NormalizeException(&kind, &error, &trace);
+    if (trace != NULL)
+        PyException_SetTraceback(error, trace);
+    answer = PyObject_CallMethodOneArg(side, n_audit_failed, error);
+    Py_XDECREF(kind);
+    Py_XDECREF(error);
+    Py_XDECREF(trace);
+    if (answer == NULL)
+        return -1;
+    Py_DECREF(answer);
+    return 0;
+}
+
+/* transport.write(data), unless transport is None (or unset). */
+static int
+write_to(PyObject *transport, PyObject *data)
+{
+    PyObject *answer;
+
+    if (transport == NULL || transport == Py_None)
+        return 0;
+    answer = PyObject_CallMethodOneArg(transport, n_write, data);
+    if (answer == NULL)
+        return -1;
+    Py_DECREF(answer);
+    return 0;
+}
+
+/* Whether none of the fields from..to of obj is true: 1, 0 (also when one is unset), -1. */
+static int
+none_true(PyObject *obj, const Layout *layout, int from, int to)
+{
+    int i, truth;
+
+    for (i = from; i <= to; i++) {
+        PyObject *value = FIELD(obj, *layout, i);
+
+        if (value == NULL)
+            return 0;
+        if ((truth = truth_of(value)) != 0)
+            return truth < 0 ? -1 : 0;
+    }
+    return 1;
+}
+
+/* A Py_ssize_t field (-1 with an exception set when it is none). */
+static Py_ssize_t
+size_of_field(PyObject *obj, const Layout *layout, int i)
+{
+    PyObject *value = FIELD(obj, *layout, i);
+
+    if (value == NULL) {
+        PyErr_Format(PyExc_AttributeError, "%s", layout->names[i]);
+        return -1;
+    }
+    return PyNumber_AsSsize_t(value, PyExc_OverflowError);
+}
+
+/* The session's query record of a lone Query when PostgresSession.allowed_query takes it,
+ * its state moved on as that does; None when it does not (nothing changed); NULL with an
+ * exception set. */
+static PyObject *
+session_query(PyObject *session, const unsigned char *p, Py_ssize_t size, PyObject *plain,
+              PyObject *pending_type, Py_ssize_t max_cached)
+{
+    PyObject *policy, *frontend, *reused, *subject, *current, *reuses, *record, *now, *item;
+    PyObject *pending;
+    PyObject *call[2];
+    Py_ssize_t max_message, max_text;
+    int truth;
+
+    if ((truth = laid_out(&session_layout, session)) <= 0)
+        goto decided;
+    policy = FIELD(session, session_layout, S_POLICY);
+    frontend = FIELD(session, session_layout, S_FRONTEND);
+    subject = FIELD(session, session_layout, S_SUBJECT);
+    reused = FIELD(session, session_layout, S_REUSED);
+    if (policy == NULL || policy == Py_None || frontend == NULL || subject == NULL
+            || FIELD(session, session_layout, S_REPLICATION) != Py_None
+            || FIELD(session, session_layout, S_REUSED_SUBJECT) != subject
+            || reused == NULL || !PyDict_Check(reused) || PyDict_GET_SIZE(reused) == 0)
+        Py_RETURN_NONE;
+    if ((truth = equals(FIELD(session, session_layout, S_PHASE), v_ready)) <= 0
+            || (truth = equals(FIELD(session, session_layout, S_RECORD_LEVEL), v_statements)) <= 0
+            || (truth = laid_out(&frontend_layout, frontend)) <= 0
+            || (truth = none_true(frontend, &frontend_layout, F_BUFFER, F_COPY_REMAINING)) <= 0
+            || (truth = none_true(frontend, &frontend_layout, F_PASS_REMAINING, F_PASS_REMAINING)) <= 0)
+        goto decided;
+    if (FIELD(frontend, frontend_layout, F_BIND) != Py_None)
+        Py_RETURN_NONE;
+    if ((current = PyObject_CallNoArgs(policy)) == NULL)
+        return NULL;
+    if (FIELD(session, session_layout, S_REUSED_POLICY) != current) {
+        Py_DECREF(current);
+        Py_RETURN_NONE;
+    }
+    reuses = PyObject_GetAttr(current, n_reuses_decisions);
+    Py_DECREF(current);
+    if (reuses == NULL)
+        return NULL;
+    truth = truth_of(reuses);
+    Py_DECREF(reuses);
+    if (truth <= 0)
+        goto decided;
+    if ((max_message = size_of_field(frontend, &frontend_layout, F_MAX_MESSAGE)) == -1
+            && PyErr_Occurred())
+        return NULL;
+    if ((max_text = size_of_field(session, &session_layout, S_MAX_STATEMENT)) == -1
+            && PyErr_Occurred())
+        return NULL;
+    if (max_text > max_cached)
+        max_text = max_cached;
+    record = query_record(p, size, reused, max_message, max_text, plain);
+    if (record == NULL || record == Py_None)
+        return record;
+    pending = FIELD(session, session_layout, S_PENDING);
+    if (pending == NULL || FIELD(session, session_layout, S_CLOCK) == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "session without _pending or clock");
+        goto fail;
+    }
+    if (add_to(session, &session_layout, S_BYTES_FROM_CLIENT, size) < 0
+            || add_to(session, &session_layout, S_SEGMENTS_SENT, 1) < 0
+            || add_to(session, &session_layout, S_STATEMENTS, 1) < 0
+            || (now = PyObject_CallNoArgs(FIELD(session, session_layout, S_CLOCK))) == NULL)
+        goto fail;
+    call[0] = v_query;
+    call[1] = now;
+    item = PyObject_Vectorcall(pending_type, call, 1, v_started_kw);
+    Py_DECREF(now);
+    if (item == NULL)
+        goto fail;
+    now = PyObject_CallMethodOneArg(pending, n_append, item);
+    Py_DECREF(item);
+    if (now == NULL)
+        goto fail;
+    Py_DECREF(now);
+    return record;
+
+decided:
+    if (truth < 0)
+        return NULL;
+    Py_RETURN_NONE;
+fail:
+    Py_DECREF(record);
+    return NULL;
+}
+
+static PyObject *
+client_step(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *side, *data, *session = NULL, *audit = NULL, *record, *upstream;
+    Py_ssize_t max_cached;
+    int ready;
+
+    (void)module;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "client_step(plain, pending, max_cached_text, side, data) takes 5 arguments");
+        return NULL;
+    }
+    side = args[3];
+    data = args[4];
+    if (!PyBytes_Check(data) || PyBytes_GET_SIZE(data) < 1 || PyBytes_AS_STRING(data)[0] != 'Q')
+        Py_RETURN_FALSE;
+    max_cached = PyNumber_AsSsize_t(args[2], PyExc_OverflowError);
+    if (max_cached == -1 && PyErr_Occurred())
+        return NULL;
+    if ((ready = plain_session(side, &session, &audit)) <= 0)
+        return ready < 0 ? NULL : Py_NewRef(Py_False);
+    Py_INCREF(session);
+    Py_INCREF(audit);
+    record = session_query(session, (const unsigned char *)PyBytes_AS_STRING(data),
+                           PyBytes_GET_SIZE(data), args[0], args[1], max_cached);
+    Py_DECREF(session);
+    if (record == NULL || record == Py_None) {
+        Py_DECREF(audit);
+        return record == NULL ? NULL : (Py_DECREF(record), Py_NewRef(Py_False));
+    }
+    /* ClientSide._write_server: the upstream has no TLS on the plain path. */
+    upstream = FIELD(side, client_layout, C_UPSTREAM);
+    if (upstream != NULL && upstream != Py_None) {
+        int done;
+
+        Py_INCREF(upstream);
+        done = laid_out(&upstream_layout, upstream);
+        if (done > 0)
+            done = write_to(FIELD(upstream, upstream_layout, U_TRANSPORT), data);
+        else if (done == 0) {
+            PyObject *transport = PyObject_GetAttrString(upstream, "transport");
+
+            done = transport == NULL ? -1 : write_to(transport, data);
+            Py_XDECREF(transport);
+        }
+        Py_DECREF(upstream);
+        if (done < 0)
+            goto fail;
+    }
+    if (emit(audit, side, v_query, record, 0) < 0)
+        goto fail;
+    set_field(side, &client_layout, C_QUERY_LAST, Py_NewRef(Py_True));
+    Py_DECREF(audit);
+    Py_DECREF(record);
+    Py_RETURN_TRUE;
+fail:
+    Py_DECREF(audit);
+    Py_DECREF(record);
+    return NULL;
+}
+
+/* The start of the answer to one execution after the ParseComplete, BindComplete and
+ * NoData that may lead it (agent/pgsession.py _without_execution_head). */
+static Py_ssize_t
+execution_answer(const unsigned char *p, Py_ssize_t size)
+{
+    static const unsigned char heads[3] = {'1', '2', 'n'};
+    Py_ssize_t pos = 0;
+    int i;
+
+    for (i = 0; i < 3; i++) {
+        if (size - pos >= 5 && p[pos] == heads[i] && p[pos + 1] == 0 && p[pos + 2] == 0
+                && p[pos + 3] == 0 && p[pos + 4] == 4)
+            pos += 5;
+    }
+    return pos;
+}
+
+/* The result record of PostgresSession.plain_reply for bytes already relayed, the
+ * session's state moved on as that does; None when it does not take them (nothing changed);
+ * NULL with an exception set. */
+static PyObject *
+session_reply(PyObject *session, const unsigned char *p, Py_ssize_t size)
+{
+    PyObject *pending, *head, *backend, *now, *elapsed, *scaled, *rounded, *reply, *answer;
+    Py_ssize_t count, skip = 0, max_message;
+    double seconds, duration;
+    int truth;
+
+    /* (Its bytes were relayed, which may have run flow control: all asked again.) */
+    pending = FIELD(session, session_layout, S_PENDING);
+    backend = FIELD(session, session_layout, S_BACKEND);
+    if (pending == NULL || backend == NULL || FIELD(session, session_layout, S_HELD) != Py_None
+            || FIELD(session, session_layout, S_CLOCK) == NULL)
+        Py_RETURN_NONE;
+    if ((truth = equals(FIELD(session, session_layout, S_PHASE), v_ready)) <= 0
+            || (truth = none_true(session, &session_layout, S_BLOCKED_PENDING, S_TOUCHED)) <= 0
+            || (truth = laid_out(&backend_layout, backend)) <= 0
+            || (truth = none_true(backend, &backend_layout, B_REMAINING, B_COPY_MESSAGES)) <= 0)
+        goto decided;
+    if ((count = PyObject_Length(pending)) < 0)
+        return NULL;
+    if (count < 1 || count > 2)
+        Py_RETURN_NONE;
+    if ((head = PySequence_GetItem(pending, 0)) == NULL)
+        return NULL;
+    if ((truth = laid_out(&pending_layout, head)) <= 0
+            || (truth = none_true(head, &pending_layout, P_ROWS, P_COPY_BYTES)) <= 0
+            || (truth = none_true(head, &pending_layout, P_CHANGES, P_CHANGES)) <= 0)
+        goto decided_head;
+    if (FIELD(head, pending_layout, P_ERROR) != Py_None)
+        goto none_head;
+    if ((truth = equals(FIELD(head, pending_layout, P_KIND), v_query)) < 0)
+        goto fail_head;
+    if (truth) {
+        if (count != 1)
+            goto none_head;
+    }
+    else {
+        PyObject *second;
+
+        if ((truth = equals(FIELD(head, pending_layout, P_KIND), v_execute)) <= 0 || count != 2)
+            goto decided_head;
+        if ((second = PySequence_GetItem(pending, 1)) == NULL)
+            goto fail_head;
+        truth = laid_out(&pending_layout, second);
+        if (truth > 0)
+            truth = equals(FIELD(second, pending_layout, P_KIND), v_sync);
+        Py_DECREF(second);
+        if (truth <= 0)
+            goto decided_head;
+        skip = execution_answer(p, size);
+    }
+    /* duration_ms: round((clock() - started) * 1000.0, 3), as Python rounds it. */
+    if (FIELD(head, pending_layout, P_STARTED) == NULL)
+        goto none_head;
+    if ((now = PyObject_CallNoArgs(FIELD(session, session_layout, S_CLOCK))) == NULL)
+        goto fail_head;
+    elapsed = PyNumber_Subtract(now, FIELD(head, pending_layout, P_STARTED));
+    Py_DECREF(now);
+    Py_DECREF(head);
+    if (elapsed == NULL)
+        return NULL;
+    seconds = PyFloat_AsDouble(elapsed);
+    Py_DECREF(elapsed);
+    if (seconds == -1.0 && PyErr_Occurred())
+        return NULL;
+    if ((scaled = PyFloat_FromDouble(seconds * 1000.0)) == NULL)
+        return NULL;
+    rounded = PyObject_CallMethodOneArg(scaled, n_round, v_three);
+    Py_DECREF(scaled);
+    if (rounded == NULL)
+        return NULL;
+    duration = PyFloat_AsDouble(rounded);
+    Py_DECREF(rounded);
+    if (duration == -1.0 && PyErr_Occurred())
+        return NULL;
+    if ((max_message = size_of_field(backend, &backend_layout, B_MAX_MESSAGE)) == -1
+            && PyErr_Occurred())
+        return NULL;
+    if ((reply = reply_record(p + skip, size - skip, max_message, duration)) == NULL
+            || reply == Py_None)
+        return reply;
+    if (add_to(session, &session_layout, S_BYTES_FROM_SERVER, size) < 0
+            || (answer = PyObject_CallMethodNoArgs(pending, n_clear)) == NULL) {
+        Py_DECREF(reply);
+        return NULL;
+    }
+    Py_DECREF(answer);
+    set_field(session, &session_layout, S_TRANSACTION, Py_NewRef(PyTuple_GET_ITEM(reply, 1)));
+    if (add_to(session, &session_layout, S_SEGMENTS_DONE, 1) < 0) {
+        Py_DECREF(reply);
+        return NULL;
+    }
+    answer = Py_NewRef(PyTuple_GET_ITEM(reply, 0));
+    Py_DECREF(reply);
+    return answer;
+
+decided_head:
+    if (truth < 0)
+        goto fail_head;
+none_head:
+    Py_DECREF(head);
+    Py_RETURN_NONE;
+fail_head:
+    Py_DECREF(head);
+    return NULL;
+decided:
+    if (truth < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+server_step(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *side, *data, *client, *session = NULL, *audit = NULL, *record;
+    int ready, truth, joins;
+
+    (void)module;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "server_step(side, data) takes 2 arguments");
+        return NULL;
+    }
+    side = args[0];
+    data = args[1];
+    if (!PyBytes_Check(data) || (truth = laid_out(&upstream_layout, side)) == 0)
+        return PyLong_FromLong(0);
+    if (truth < 0)
+        return NULL;
+    client = FIELD(side, upstream_layout, U_CLIENT);
+    if (client == NULL)
+        return PyLong_FromLong(0);
+    if ((ready = plain_session(client, &session, &audit)) <= 0)
+        return ready < 0 ? NULL : PyLong_FromLong(0);
+    /* PostgresSession.relays_server_bytes */
+    if ((truth = laid_out(&session_layout, session)) <= 0
+            || FIELD(session, session_layout, S_HELD) != Py_None
+            || FIELD(session, session_layout, S_BLOCKED_PENDING) == NULL
+            || (truth = truth_of(FIELD(session, session_layout, S_BLOCKED_PENDING))) != 0
+            || (truth = equals(FIELD(session, session_layout, S_PHASE), v_upstream_auth)) != 0)
+        return truth < 0 ? NULL : PyLong_FromLong(0);
+    Py_INCREF(client);
+    Py_INCREF(session);
+    Py_INCREF(audit);
+    /* Unchanged bytes go to the client before they are scanned and recorded (no TLS on the
+     * plain path). */
+    if (write_to(FIELD(client, client_layout, C_TRANSPORT), data) < 0)
+        goto fail;
+    record = session_reply(session, (const unsigned char *)PyBytes_AS_STRING(data),
+                           PyBytes_GET_SIZE(data));
+    if (record == NULL)
+        goto fail;
+    if (record == Py_None) {
+        Py_DECREF(record);
+        Py_DECREF(client);
+        Py_DECREF(session);
+        Py_DECREF(audit);
+        return PyLong_FromLong(2);
+    }
+    /* ClientSide._emit_result */
+    joins = truth_of(FIELD(client, client_layout, C_QUERY_LAST));
+    if (joins >= 0) {
+        set_field(client, &client_layout, C_QUERY_LAST, Py_NewRef(Py_False));
+        joins = emit(audit, client, v_result, record, joins);
+    }
+    Py_DECREF(record);
+    Py_DECREF(client);
+    Py_DECREF(session);
+    Py_DECREF(audit);
+    return joins < 0 ? NULL : PyLong_FromLong(1);
+fail:
+    Py_DECREF(client);
+    Py_DECREF(session);
+    Py_DECREF(audit);
+    return NULL;
+}
+
+/* Makes the names and values the one-step paths use; -1 on failure. */
+static int
+make_names(void)
+{
+    static const struct {
+        PyObject **name;
+        const char *text;
+    } names[] = {
+        {&v_ready, "ready"}, {&v_statements, "statements"}, {&v_upstream_auth, "upstream-auth"},
+        {&v_query, "query"}, {&v_result, "result"}, {&v_execute, "execute"}, {&v_sync, "sync"},
+        {&n_write, "write"}, {&n_round, "__round__"}, {&n_append, "append"}, {&n_clear, "clear"},
+        {&n_audit_failed, "_audit_failed"}, {&n_batch_step, "_batch_step"},
+        {&n_emit_packed, "emit_packed"}, {&n_failing, "_failing"},
+        {&n_reuses_decisions, "reuses_decisions"},
+    };
+    size_t i;
+
+    for (i = 0; i < sizeof names / sizeof names[0]; i++) {
+        if ((*names[i].name = PyUnicode_InternFromString(names[i].text)) == NULL)
+            return -1;
+    }
+    v_started_kw = Py_BuildValue("(s)", "started");
+    v_three = PyLong_FromLong(3);
+    v_one = PyLong_FromLong(1);
+    return v_started_kw == NULL || v_three == NULL || v_one == NULL ? -1 : 0;
+}
+
 static PyMethodDef methods[] = {
     {"datarows", (PyCFunction)(void (*)(void))datarows, METH_FASTCALL,
      "datarows(data, pos) -> (end, rows, row_bytes): the run of whole DataRow messages at pos."},
@@ -536,6 +1274,12 @@ static PyMethodDef methods[] = {
     {"plain_reply", (PyCFunction)(void (*)(void))plain_reply, METH_FASTCALL,
      "plain_reply(data, max_message, duration_ms) -> (record, status) | None: the result record "
      "(msgpack) of a whole ordinary answer to a simple Query."},
+    {"client_step", (PyCFunction)(void (*)(void))client_step, METH_FASTCALL,
+     "client_step(plain, pending, max_cached_text, side, data) -> bool: ClientSide's one-step "
+     "path for a lone Query: True when taken, False when nothing was done."},
+    {"server_step", (PyCFunction)(void (*)(void))server_step, METH_FASTCALL,
+     "server_step(side, data) -> int: UpstreamSide's one-step path: 0 nothing done, 1 taken, "
+     "2 the bytes relayed to the client and the rest left to the session."},
     {"bound_execute", (PyCFunction)(void (*)(void))bound_execute, METH_FASTCALL,
      "bound_execute(data, max_message) -> (parse, portal, statement, formats, values) | None: "
      "a statement run once in the extended protocol, read."},
@@ -554,7 +1298,7 @@ PyInit__pgscan(void)
     if (s_encoded == NULL) {
         s_allowed = PyUnicode_InternFromString("allowed");
         s_encoded = PyUnicode_InternFromString("encoded");
-        if (s_allowed == NULL || s_encoded == NULL)
+        if (s_allowed == NULL || s_encoded == NULL || make_names() < 0)
             return NULL;
     }
     if (sha256_md == NULL) {

@@ -71,18 +71,25 @@ try:  # the same loop compiled (setup.py); this module works alike without it
         raise ImportError("RINGFENCE_IMPL=python")
     from agent.protocols._pgscan import allowed_query as _native_allowed_query
     from agent.protocols._pgscan import bound_execute as _native_bound_execute
+    from agent.protocols._pgscan import client_step as _native_client_step
     from agent.protocols._pgscan import datarows as datarows
     from agent.protocols._pgscan import plain_reply as _native_plain_reply
+    from agent.protocols._pgscan import server_step as _native_server_step
 except ImportError as e:  # a source tree where it was not built, or RINGFENCE_IMPL=python
     NATIVE_SCAN_ERROR = e
     datarows = _datarows
     _native_allowed_query = None  # type: ignore[assignment]
     _native_bound_execute = None  # type: ignore[assignment]
     _native_plain_reply = None  # type: ignore[assignment]
+    _native_client_step = None  # type: ignore[assignment]
+    _native_server_step = None  # type: ignore[assignment]
 # The compiled steps behind agent.pgsession's one-step paths; None without them (it has
 # their twins).
 native_allowed_query: Final[Callable[..., Any] | None] = _native_allowed_query
 native_plain_reply: Final[Callable[..., Any] | None] = _native_plain_reply
+# The proxy's one-step paths (agent/proxy.py), compiled around the two above.
+native_client_step: Final[Callable[..., bool] | None] = _native_client_step
+native_server_step: Final[Callable[..., int] | None] = _native_server_step
 native_bound_execute: Final[Callable[..., Any] | None] = _native_bound_execute
 NATIVE_SCAN: Final = datarows is not _datarows
 
@@ -509,6 +516,13 @@ class FrontendParser:
     length beyond either fails at once, before any body arrives.
     """
 
+    # The fields the compiled one-step paths (agent/protocols/_pgscan.c) read and move on,
+    # as slots; the rest of its state is in its __dict__.
+    __slots__ = (
+        "_buffer", "_startup", "_copy_remaining", "_bind", "_pass_remaining", "max_message",
+        "__dict__", "__weakref__",
+    )
+
     def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE, keep: int = 64 * 1024) -> None:
         self.max_message = max_message
         self.keep = keep
@@ -889,6 +903,13 @@ class BackendScanner:
     ``max_message``; bodies of skipped kinds (DataRow, CopyData, …) are never
     held, whatever their size.
     """
+
+    # The fields the compiled one-step paths (agent/protocols/_pgscan.c) read and move on,
+    # as slots; the rest of its state is in its __dict__.
+    __slots__ = (
+        "_remaining", "_header", "_rows", "_copy_messages", "max_message", "__dict__",
+        "__weakref__",
+    )
 
     def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
         self.max_message = max_message
