@@ -14,7 +14,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -1558,7 +1558,18 @@ _plain_reply = pg.native_plain_reply or _plain_reply_py
 #   client_step(side, data) -> bool: True when the lone Query went the one-step way;
 #   server_step(side, data) -> 0 (nothing done), 1 (taken), 2 (the bytes relayed to the
 #   client, the rest for server_data(data, forwarded=True)).
+def _fields_of(cls: type) -> tuple[tuple[str, Any, bool], ...]:
+    """A dataclass's fields as (name, default, whether the default is a factory to call):
+    how client_step makes a _Pending without running its __init__, which does nothing
+    else. (A field without a default gets None: the step gives it its value.)"""
+    return tuple(
+        (f.name, f.default_factory, True) if f.default_factory is not MISSING
+        else (f.name, None if f.default is MISSING else f.default, False)
+        for f in fields(cls))
+
+
+_PENDING_FIELDS = _fields_of(_Pending)
 client_step: Callable[[Any, bytes], bool] | None = (
-    partial(pg.native_client_step, _plain_text, _Pending, MAX_CACHED_TEXT)
+    partial(pg.native_client_step, _plain_text, _Pending, _PENDING_FIELDS, MAX_CACHED_TEXT)
     if pg.native_client_step is not None else None)
 server_step: Callable[[Any, bytes], int] | None = pg.native_server_step

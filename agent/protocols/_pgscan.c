@@ -39,7 +39,7 @@
  * NULL), and ``parse`` the Parse's (name, text, parameter types) or None.
  * None for anything else.
  *
- * client_step(plain, pending, max_cached_text, side, data) -> bool
+ * client_step(plain, pending, pending_fields, max_cached_text, side, data) -> bool
  * server_step(side, data) -> 0 | 1 | 2
  *
  * The proxy's one-step paths (agent/proxy.py ClientSide.data_received and
@@ -890,12 +890,101 @@ size_of_field(PyObject *obj, const Layout *layout, int i)
     return PyNumber_AsSsize_t(value, PyExc_OverflowError);
 }
 
+/* How the client step makes the session's pending item (agent/pgsession.py _Pending, a
+ * dataclass with slots and nothing in its __init__ but its fields' defaults) without
+ * running its __init__: for each field its offset and default, a value or a factory. */
+typedef struct {
+    PyObject *fields;   /* the (name, default, is_factory) tuple it was made from */
+    PyTypeObject *type; /* (references to both: neither is reused for another) */
+    int count, usable, kind_at, started_at;
+    Py_ssize_t offset[MAX_FIELDS];
+    PyObject *value[MAX_FIELDS]; /* borrowed from fields */
+    int factory[MAX_FIELDS];
+} Maker;
+static Maker pending_maker;
+
+/* Whether pending_maker can make instances of type from fields: 1, 0, or -1. */
+static int
+maker_for(PyObject *type, PyObject *fields)
+{
+    Maker *m = &pending_maker;
+    Py_ssize_t i;
+
+    if (m->fields == fields && (PyObject *)m->type == type)
+        return m->usable;
+    Py_XSETREF(m->fields, Py_NewRef(fields));
+    Py_XSETREF(m->type, (PyTypeObject *)Py_NewRef(type));
+    m->usable = 0;
+    m->kind_at = m->started_at = -1;
+    if (!PyType_Check(type) || !PyTuple_Check(fields) || PyTuple_GET_SIZE(fields) > MAX_FIELDS)
+        return 0;
+    m->count = (int)PyTuple_GET_SIZE(fields);
+    for (i = 0; i < m->count; i++) {
+        PyObject *entry = PyTuple_GET_ITEM(fields, i), *found;
+        int is_factory;
+
+        if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 3
+                || !PyUnicode_Check(PyTuple_GET_ITEM(entry, 0)))
+            return 0;
+        found = _PyType_Lookup((PyTypeObject *)type, PyTuple_GET_ITEM(entry, 0)); /* borrowed */
+        if (found == NULL || !Py_IS_TYPE(found, &PyMemberDescr_Type)
+                || ((PyMemberDescrObject *)found)->d_member->type != T_OBJECT_EX)
+            return 0;
+        if ((is_factory = PyObject_IsTrue(PyTuple_GET_ITEM(entry, 2))) < 0)
+            return -1;
+        m->offset[i] = ((PyMemberDescrObject *)found)->d_member->offset;
+        m->value[i] = PyTuple_GET_ITEM(entry, 1);
+        m->factory[i] = is_factory;
+        if (PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(entry, 0), "kind") == 0)
+            m->kind_at = (int)i;
+        else if (PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(entry, 0), "started") == 0)
+            m->started_at = (int)i;
+    }
+    /* Every slot of the class must be one of the fields: none left unset. */
+    if (m->kind_at < 0 || m->started_at < 0
+            || ((PyTypeObject *)type)->tp_basicsize != (Py_ssize_t)sizeof(PyObject)
+                                                      + m->count * (Py_ssize_t)sizeof(PyObject *))
+        return 0;
+    m->usable = 1;
+    return 1;
+}
+
+/* A new pending item of pending_maker's class: kind, started, the rest their defaults. */
+static PyObject *
+new_pending(PyObject *kind, PyObject *started)
+{
+    Maker *m = &pending_maker;
+    PyObject *obj = m->type->tp_alloc(m->type, 0);
+    int i;
+
+    if (obj == NULL)
+        return NULL;
+    for (i = 0; i < m->count; i++) {
+        PyObject *value;
+
+        if (i == m->kind_at)
+            value = Py_NewRef(kind);
+        else if (i == m->started_at)
+            value = Py_NewRef(started);
+        else if (m->factory[i])
+            value = PyObject_CallNoArgs(m->value[i]);
+        else
+            value = Py_NewRef(m->value[i]);
+        if (value == NULL) {
+            Py_DECREF(obj);
+            return NULL;
+        }
+        *(PyObject **)((char *)obj + m->offset[i]) = value;
+    }
+    return obj;
+}
+
 /* The session's query record of a lone Query when PostgresSession.allowed_query takes it,
  * its state moved on as that does; None when it does not (nothing changed); NULL with an
  * exception set. */
 static PyObject *
 session_query(PyObject *session, const unsigned char *p, Py_ssize_t size, PyObject *plain,
-              PyObject *pending_type, Py_ssize_t max_cached)
+              PyObject *pending_type, PyObject *pending_fields, Py_ssize_t max_cached)
 {
     PyObject *policy, *frontend, *reused, *subject, *current, *reuses, *record, *now, *item;
     PyObject *pending;
@@ -957,9 +1046,17 @@ session_query(PyObject *session, const unsigned char *p, Py_ssize_t size, PyObje
             || add_to(session, &session_layout, S_STATEMENTS, 1) < 0
             || (now = PyObject_CallNoArgs(FIELD(session, session_layout, S_CLOCK))) == NULL)
         goto fail;
-    call[0] = v_query;
-    call[1] = now;
-    item = PyObject_Vectorcall(pending_type, call, 1, v_started_kw);
+    if ((truth = maker_for(pending_type, pending_fields)) < 0) {
+        Py_DECREF(now);
+        goto fail;
+    }
+    if (truth)
+        item = new_pending(v_query, now);
+    else { /* _Pending("query", started=now) */
+        call[0] = v_query;
+        call[1] = now;
+        item = PyObject_Vectorcall(pending_type, call, 1, v_started_kw);
+    }
     Py_DECREF(now);
     if (item == NULL)
         goto fail;
@@ -987,16 +1084,16 @@ client_step(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     int ready;
 
     (void)module;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError,
-                        "client_step(plain, pending, max_cached_text, side, data) takes 5 arguments");
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "client_step(plain, pending, pending_fields, "
+                                         "max_cached_text, side, data) takes 6 arguments");
         return NULL;
     }
-    side = args[3];
-    data = args[4];
+    side = args[4];
+    data = args[5];
     if (!PyBytes_Check(data) || PyBytes_GET_SIZE(data) < 1 || PyBytes_AS_STRING(data)[0] != 'Q')
         Py_RETURN_FALSE;
-    max_cached = PyNumber_AsSsize_t(args[2], PyExc_OverflowError);
+    max_cached = PyNumber_AsSsize_t(args[3], PyExc_OverflowError);
     if (max_cached == -1 && PyErr_Occurred())
         return NULL;
     if ((ready = plain_session(side, &session, &audit)) <= 0)
@@ -1004,7 +1101,7 @@ client_step(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_INCREF(session);
     Py_INCREF(audit);
     record = session_query(session, (const unsigned char *)PyBytes_AS_STRING(data),
-                           PyBytes_GET_SIZE(data), args[0], args[1], max_cached);
+                           PyBytes_GET_SIZE(data), args[0], args[1], args[2], max_cached);
     Py_DECREF(session);
     if (record == NULL || record == Py_None) {
         Py_DECREF(audit);
@@ -1275,7 +1372,8 @@ static PyMethodDef methods[] = {
      "plain_reply(data, max_message, duration_ms) -> (record, status) | None: the result record "
      "(msgpack) of a whole ordinary answer to a simple Query."},
     {"client_step", (PyCFunction)(void (*)(void))client_step, METH_FASTCALL,
-     "client_step(plain, pending, max_cached_text, side, data) -> bool: ClientSide's one-step "
+     "client_step(plain, pending, pending_fields, max_cached_text, side, data) -> bool: "
+     "ClientSide's one-step "
      "path for a lone Query: True when taken, False when nothing was done."},
     {"server_step", (PyCFunction)(void (*)(void))server_step, METH_FASTCALL,
      "server_step(side, data) -> int: UpstreamSide's one-step path: 0 nothing done, 1 taken, "

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import agent.proxy as proxy_module
 from agent.config import load_config
-from agent.pgsession import _Pending
+from agent.pgsession import _PENDING_FIELDS, _Pending
 from agent.protocols import postgres as pg
 from agent.proxy import ClientSide, Proxy, UpstreamSide
 from audit.errors import AuditUnavailable
@@ -135,7 +135,8 @@ def observed(client: ClientSide, upstream: UpstreamSide, audit: Queue) -> dict[s
 def native_steps() -> tuple[Any, Any]:
     client = compiled("agent.protocols._pgscan", "client_step", pg.native_client_step is not None)
     server = compiled("agent.protocols._pgscan", "server_step", pg.native_server_step is not None)
-    return (lambda side, data: client(plain_text, _Pending, MAX_CACHED_TEXT, side, data)), server
+    return (lambda side, data: client(plain_text, _Pending, _PENDING_FIELDS, MAX_CACHED_TEXT,
+                                      side, data)), server
 
 
 class Steps:
@@ -208,6 +209,28 @@ def test_compiled_steps_take_the_commonest_traffic(keys: list[int]) -> None:
     # The first statement of the shape is judged on the general path, the rest are not; every
     # answer is the one-step kind.
     assert taken == [False, 1] + [True, 1] * (len(keys) - 1)
+
+
+def test_the_pending_statement_is_what_its_class_makes() -> None:
+    """The compiled step makes the session's pending item without running its __init__:
+    every field as the dataclass would set it, the list of commands its own."""
+
+    async def run() -> Any:
+        client, upstream, _ = connection(asyncio.get_running_loop())
+        await settled()
+        client_step, _ = native_steps()
+        assert client.session is not None
+        client.data_received(pg.query_message(SELECT.format(1)))  # (its shape judged)
+        upstream.data_received(REPLY)
+        assert client_step(client, pg.query_message(SELECT.format(2)))
+        return client.session._pending[-1]
+
+    made = asyncio.run(run())
+    assert made == _Pending("query", started=made.started)
+    assert type(made) is _Pending and made.commands == [] and made.commands is not _Pending(
+        "query").commands
+    made.commands.append("SELECT 1")  # its own list, not a default shared with others
+    assert _Pending("query").commands == []
 
 
 def test_emit_failure_goes_to_audit_failed(monkeypatch: pytest.MonkeyPatch) -> None:
