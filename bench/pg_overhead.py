@@ -243,6 +243,19 @@ def measure_redirected(ns: NetNS, server: PgServer, argv: list[str],
         ns.run(["iptables", "-w", "-t", "nat", "-D", *REDIRECT_RULE])
 
 
+def measure_agent(ns: NetNS, server: PgServer, args: argparse.Namespace, logdir: Path,
+                  workers: str) -> dict[str, Any]:
+    """:func:`measure` through an agent run from the ``--against`` source tree."""
+    agent = AgentProcess(ns, logdir / "against", agent_settings=f"workers = {workers}",
+                         source=args.against)
+    agent.start()
+    try:
+        assert agent.process is not None
+        return measure(ns, server, 5432, args, logdir, agent.process.pid)
+    finally:
+        agent.stop()
+
+
 def profile(ns: NetNS, server: PgServer, agent: AgentProcess, args: argparse.Namespace) -> str:
     """py-spy samples the agent (its session workers and audit writer too) while pgbench -S -c 8
     runs; returns a summary of the hot functions.
@@ -363,6 +376,13 @@ def table(rounds: list[dict[str, dict[Any, Any]]]) -> str:
              for c in CLIENT_COUNTS)
     lines.append("pyrelay/haproxy       " + "   ".join(floor)
                  + "   (bytes relayed by the agent's event loop, nothing read: the Python floor)")
+    if "against" in rounds[0]:
+        for name in ("ringfence", "against"):
+            parts = (f"TPS c{c} {statistics.median(ratios(rounds, name, 'haproxy', c, 'tps')):.2f}x "
+                     f"({', '.join(f'{v:.2f}' for v in ratios(rounds, name, 'haproxy', c, 'tps'))})"
+                     for c in CLIENT_COUNTS)
+            lines.append(f"{name + '/haproxy':<21} " + "   ".join(parts)
+                         + ("   (the --against tree)" if name == "against" else ""))
     nat = (f"TPS c{c} {statistics.median(ratios(rounds, 'haproxy-nat', 'haproxy', c, 'tps')):.2f}x"
            for c in CLIENT_COUNTS)
     lines.append("haproxy-nat/haproxy   " + "   ".join(nat)
@@ -381,6 +401,10 @@ def table(rounds: list[dict[str, dict[Any, Any]]]) -> str:
                      f"writer {rf[c]['child_cpu_us']:.0f})   pyrelay {relay[c]['agent_cpu_us']:.0f} us "
                      f"({split(relay[c])})   haproxy {ha[c]['agent_cpu_us']:.0f} us ({split(ha[c])})"
                      f"   haproxy-nat {hanat[c]['agent_cpu_us']:.0f} us"
+                     + (f"   against {results['against'][c]['agent_cpu_us']:.0f} us "
+                        f"({split(results['against'][c])} + audit writer "
+                        f"{results['against'][c]['child_cpu_us']:.0f})" if "against" in results
+                        else "")
                      for c in CLIENT_COUNTS)
     lines.append("the host's CPU per transaction (every process; neither idle nor stolen), of it "
                  "PostgreSQL + pgbench:")
@@ -415,6 +439,10 @@ def main() -> int:
                         help="pgbench's query protocol (-M)")
     parser.add_argument("--workers", default="auto",
                         help="the agent's [agent] workers (event loops carrying sessions)")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="another source tree (an earlier commit's checkout, extensions "
+                             "built): its agent is measured in each round too, before or after "
+                             "this one by turns, as the row 'against'")
     parser.add_argument("--profile-seconds", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "ringfence-bench",
                         help="where profile.svg and profile.txt go")
@@ -451,11 +479,17 @@ def main() -> int:
                     ns, server, [sys.executable, str(ROOT / "bench" / "relay_floor.py"),
                                  str(FLOOR_PORT), "5432"], FLOOR_PORT, args, work)
                 workers = args.workers if args.workers.isdigit() else f'"{args.workers}"'
+                if args.against is not None and number % 2 == 1:
+                    result["against"] = measure_agent(ns, server, args, work, workers)
                 agent = AgentProcess(ns, work / "agent", agent_settings=f"workers = {workers}")
                 agent.start()
                 try:
                     assert agent.process is not None
                     result["ringfence"] = measure(ns, server, 5432, args, work, agent.process.pid)
+                    if args.against is not None and number % 2 == 0:
+                        agent.stop()
+                        result["against"] = measure_agent(ns, server, args, work, workers)
+                        agent.start()
                     rounds.append(result)
                     print(f"round {number} done", flush=True)
                     if number == args.rounds:

@@ -51,8 +51,11 @@ class AgentProcess:
 
     def __init__(self, ns: NetNS, workdir: Path, *, bpf_mode: str = "required",
                  extra: str = "", services: str | None = None, policy: Path | None = None,
-                 agent_settings: str = "") -> None:
+                 agent_settings: str = "", source: Path = REPO) -> None:
+        """``source``: the source tree the agent runs from (another checkout, its extensions
+        built, to measure one build against another)."""
         self.ns = ns
+        self.source = source
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.config = workdir / "ringfence.toml"
@@ -91,11 +94,11 @@ path = "{policy or REPO / 'packaging' / 'policy.toml'}"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
         notify.settimeout(0.5)
-        env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), PYTHONPATH=str(REPO))
+        env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), PYTHONPATH=str(self.source))
         with open(self.log, "ab") as log:
             self.process = self.ns.popen(
                 [*RINGFENCE, "run", "--config", str(self.config)],
-                env=env, stdout=log, stderr=log, cwd=str(REPO),
+                env=env, stdout=log, stderr=log, cwd=str(self.source),
                 preexec_fn=None if open_files is None else
                 (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, open_files)),
             )
