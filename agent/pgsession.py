@@ -1555,7 +1555,8 @@ _plain_reply = pg.native_plain_reply or _plain_reply_py
 # one call that reads and moves on the same state (the slots of their classes). None
 # without the extension; either way the proxy's Python does the same whenever a step
 # declines.
-#   client_step(side, data) -> bool: True when the lone Query went the one-step way;
+#   client_step(side, data) -> 0 (nothing done), 1 (taken: allowed_query's way for a Query,
+#   allowed_execute's for anything else), 2 (the session declined: client_data is next);
 #   server_step(side, data) -> 0 (nothing done), 1 (taken), 2 (the bytes relayed to the
 #   client, the rest for server_data(data, forwarded=True)).
 def _fields_of(cls: type) -> tuple[tuple[str, Any, bool], ...]:
@@ -1569,7 +1570,7 @@ def _fields_of(cls: type) -> tuple[tuple[str, Any, bool], ...]:
 
 
 _PENDING_FIELDS = _fields_of(_Pending)
-client_step: Callable[[Any, bytes], bool] | None = (
+client_step: Callable[[Any, bytes], int] | None = (
     partial(pg.native_client_step, _plain_text, _Pending, _PENDING_FIELDS, MAX_CACHED_TEXT)
     if pg.native_client_step is not None else None)
 server_step: Callable[[Any, bytes], int] | None = pg.native_server_step

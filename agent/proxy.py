@@ -391,8 +391,13 @@ class ClientSide(asyncio.Protocol):
             self._close_all()
 
     def data_received(self, data: bytes) -> None:
-        if client_step is not None and client_step(self, data):
-            return  # (compiled: what _client_bytes does with a Query allowed_query takes)
+        if client_step is not None:  # (compiled: what _client_bytes does, see below)
+            step = client_step(self, data)
+            if step == 1:
+                return
+            if step == 2:  # not the one-step kind
+                self.apply(cast(PostgresSession, self.session).client_data(data))
+                return
         if self.closed:
             return
         if self._early is not None:

@@ -39,16 +39,17 @@
  * NULL), and ``parse`` the Parse's (name, text, parameter types) or None.
  * None for anything else.
  *
- * client_step(plain, pending, pending_fields, max_cached_text, side, data) -> bool
+ * client_step(plain, pending, pending_fields, max_cached_text, side, data) -> 0 | 1 | 2
  * server_step(side, data) -> 0 | 1 | 2
  *
  * The proxy's one-step paths (agent/proxy.py ClientSide.data_received and
  * UpstreamSide.data_received around allowed_query and plain_reply), in one call each:
  * the same checks, the same writes to the transports, the same records queued and the
- * same session state moved on, read and written in the objects' __slots__. They decline
- * (False, 0) with nothing done whenever the Python would not take the one-step way;
- * server_step answers 2 when it relayed the bytes and the session's general path is to
- * read them. tests/unit/test_proxy_fast.py holds them to the proxy's Python.
+ * same session state moved on, read and written in the objects' __slots__. They answer 0
+ * with nothing done whenever the Python would not try the one-step way, 1 when they took
+ * it, and 2 when the session's general path is next: for client_step, the session
+ * declined the bytes (a Query it reads in C, anything else its allowed_execute); for
+ * server_step, it relayed the bytes and the session did not take them in one step. tests/unit/test_proxy_fast.py holds them to the proxy's Python.
  *
  * agent/protocols/postgres.py (datarows) and agent/pgsession.py
  * (allowed_query, plain_reply, bound_execute) have the same in Python, used when this module
@@ -619,7 +620,7 @@ static Layout client_layout = LAYOUT(client_fields), upstream_layout = LAYOUT(up
 /* Values made once. */
 static PyObject *v_ready, *v_statements, *v_upstream_auth, *v_query, *v_result, *v_execute,
     *v_sync, *v_started_kw, *v_three, *v_one, *n_write, *n_round, *n_append, *n_clear,
-    *n_audit_failed, *n_batch_step, *n_emit_packed, *n_failing, *n_reuses_decisions;
+    *n_audit_failed, *n_batch_step, *n_emit_packed, *n_failing, *n_reuses_decisions, *n_allowed_execute;
 
 /* Whether obj's class keeps every field of the layout in a slot (finding their offsets when
  * the class is new to it): 1, 0, or -1 with an exception set. */
@@ -1091,21 +1092,28 @@ client_step(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     side = args[4];
     data = args[5];
-    if (!PyBytes_Check(data) || PyBytes_GET_SIZE(data) < 1 || PyBytes_AS_STRING(data)[0] != 'Q')
-        Py_RETURN_FALSE;
+    if (!PyBytes_Check(data) || PyBytes_GET_SIZE(data) < 1)
+        return PyLong_FromLong(0);
     max_cached = PyNumber_AsSsize_t(args[3], PyExc_OverflowError);
     if (max_cached == -1 && PyErr_Occurred())
         return NULL;
     if ((ready = plain_session(side, &session, &audit)) <= 0)
-        return ready < 0 ? NULL : Py_NewRef(Py_False);
+        return ready < 0 ? NULL : PyLong_FromLong(0);
     Py_INCREF(session);
     Py_INCREF(audit);
-    record = session_query(session, (const unsigned char *)PyBytes_AS_STRING(data),
-                           PyBytes_GET_SIZE(data), args[0], args[1], args[2], max_cached);
+    if (PyBytes_AS_STRING(data)[0] == 'Q')
+        record = session_query(session, (const unsigned char *)PyBytes_AS_STRING(data),
+                               PyBytes_GET_SIZE(data), args[0], args[1], args[2], max_cached);
+    else /* the extended protocol's one step stays the session's own (Python) */
+        record = PyObject_CallMethodOneArg(session, n_allowed_execute, data);
     Py_DECREF(session);
     if (record == NULL || record == Py_None) {
         Py_DECREF(audit);
-        return record == NULL ? NULL : (Py_DECREF(record), Py_NewRef(Py_False));
+        return record == NULL ? NULL : (Py_DECREF(record), PyLong_FromLong(2));
+    }
+    if (!PyBytes_Check(record)) {
+        PyErr_SetString(PyExc_TypeError, "a one-step query record must be bytes");
+        goto fail;
     }
     /* ClientSide._write_server: the upstream has no TLS on the plain path. */
     upstream = FIELD(side, client_layout, C_UPSTREAM);
@@ -1131,7 +1139,7 @@ client_step(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     set_field(side, &client_layout, C_QUERY_LAST, Py_NewRef(Py_True));
     Py_DECREF(audit);
     Py_DECREF(record);
-    Py_RETURN_TRUE;
+    return PyLong_FromLong(1);
 fail:
     Py_DECREF(audit);
     Py_DECREF(record);
@@ -1348,7 +1356,7 @@ make_names(void)
         {&n_write, "write"}, {&n_round, "__round__"}, {&n_append, "append"}, {&n_clear, "clear"},
         {&n_audit_failed, "_audit_failed"}, {&n_batch_step, "_batch_step"},
         {&n_emit_packed, "emit_packed"}, {&n_failing, "_failing"},
-        {&n_reuses_decisions, "reuses_decisions"},
+        {&n_reuses_decisions, "reuses_decisions"}, {&n_allowed_execute, "allowed_execute"},
     };
     size_t i;
 
@@ -1372,9 +1380,9 @@ static PyMethodDef methods[] = {
      "plain_reply(data, max_message, duration_ms) -> (record, status) | None: the result record "
      "(msgpack) of a whole ordinary answer to a simple Query."},
     {"client_step", (PyCFunction)(void (*)(void))client_step, METH_FASTCALL,
-     "client_step(plain, pending, pending_fields, max_cached_text, side, data) -> bool: "
-     "ClientSide's one-step "
-     "path for a lone Query: True when taken, False when nothing was done."},
+     "client_step(plain, pending, pending_fields, max_cached_text, side, data) -> int: "
+     "ClientSide's one-step path: 0 nothing done, 1 taken, 2 declined by the session (its "
+     "general path is next)."},
     {"server_step", (PyCFunction)(void (*)(void))server_step, METH_FASTCALL,
      "server_step(side, data) -> int: UpstreamSide's one-step path: 0 nothing done, 1 taken, "
      "2 the bytes relayed to the client and the rest left to the session."},

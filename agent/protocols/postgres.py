@@ -88,7 +88,7 @@ except ImportError as e:  # a source tree where it was not built, or RINGFENCE_I
 native_allowed_query: Final[Callable[..., Any] | None] = _native_allowed_query
 native_plain_reply: Final[Callable[..., Any] | None] = _native_plain_reply
 # The proxy's one-step paths (agent/proxy.py), compiled around the two above.
-native_client_step: Final[Callable[..., bool] | None] = _native_client_step
+native_client_step: Final[Callable[..., int] | None] = _native_client_step
 native_server_step: Final[Callable[..., int] | None] = _native_server_step
 native_bound_execute: Final[Callable[..., Any] | None] = _native_bound_execute
 NATIVE_SCAN: Final = datarows is not _datarows

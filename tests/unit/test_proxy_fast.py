@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import struct
 import tempfile
 import threading
 from pathlib import Path
@@ -206,9 +207,37 @@ def test_compiled_steps_take_the_commonest_traffic(keys: list[int]) -> None:
 
     steps = [(pg.query_message(SELECT.format(key)), [REPLY]) for key in keys]
     asyncio.run(run_both(steps, (counted(client_step), counted(server_step))))
-    # The first statement of the shape is judged on the general path, the rest are not; every
-    # answer is the one-step kind.
-    assert taken == [False, 1] + [True, 1] * (len(keys) - 1)
+    # The first statement comes while the login's records are being committed (held, on the
+    # general path); its shape judged, the rest go the one-step way. Every answer does.
+    assert taken == [0, 1] + [1, 1] * (len(keys) - 1)
+
+
+def test_compiled_steps_take_prepared_executions() -> None:
+    """pgbench -M prepared traffic (Bind, Describe, Execute, Sync of a statement prepared
+    once): the client step takes each execution the session's allowed_execute takes, the
+    server step each answer, with what the Python would have done."""
+    taken: list[Any] = []
+    client_step, server_step = native_steps()
+
+    def counted(step: Any) -> Any:
+        def call(side: Any, data: bytes) -> Any:
+            answer = step(side, data)
+            taken.append(answer)
+            return answer
+        return call
+
+    text = SELECT.format("$1").encode()
+    prepare = msg(b"P", b"P0_1\x00" + text + b"\x00\x00\x00") + msg(b"S", b"")
+    steps = [(prepare, [msg(b"1", b"") + msg(b"Z", b"I")])] + [
+        (msg(b"B", b"\x00P0_1\x00" + struct.pack("!hhi", 0, 1, len(str(key))) + str(key).encode()
+             + struct.pack("!h", 0))
+         + msg(b"D", b"P\x00") + msg(b"E", b"\x00" + struct.pack("!i", 0)) + msg(b"S", b""),
+         [msg(b"2", b"") + REPLY])
+        for key in (1, 2, 3)]
+    asyncio.run(run_both(steps, (counted(client_step), counted(server_step)), settle_first=True))
+    # The Parse and its Sync go the general way (their answer relayed first, then read
+    # there); each execution is judged when it runs and taken in one step, and each answer.
+    assert taken == [2, 2] + [1, 1] * 3
 
 
 def test_the_pending_statement_is_what_its_class_makes() -> None:
@@ -222,7 +251,7 @@ def test_the_pending_statement_is_what_its_class_makes() -> None:
         assert client.session is not None
         client.data_received(pg.query_message(SELECT.format(1)))  # (its shape judged)
         upstream.data_received(REPLY)
-        assert client_step(client, pg.query_message(SELECT.format(2)))
+        assert client_step(client, pg.query_message(SELECT.format(2))) == 1
         return client.session._pending[-1]
 
     made = asyncio.run(run())
