@@ -1550,15 +1550,6 @@ def _plain_reply_py(data: bytes, max_message: int, duration_ms: float) -> tuple[
 
 _plain_reply = pg.native_plain_reply or _plain_reply_py
 
-# The proxy's one-step paths compiled (agent/protocols/_pgscan.c): what ClientSide and
-# UpstreamSide (agent/proxy.py) do with bytes that allowed_query or plain_reply takes, in
-# one call that reads and moves on the same state (the slots of their classes). None
-# without the extension; either way the proxy's Python does the same whenever a step
-# declines.
-#   client_step(side, data) -> 0 (nothing done), 1 (taken: allowed_query's way for a Query,
-#   allowed_execute's for anything else), 2 (the session declined: client_data is next);
-#   server_step(side, data) -> 0 (nothing done), 1 (taken), 2 (the bytes relayed to the
-#   client, the rest for server_data(data, forwarded=True)).
 def _fields_of(cls: type) -> tuple[tuple[str, Any, bool], ...]:
     """A dataclass's fields as (name, default, whether the default is a factory to call):
     how client_step makes a _Pending without running its __init__, which does nothing
@@ -1570,6 +1561,16 @@ def _fields_of(cls: type) -> tuple[tuple[str, Any, bool], ...]:
 
 
 _PENDING_FIELDS = _fields_of(_Pending)
+
+# The proxy's one-step paths compiled (agent/protocols/_pgscan.c): what ClientSide and
+# UpstreamSide (agent/proxy.py) do with bytes that allowed_query, allowed_execute or
+# plain_reply takes, in one call that reads and moves on the same state (the slots of
+# their classes). None without the extension; either way the proxy's Python does the
+# same whenever a step declines.
+#   client_step(side, data) -> 0 (nothing done), 1 (taken: allowed_query's way for a Query,
+#   allowed_execute's for anything else), 2 (the session declined: client_data is next);
+#   server_step(side, data) -> 0 (nothing done), 1 (taken), 2 (the bytes relayed to the
+#   client, the rest for server_data(data, forwarded=True)).
 client_step: Callable[[Any, bytes], int] | None = (
     partial(pg.native_client_step, _plain_text, _Pending, _PENDING_FIELDS, MAX_CACHED_TEXT)
     if pg.native_client_step is not None else None)
