@@ -140,6 +140,15 @@ def native_steps() -> tuple[Any, Any]:
                                       side, data)), server
 
 
+def counted(step: Any, answers: list[Any]) -> Any:
+    """``step``, keeping its answers in ``answers``."""
+    def call(side: Any, data: bytes) -> Any:
+        answer = step(side, data)
+        answers.append(answer)
+        return answer
+    return call
+
+
 class Steps:
     """The proxy's module with its compiled steps, or without (its Python alone)."""
 
@@ -196,17 +205,9 @@ def test_compiled_steps_take_the_commonest_traffic(keys: list[int]) -> None:
     """pgbench -S traffic: after its shape's first statement every Query and its answer go
     the compiled way, with what the Python would have done."""
     taken: list[Any] = []
-    client_step, server_step = native_steps()
-
-    def counted(step: Any) -> Any:
-        def call(side: Any, data: bytes) -> Any:
-            answer = step(side, data)
-            taken.append(answer)
-            return answer
-        return call
-
+    client_step, server_step = (counted(step, taken) for step in native_steps())
     steps = [(pg.query_message(SELECT.format(key)), [REPLY]) for key in keys]
-    asyncio.run(run_both(steps, (counted(client_step), counted(server_step))))
+    asyncio.run(run_both(steps, (client_step, server_step)))
     # The first statement comes while the login's records are being committed (held, on the
     # general path); its shape judged, the rest go the one-step way. Every answer does.
     assert taken == [0, 1] + [1, 1] * (len(keys) - 1)
@@ -217,15 +218,7 @@ def test_compiled_steps_take_prepared_executions() -> None:
     once): the client step takes each execution the session's allowed_execute takes, the
     server step each answer, with what the Python would have done."""
     taken: list[Any] = []
-    client_step, server_step = native_steps()
-
-    def counted(step: Any) -> Any:
-        def call(side: Any, data: bytes) -> Any:
-            answer = step(side, data)
-            taken.append(answer)
-            return answer
-        return call
-
+    client_step, server_step = (counted(step, taken) for step in native_steps())
     text = SELECT.format("$1").encode()
     prepare = msg(b"P", b"P0_1\x00" + text + b"\x00\x00\x00") + msg(b"S", b"")
     steps = [(prepare, [msg(b"1", b"") + msg(b"Z", b"I")])] + [
@@ -234,7 +227,7 @@ def test_compiled_steps_take_prepared_executions() -> None:
          + msg(b"D", b"P\x00") + msg(b"E", b"\x00" + struct.pack("!i", 0)) + msg(b"S", b""),
          [msg(b"2", b"") + REPLY])
         for key in (1, 2, 3)]
-    asyncio.run(run_both(steps, (counted(client_step), counted(server_step)), settle_first=True))
+    asyncio.run(run_both(steps, (client_step, server_step), settle_first=True))
     # The Parse and its Sync go the general way (their answer relayed first, then read
     # there); each execution is judged when it runs and taken in one step, and each answer.
     assert taken == [2, 2] + [1, 1] * 3
