@@ -7,7 +7,9 @@ and connection state; whatever they do not take they leave untouched for the Pyt
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
+import shutil
 import struct
 import tempfile
 import threading
@@ -85,6 +87,7 @@ class Queue(AuditProcess):
 
 
 _config_dir = Path(tempfile.mkdtemp(prefix="ringfence-proxy-fast-"))
+atexit.register(shutil.rmtree, _config_dir, True)
 (_config_dir / "ringfence.toml").write_text(f"""
 [agent]
 state_dir = "{_config_dir / 'state'}"
