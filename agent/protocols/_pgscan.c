@@ -49,7 +49,8 @@
  * with nothing done whenever the Python would not try the one-step way, 1 when they took
  * it, and 2 when the session's general path is next: for client_step, the session
  * declined the bytes (a Query it reads in C, anything else its allowed_execute); for
- * server_step, it relayed the bytes and the session did not take them in one step. tests/unit/test_proxy_fast.py holds them to the proxy's Python.
+ * server_step, it relayed the bytes and the session did not take them in one step.
+ * tests/unit/test_proxy_fast.py holds them to the proxy's Python.
  *
  * agent/protocols/postgres.py (datarows) and agent/pgsession.py
  * (allowed_query, plain_reply, bound_execute) have the same in Python, used when this module
@@ -600,9 +601,9 @@ static const char *const session_fields[] = {
     "_reused_subject", "_reused", "_reused_policy", "max_statement", "bytes_from_client",
     "_segments_sent", "statements", "_pending", "clock", "_held", "_blocked_pending",
     "_describes", "_touched", "transaction", "_segments_done", "bytes_from_server"};
-enum { F_BUFFER, F_STARTUP, F_COPY_REMAINING, F_BIND, F_PASS_REMAINING, F_MAX_MESSAGE };
+enum { F_BUFFER, F_STARTUP, F_COPY_REMAINING, F_PASS_REMAINING, F_BIND, F_MAX_MESSAGE };
 static const char *const frontend_fields[] = {
-    "_buffer", "_startup", "_copy_remaining", "_bind", "_pass_remaining", "max_message"};
+    "_buffer", "_startup", "_copy_remaining", "_pass_remaining", "_bind", "max_message"};
 enum { B_REMAINING, B_HEADER, B_ROWS, B_COPY_MESSAGES, B_MAX_MESSAGE };
 static const char *const backend_fields[] = {
     "_remaining", "_header", "_rows", "_copy_messages", "max_message"};
@@ -1007,8 +1008,7 @@ session_query(PyObject *session, const unsigned char *p, Py_ssize_t size, PyObje
     if ((truth = equals(FIELD(session, session_layout, S_PHASE), v_ready)) <= 0
             || (truth = equals(FIELD(session, session_layout, S_RECORD_LEVEL), v_statements)) <= 0
             || (truth = laid_out(&frontend_layout, frontend)) <= 0
-            || (truth = none_true(frontend, &frontend_layout, F_BUFFER, F_COPY_REMAINING)) <= 0
-            || (truth = none_true(frontend, &frontend_layout, F_PASS_REMAINING, F_PASS_REMAINING)) <= 0)
+            || (truth = none_true(frontend, &frontend_layout, F_BUFFER, F_PASS_REMAINING)) <= 0)
         goto decided;
     if (FIELD(frontend, frontend_layout, F_BIND) != Py_None)
         Py_RETURN_NONE;
@@ -1099,8 +1099,16 @@ client_step(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if ((ready = plain_session(side, &session, &audit)) <= 0)
         return ready < 0 ? NULL : PyLong_FromLong(0);
+    /* ClientSide._write_server's upstream, asked before anything moves: the bytes go to its
+     * transport (no TLS on the plain path), when there is one. */
+    upstream = FIELD(side, client_layout, C_UPSTREAM);
+    if (upstream == NULL)
+        return PyLong_FromLong(0);
+    if (upstream != Py_None && (ready = laid_out(&upstream_layout, upstream)) <= 0)
+        return ready < 0 ? NULL : PyLong_FromLong(0);
     Py_INCREF(session);
     Py_INCREF(audit);
+    Py_INCREF(upstream);
     if (PyBytes_AS_STRING(data)[0] == 'Q')
         record = session_query(session, (const unsigned char *)PyBytes_AS_STRING(data),
                                PyBytes_GET_SIZE(data), args[0], args[1], args[2], max_cached);
@@ -1109,39 +1117,25 @@ client_step(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_DECREF(session);
     if (record == NULL || record == Py_None) {
         Py_DECREF(audit);
+        Py_DECREF(upstream);
         return record == NULL ? NULL : (Py_DECREF(record), PyLong_FromLong(2));
     }
     if (!PyBytes_Check(record)) {
         PyErr_SetString(PyExc_TypeError, "a one-step query record must be bytes");
         goto fail;
     }
-    /* ClientSide._write_server: the upstream has no TLS on the plain path. */
-    upstream = FIELD(side, client_layout, C_UPSTREAM);
-    if (upstream != NULL && upstream != Py_None) {
-        int done;
-
-        Py_INCREF(upstream);
-        done = laid_out(&upstream_layout, upstream);
-        if (done > 0)
-            done = write_to(FIELD(upstream, upstream_layout, U_TRANSPORT), data);
-        else if (done == 0) {
-            PyObject *transport = PyObject_GetAttrString(upstream, "transport");
-
-            done = transport == NULL ? -1 : write_to(transport, data);
-            Py_XDECREF(transport);
-        }
-        Py_DECREF(upstream);
-        if (done < 0)
-            goto fail;
-    }
+    if (upstream != Py_None && write_to(FIELD(upstream, upstream_layout, U_TRANSPORT), data) < 0)
+        goto fail;
     if (emit(audit, side, v_query, record, 0) < 0)
         goto fail;
     set_field(side, &client_layout, C_QUERY_LAST, Py_NewRef(Py_True));
     Py_DECREF(audit);
+    Py_DECREF(upstream);
     Py_DECREF(record);
     return PyLong_FromLong(1);
 fail:
     Py_DECREF(audit);
+    Py_DECREF(upstream);
     Py_DECREF(record);
     return NULL;
 }

@@ -7,13 +7,9 @@ and connection state; whatever they do not take they leave untouched for the Pyt
 from __future__ import annotations
 
 import asyncio
-import atexit
 import itertools
-import shutil
 import struct
-import tempfile
 import threading
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import agent.proxy as proxy_module
-from agent.config import load_config
+from agent.config import parse_config
 from agent.pgsession import _PENDING_FIELDS, _Pending
 from agent.protocols import postgres as pg
 from agent.proxy import ClientSide, Proxy, UpstreamSide
@@ -86,20 +82,8 @@ class Queue(AuditProcess):
         return len(self._unencoded)
 
 
-_config_dir = Path(tempfile.mkdtemp(prefix="ringfence-proxy-fast-"))
-atexit.register(shutil.rmtree, _config_dir, True)
-(_config_dir / "ringfence.toml").write_text(f"""
-[agent]
-state_dir = "{_config_dir / 'state'}"
-run_dir = "{_config_dir / 'run'}"
-[audit]
-path = "{_config_dir / 'audit'}"
-[[protect]]
-name = "postgres"
-protocol = "postgres"
-port = 5432
-""")
-CONFIG = load_config(_config_dir / "ringfence.toml")
+# Nothing on disk is used: the proxy reads its services, the queue above stands for the store.
+CONFIG = parse_config({"protect": [{"name": "postgres", "protocol": "postgres", "port": 5432}]})
 
 
 def connection(loop: asyncio.AbstractEventLoop) -> tuple[ClientSide, UpstreamSide, Queue]:
