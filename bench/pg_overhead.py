@@ -365,24 +365,22 @@ def table(rounds: list[dict[str, dict[Any, Any]]]) -> str:
                      f"{c8['tps']:>9.0f} {c8['p50']:>7.3f} {c8['p99']:>7.3f} "
                      f"{sc['seconds']:>7.2f} {sc['mbps']:>7.1f}")
     lines.append("")
-    for base in ("direct", "haproxy", "haproxy-nat"):
+    def ratio_line(name: str, base: str, which: list[tuple[str, Any, str]]) -> str:
         parts = []
-        for label, key, metric in RATIOS:
-            values = ratios(rounds, "ringfence", base, key, metric)
+        for label, key, metric in which:
+            values = ratios(rounds, name, base, key, metric)
             spread = f" ({values[0]:.2f}-{values[-1]:.2f})" if len(values) > 1 else ""
             parts.append(f"{label} {statistics.median(values):.2f}x{spread}")
-        lines.append(f"ringfence/{base:<11} " + "   ".join(parts))
+        return f"{name + '/' + base:<21} " + "   ".join(parts)
+
+    for base in ("direct", "haproxy", "haproxy-nat"):
+        lines.append(ratio_line("ringfence", base, RATIOS))
     floor = (f"TPS c{c} {statistics.median(ratios(rounds, 'pyrelay', 'haproxy', c, 'tps')):.2f}x"
              for c in CLIENT_COUNTS)
     lines.append("pyrelay/haproxy       " + "   ".join(floor)
                  + "   (bytes relayed by the agent's event loop, nothing read: the Python floor)")
-    if "against" in rounds[0]:
-        for name in ("ringfence", "against"):
-            parts = (f"TPS c{c} {statistics.median(ratios(rounds, name, 'haproxy', c, 'tps')):.2f}x "
-                     f"({', '.join(f'{v:.2f}' for v in ratios(rounds, name, 'haproxy', c, 'tps'))})"
-                     for c in CLIENT_COUNTS)
-            lines.append(f"{name + '/haproxy':<21} " + "   ".join(parts)
-                         + ("   (the --against tree)" if name == "against" else ""))
+    if "against" in rounds[0]:  # its TPS, as ringfence's are given above
+        lines.append(ratio_line("against", "haproxy", RATIOS[:2]) + "   (the --against tree)")
     nat = (f"TPS c{c} {statistics.median(ratios(rounds, 'haproxy-nat', 'haproxy', c, 'tps')):.2f}x"
            for c in CLIENT_COUNTS)
     lines.append("haproxy-nat/haproxy   " + "   ".join(nat)
