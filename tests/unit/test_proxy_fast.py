@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import agent.proxy as proxy_module
 from agent.config import parse_config
-from agent.pgsession import _PENDING_FIELDS, _Pending
+from agent.pgsession import _PENDING_FIELDS, PostgresSession, _Pending
 from agent.protocols import postgres as pg
 from agent.proxy import ClientSide, Proxy, UpstreamSide
 from audit.errors import AuditUnavailable
@@ -96,7 +96,7 @@ def connection(loop: asyncio.AbstractEventLoop) -> tuple[ClientSide, UpstreamSid
     client._early = None
     client._loop = loop
     clock = itertools.count(100.0, 0.00125)
-    client.session = pg_session = proxy_module.PostgresSession(
+    client.session = pg_session = PostgresSession(
         "s1", {"service": "postgres"}, policy=lambda: POLICY, clock=lambda: next(clock))
     client.upstream = upstream = UpstreamSide(client)
     upstream.transport = Transport()  # type: ignore[assignment]
@@ -272,7 +272,11 @@ def test_emit_failure_goes_to_audit_failed(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_unhealthy_error_names_the_failure() -> None:
-    audit = Queue(asyncio.new_event_loop())
-    audit.failure = "disk full"
-    error = audit._failing()
-    assert isinstance(error, AuditUnavailable) and "disk full" in str(error)
+    loop = asyncio.new_event_loop()
+    try:
+        audit = Queue(loop)
+        audit.failure = "disk full"
+        error = audit._failing()
+        assert isinstance(error, AuditUnavailable) and "disk full" in str(error)
+    finally:
+        loop.close()
