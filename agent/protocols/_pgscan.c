@@ -623,6 +623,20 @@ static PyObject *v_ready, *v_statements, *v_upstream_auth, *v_query, *v_result, 
     *v_sync, *v_started_kw, *v_three, *v_one, *n_write, *n_round, *n_append, *n_clear,
     *n_audit_failed, *n_batch_step, *n_emit_packed, *n_failing, *n_reuses_decisions, *n_allowed_execute;
 
+/* Where instances of type keep the attribute name: the offset of its slot (a writable
+ * member holding any object), or -1 when it is no such slot. */
+static Py_ssize_t
+slot_offset(PyTypeObject *type, PyObject *name)
+{
+    PyObject *found = _PyType_Lookup(type, name); /* borrowed */
+    PyMemberDef *member;
+
+    if (found == NULL || !Py_IS_TYPE(found, &PyMemberDescr_Type))
+        return -1;
+    member = ((PyMemberDescrObject *)found)->d_member;
+    return member->type == T_OBJECT_EX && !(member->flags & READONLY) ? member->offset : -1;
+}
+
 /* Whether obj's class keeps every field of the layout in a slot (finding their offsets when
  * the class is new to it): 1, 0, or -1 with an exception set. */
 static int
@@ -634,19 +648,16 @@ laid_out(Layout *layout, PyObject *obj)
     if (layout->type == type)
         return layout->usable;
     for (i = 0; i < layout->count; i++) {
-        PyObject *name = PyUnicode_InternFromString(layout->names[i]), *found;
+        PyObject *name = PyUnicode_InternFromString(layout->names[i]);
 
         if (name == NULL)
             return -1;
-        found = _PyType_Lookup(type, name); /* borrowed */
+        layout->offset[i] = slot_offset(type, name);
         Py_DECREF(name);
-        if (found == NULL || !Py_IS_TYPE(found, &PyMemberDescr_Type)
-                || ((PyMemberDescrObject *)found)->d_member->type != T_OBJECT_EX
-                || (((PyMemberDescrObject *)found)->d_member->flags & READONLY)) {
+        if (layout->offset[i] < 0) {
             usable = 0;
             break;
         }
-        layout->offset[i] = ((PyMemberDescrObject *)found)->d_member->offset;
     }
     Py_INCREF(type);
     Py_XSETREF(layout->type, type);
@@ -922,19 +933,17 @@ maker_for(PyObject *type, PyObject *fields)
         return 0;
     m->count = (int)PyTuple_GET_SIZE(fields);
     for (i = 0; i < m->count; i++) {
-        PyObject *entry = PyTuple_GET_ITEM(fields, i), *found;
+        PyObject *entry = PyTuple_GET_ITEM(fields, i);
         int is_factory;
 
         if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 3
                 || !PyUnicode_Check(PyTuple_GET_ITEM(entry, 0)))
             return 0;
-        found = _PyType_Lookup((PyTypeObject *)type, PyTuple_GET_ITEM(entry, 0)); /* borrowed */
-        if (found == NULL || !Py_IS_TYPE(found, &PyMemberDescr_Type)
-                || ((PyMemberDescrObject *)found)->d_member->type != T_OBJECT_EX)
+        m->offset[i] = slot_offset((PyTypeObject *)type, PyTuple_GET_ITEM(entry, 0));
+        if (m->offset[i] < 0)
             return 0;
         if ((is_factory = PyObject_IsTrue(PyTuple_GET_ITEM(entry, 2))) < 0)
             return -1;
-        m->offset[i] = ((PyMemberDescrObject *)found)->d_member->offset;
         m->value[i] = PyTuple_GET_ITEM(entry, 1);
         m->factory[i] = is_factory;
         if (PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(entry, 0), "kind") == 0)
