@@ -10,7 +10,7 @@ setup(
     ext_modules=[
         # _pgscan and _link: SHA-256 from the distribution's OpenSSL (libssl-dev to build;
         # libssl3 at run time), and the msgpack writers of audit/_msgpack.h.
-        Extension("agent.protocols._pgscan", ["agent/protocols/_pgscan.c"], libraries=["crypto"],
+        Extension("agent.protocols._pgscan", ["agent/protocols/_pgscan.c"], libraries=["crypto", "m"],
                   include_dirs=["audit"], depends=["audit/_msgpack.h"]),
         Extension("policy._plainshape", ["policy/_plainshape.c"]),
         Extension("audit._link", ["audit/_link.c"], libraries=["crypto"],

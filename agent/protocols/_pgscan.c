@@ -59,6 +59,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #include <openssl/evp.h>
@@ -67,8 +68,11 @@
 
 #include "_msgpack.h" /* audit/_msgpack.h */
 
-/* Fetched once: with OpenSSL 3, EVP_sha256() looks the digest up again on every use. */
+/* Fetched once: with OpenSSL 3, EVP_sha256() looks the digest up again on every use. One
+ * context, made once and reset for each digest (EVP_Digest makes and frees one a call);
+ * every use holds the GIL. */
 static EVP_MD *sha256_md;
+static EVP_MD_CTX *sha256_ctx;
 
 /* Names made once: the entry's attributes. */
 static PyObject *s_allowed, *s_encoded;
@@ -191,7 +195,9 @@ query_record(const unsigned char *p, Py_ssize_t size, PyObject *reused, Py_ssize
         PyErr_SetString(PyExc_TypeError, "allowed_query: an entry's encoded record must be bytes");
         goto fail;
     }
-    if (EVP_Digest(p + 5, (size_t)n, digest, &dlen, sha256_md, NULL) != 1) {
+    if (EVP_DigestInit_ex(sha256_ctx, sha256_md, NULL) != 1
+            || EVP_DigestUpdate(sha256_ctx, p + 5, (size_t)n) != 1
+            || EVP_DigestFinal_ex(sha256_ctx, digest, &dlen) != 1) {
         PyErr_SetString(PyExc_RuntimeError, "allowed_query: SHA-256 failed in OpenSSL");
         goto fail;
     }
@@ -1166,13 +1172,57 @@ execution_answer(const unsigned char *p, Py_ssize_t size)
     return pos;
 }
 
+/* round(seconds * 1000.0, 3), exactly as Python rounds it, into *out: 0, or -1 with an
+ * exception set. Python rounds the double's exact value half to even in decimal and reads
+ * the digits back. Below 10^6 ms, scaling by 1000 more errs by under 2^-23, so unless the
+ * thousandths' remainder lies within 10^-6 of a half, the integer of thousandths is the
+ * one Python finds, and dividing it by 1000 gives the double nearest that decimal, as
+ * reading the digits does. Anything else (a near tie, a negative, a long or odd value)
+ * asks float.__round__. */
+static int
+milliseconds(double seconds, double *out)
+{
+    double ms = seconds * 1000.0, scaled = ms * 1000.0, whole, rest;
+    PyObject *value, *rounded;
+
+    if (!signbit(ms) && ms < 1e6) {
+        whole = floor(scaled);
+        rest = scaled - whole;
+        if (fabs(rest - 0.5) > 1e-6) {
+            *out = (whole + (rest > 0.5 ? 1.0 : 0.0)) / 1000.0;
+            return 0;
+        }
+    }
+    if ((value = PyFloat_FromDouble(ms)) == NULL)
+        return -1;
+    rounded = PyObject_CallMethodOneArg(value, n_round, v_three);
+    Py_DECREF(value);
+    if (rounded == NULL)
+        return -1;
+    *out = PyFloat_AsDouble(rounded);
+    Py_DECREF(rounded);
+    return *out == -1.0 && PyErr_Occurred() ? -1 : 0;
+}
+
+static PyObject *
+duration_ms(PyObject *module, PyObject *seconds)
+{
+    double value, rounded;
+
+    (void)module;
+    value = PyFloat_AsDouble(seconds);
+    if ((value == -1.0 && PyErr_Occurred()) || milliseconds(value, &rounded) < 0)
+        return NULL;
+    return PyFloat_FromDouble(rounded);
+}
+
 /* The result record of PostgresSession.plain_reply for bytes already relayed, the
  * session's state moved on as that does; None when it does not take them (nothing changed);
  * NULL with an exception set. */
 static PyObject *
 session_reply(PyObject *session, const unsigned char *p, Py_ssize_t size)
 {
-    PyObject *pending, *head, *backend, *now, *elapsed, *scaled, *rounded, *reply, *answer;
+    PyObject *pending, *head, *backend, *now, *elapsed, *reply, *answer;
     Py_ssize_t count, skip = 0, max_message;
     double seconds, duration;
     int truth;
@@ -1235,15 +1285,7 @@ session_reply(PyObject *session, const unsigned char *p, Py_ssize_t size)
     Py_DECREF(elapsed);
     if (seconds == -1.0 && PyErr_Occurred())
         return NULL;
-    if ((scaled = PyFloat_FromDouble(seconds * 1000.0)) == NULL)
-        return NULL;
-    rounded = PyObject_CallMethodOneArg(scaled, n_round, v_three);
-    Py_DECREF(scaled);
-    if (rounded == NULL)
-        return NULL;
-    duration = PyFloat_AsDouble(rounded);
-    Py_DECREF(rounded);
-    if (duration == -1.0 && PyErr_Occurred())
+    if (milliseconds(seconds, &duration) < 0)
         return NULL;
     if ((max_message = size_of_field(backend, &backend_layout, B_MAX_MESSAGE)) == -1
             && PyErr_Occurred())
@@ -1382,6 +1424,9 @@ static PyMethodDef methods[] = {
     {"plain_reply", (PyCFunction)(void (*)(void))plain_reply, METH_FASTCALL,
      "plain_reply(data, max_message, duration_ms) -> (record, status) | None: the result record "
      "(msgpack) of a whole ordinary answer to a simple Query."},
+    {"duration_ms", (PyCFunction)duration_ms, METH_O,
+     "duration_ms(seconds) -> float: round(seconds * 1000.0, 3), as the result record's "
+     "duration_ms is computed."},
     {"client_step", (PyCFunction)(void (*)(void))client_step, METH_FASTCALL,
      "client_step(plain, pending, pending_fields, max_cached_text, side, data) -> int: "
      "ClientSide's one-step path: 0 nothing done, 1 taken, 2 declined by the session (its "
@@ -1416,6 +1461,10 @@ PyInit__pgscan(void)
             PyErr_SetString(PyExc_ImportError, "OpenSSL has no SHA-256");
             return NULL;
         }
+    }
+    if (sha256_ctx == NULL && (sha256_ctx = EVP_MD_CTX_new()) == NULL) {
+        PyErr_NoMemory();
+        return NULL;
     }
     return PyModule_Create(&module);
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Any
 
@@ -65,3 +66,45 @@ def test_bad_arguments_are_errors_not_crashes() -> None:
         datarows("text", 0)
     with pytest.raises(TypeError):
         datarows(b"D")
+
+
+def _same_float(a: float, b: float) -> bool:
+    return a == b and math.copysign(1.0, a) == math.copysign(1.0, b) or (
+        math.isnan(a) and math.isnan(b))
+
+
+# Durations in seconds as a clock gives them, thousandths of a millisecond and the halves
+# between them (where rounding is decided), and every other float.
+_seconds = st.one_of(
+    st.floats(min_value=0.0, max_value=2000.0),
+    st.integers(0, 10**12).map(lambda n: n / 1e6),
+    st.integers(0, 10**12).map(lambda n: (n + 0.5) / 1e6),
+    st.integers(0, 10**12).map(lambda n: (n + 0.5) / 1e9),
+    st.floats(allow_nan=True, allow_infinity=True),
+)
+
+
+@settings(max_examples=examples(5000), deadline=None)
+@given(_seconds)
+def test_duration_is_rounded_as_python_rounds_it(seconds: float) -> None:
+    """The result records' duration_ms on the compiled path is the Python path's
+    ``round(seconds * 1000.0, 3)``, to the last bit."""
+    duration_ms = compiled("agent.protocols._pgscan", "duration_ms",
+                           pg.native_client_step is not None)
+    try:
+        expected = round(seconds * 1000.0, 3)
+    except (OverflowError, ValueError) as e:  # infinity, NaN
+        with pytest.raises(type(e)):
+            duration_ms(seconds)
+        return
+    assert _same_float(duration_ms(seconds), expected), (seconds, expected)
+
+
+def test_duration_edges() -> None:
+    duration_ms = compiled("agent.protocols._pgscan", "duration_ms",
+                           pg.native_client_step is not None)
+    for seconds in (0.0, -0.0, -1e-7, 5e-7, 1.5e-6, 2.5e-6, 0.0012345, 0.0012355, 999.9999995,
+                    1000.0, 1e9, 5e-324, 1.7976931348623157e308):
+        assert _same_float(duration_ms(seconds), round(seconds * 1000.0, 3)), seconds
+    with pytest.raises(TypeError):
+        duration_ms("1.0")
