@@ -669,7 +669,11 @@ class AuditLog:
                 cond.wait(self.batch_max_delay)
             n = min(len(self._queue), self.batch_max_records)
             q = self._queue
-            batch = [q.popleft() for _ in range(n)]
+            if n == len(q):  # the common case: all of it, without a step a record
+                batch = list(q)
+                q.clear()
+            else:
+                batch = [q.popleft() for _ in range(n)]
             if self._strict_queued:
                 for item in batch:
                     if item[4] is not None:
