@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lmdb
 import msgpack
@@ -38,6 +38,8 @@ SEGMENT_PREFIX = "seg-"
 MAX_DBS = 8
 INITIAL_MAP_BYTES = 32 * 1024 * 1024
 READ_BATCH = 1024
+
+T = TypeVar("T")
 
 DB_RECORDS = b"records"
 DB_NODES = b"nodes"
@@ -70,17 +72,24 @@ class SharedEnv:
 
 
 def _open_dbs(env: lmdb.Environment) -> dict[bytes, Any]:
-    """The segment's named databases. Opening them takes a transaction, which LMDB refuses
-    (MDB_MAP_RESIZED) when another process grew the map since this one opened the
-    environment, as the agent's writer does while a reader starts: the new size is adopted
-    and the opening tried again."""
+    """The segment's named databases (opening them takes a transaction)."""
+    return _adopting_growth(env, lambda: {
+        name: env.open_db(name)
+        for name in (DB_RECORDS, DB_NODES, DB_SESSIONS, DB_CHECKPOINTS, DB_META)})
+
+
+def _adopting_growth(env: lmdb.Environment, start: Callable[[], T]) -> T:
+    """``start()``, which begins a transaction. LMDB refuses one (MDB_MAP_RESIZED) when
+    another process grew the map since this one last adopted its size, as the agent's
+    writer does while a reader runs: the new size is adopted and it is tried again, a few
+    times, since the writer may grow the map again meanwhile."""
     for _ in range(8):
         try:
-            return {name: env.open_db(name)
-                    for name in (DB_RECORDS, DB_NODES, DB_SESSIONS, DB_CHECKPOINTS, DB_META)}
+            return start()
         except lmdb.MapResizedError:
             env.set_mapsize(0)
-    raise AuditError(f"{env.path()}: the audit store kept growing while it was being opened; try again")
+    raise AuditError(f"{env.path()}: the audit store kept growing while it was being read; "
+                     "try again")
 
 
 _registry: dict[str, SharedEnv] = {}
@@ -207,11 +216,8 @@ class ReadTxn:
     def __enter__(self) -> lmdb.Transaction:
         self.shared.resize_lock.acquire()
         try:
-            try:
-                self.txn = self.shared.env.begin(buffers=False)
-            except lmdb.MapResizedError:
-                self.shared.env.set_mapsize(0)
-                self.txn = self.shared.env.begin(buffers=False)
+            env = self.shared.env
+            self.txn = _adopting_growth(env, lambda: env.begin(buffers=False))
         except BaseException:
             self.shared.resize_lock.release()
             raise

@@ -7,10 +7,11 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 
-from audit.errors import AuditUnavailable, UnknownEventType
+from audit.errors import AuditError, AuditUnavailable, UnknownEventType
 from audit.merkle import leaf_hash
 from audit.schema import ZERO_HASH
 from audit.store import Store
@@ -212,3 +213,46 @@ def test_a_reader_opens_a_store_whose_map_another_process_just_grew(
     with audit.store.ReadTxn(shared) as txn:
         assert txn.get(b"next_seq", db=shared.dbs[audit.store.DB_META]) is not None
     env.close()
+
+
+class _Growing:
+    """An LMDB environment another process keeps growing: its first ``refusals``
+    transactions are refused with MDB_MAP_RESIZED."""
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals = refusals
+        self.adopted = 0
+
+    def begin(self, **kwargs: Any) -> Any:
+        import lmdb
+
+        if self.refusals:
+            self.refusals -= 1
+            raise lmdb.MapResizedError("MDB_MAP_RESIZED")
+        return mock.Mock()
+
+    def set_mapsize(self, size: int) -> None:
+        assert size == 0  # adopt the size the other process set
+        self.adopted += 1
+
+    def path(self) -> str:
+        return "/var/lib/ringfence/audit/segment-1"
+
+
+def test_a_reader_adopts_a_map_grown_several_times_while_it_starts() -> None:
+    """The writer may grow the map again between a reader adopting the new size and its
+    next try: the reader adopts each size and reads; when the store never settles, it
+    says so and leaves nothing held."""
+    import audit.store
+
+    env = _Growing(3)
+    shared = mock.Mock(env=env, resize_lock=threading.Lock())
+    with audit.store.ReadTxn(shared):
+        assert shared.resize_lock.locked()
+    assert env.adopted == 3 and not shared.resize_lock.locked()
+
+    shared.env = _Growing(1000)
+    with pytest.raises(AuditError, match="kept growing while it was being read"), \
+            audit.store.ReadTxn(shared):
+        pass
+    assert not shared.resize_lock.locked()
