@@ -39,6 +39,11 @@
  * NULL), and ``parse`` the Parse's (name, text, parameter types) or None.
  * None for anything else.
  *
+ * duration_ms(seconds) -> float
+ *
+ * round(seconds * 1000.0, 3), to the last bit as Python computes it: a result record's
+ * duration_ms, which server_step computes with it.
+ *
  * client_step(plain, pending, pending_fields, max_cached_text, side, data) -> 0 | 1 | 2
  * server_step(side, data) -> 0 | 1 | 2
  *

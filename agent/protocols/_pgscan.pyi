@@ -13,6 +13,7 @@ def bound_execute(
     data: bytes | bytearray | memoryview, max_message: int, /,
 ) -> tuple[tuple[str, str, tuple[int, ...]] | None, str, str, tuple[int, ...],
            list[bytes | None]] | None: ...
+def duration_ms(seconds: float, /) -> float: ...
 def client_step(
     plain: Callable[[str], Any], pending: type, pending_fields: tuple[tuple[str, Any, bool], ...],
     max_cached_text: int, side: Any, data: bytes, /,
