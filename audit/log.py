@@ -404,7 +404,7 @@ class AuditLog:
         self.last_export_error: str | None = None
 
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.store = Store(root)
+        self.store = Store(root, writable=True)
         if not self.store.segments:
             self.store.segments.append(create_segment(root, 1, 0, time.time_ns(), None, []))
         seg = self.store.segments[-1]

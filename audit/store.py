@@ -15,6 +15,11 @@ Records, their hashes and ``next_seq`` are written in one transaction.
 Environments are opened without ``writemap`` (a full disk then fails a commit
 with ENOSPC instead of killing the process with SIGBUS) and with ``sync`` and
 ``metasync`` on (every commit is fsync'd; group commit amortises it).
+
+Only the writer opens an environment for writing. Readers (``audit tail``,
+``audit verify``, any ``Store`` not made by the writer) open it read-only, so
+nothing they do takes LMDB's writer lock: a reader that is stopped or slow can
+never hold up the agent's commits.
 """
 
 from __future__ import annotations
@@ -61,21 +66,32 @@ def from_u64(b: bytes | memoryview) -> int:
 class SharedEnv:
     """One open LMDB environment, shared within the process (LMDB forbids opening it twice)."""
 
-    def __init__(self, path: Path, env: lmdb.Environment) -> None:
+    def __init__(self, path: Path, env: lmdb.Environment, *, writable: bool) -> None:
         self.path = path
         self.env = env
+        self.writable = writable
         self.refs = 0
         # Held by same-process readers for the length of a read transaction and by
         # the writer while it grows the map (LMDB forbids resizing under live txns).
         self.resize_lock = threading.Lock()
-        self.dbs = _open_dbs(env)
+        self.dbs = _open_dbs(env, path, writable=writable)
 
 
-def _open_dbs(env: lmdb.Environment) -> dict[bytes, Any]:
-    """The segment's named databases (opening them takes a transaction)."""
-    return _adopting_growth(env, lambda: {
-        name: env.open_db(name)
-        for name in (DB_RECORDS, DB_NODES, DB_SESSIONS, DB_CHECKPOINTS, DB_META)})
+_DB_NAMES = (DB_RECORDS, DB_NODES, DB_SESSIONS, DB_CHECKPOINTS, DB_META)
+
+
+def _open_dbs(env: lmdb.Environment, path: Path, *, writable: bool) -> dict[bytes, Any]:
+    """The segment's named databases. Opening them takes a transaction: a write
+    transaction (which creates them) for the writer, a read transaction for a reader."""
+    if writable:
+        return _adopting_growth(env, lambda: {name: env.open_db(name) for name in _DB_NAMES})
+    try:
+        return _adopting_growth(env, lambda: {name: env.open_db(name, create=False)
+                                              for name in _DB_NAMES})
+    except lmdb.NotFoundError:
+        # The writer has created the environment and not yet its databases.
+        raise StoreCorrupt(f"{path}: not a ringfence audit segment (its databases are "
+                           "missing)") from None
 
 
 def _adopting_growth(env: lmdb.Environment, start: Callable[[], T]) -> T:
@@ -96,11 +112,17 @@ _registry: dict[str, SharedEnv] = {}
 _registry_lock = threading.Lock()
 
 
-def acquire_env(path: Path, *, create: bool) -> SharedEnv:
-    """Open (or share the already open) LMDB environment at ``path``."""
+def acquire_env(path: Path, *, create: bool, writable: bool = True) -> SharedEnv:
+    """Open (or share the already open) LMDB environment at ``path``: for writing (the
+    writer; ``create`` makes it), or read-only. A reader shares an environment this
+    process opened for writing; the writer cannot share one opened read-only."""
     key = os.path.realpath(path)
+    writable = writable or create
     with _registry_lock:
         shared = _registry.get(key)
+        if shared is not None and writable and not shared.writable:
+            raise AuditError(f"{path}: this process has the segment open read-only; "
+                             "close its readers before writing to it")
         if shared is None:
             if not create and not (path / "data.mdb").exists():
                 raise StoreCorrupt(f"{path}: no LMDB environment")
@@ -112,6 +134,7 @@ def acquire_env(path: Path, *, create: bool) -> SharedEnv:
                 max_dbs=MAX_DBS,
                 subdir=True,
                 create=create,
+                readonly=not writable,
                 writemap=False,
                 sync=True,
                 metasync=True,
@@ -119,7 +142,11 @@ def acquire_env(path: Path, *, create: bool) -> SharedEnv:
                 max_readers=256,
                 mode=0o600,
             )
-            shared = SharedEnv(path, env)
+            try:
+                shared = SharedEnv(path, env, writable=writable)
+            except BaseException:
+                env.close()
+                raise
             _registry[key] = shared
         shared.refs += 1
         return shared
@@ -231,9 +258,9 @@ class ReadTxn:
             self.shared.resize_lock.release()
 
 
-def open_segment(path: Path, number: int, *, create: bool = False) -> Segment:
-    """Open an existing segment and read its meta database."""
-    shared = acquire_env(path, create=create)
+def open_segment(path: Path, number: int, *, writable: bool = False) -> Segment:
+    """Open an existing segment (read-only unless ``writable``) and read its meta database."""
+    shared = acquire_env(path, create=False, writable=writable)
     try:
         with ReadTxn(shared) as txn:
             meta = shared.dbs[DB_META]
@@ -283,10 +310,12 @@ def create_segment(
 
 
 class Store:
-    """Read access to every segment of an audit directory (short transactions only)."""
+    """Read access to every segment of an audit directory (short transactions only).
+    ``writable``: the writer's, its segments open for writing (see the module's notes)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, writable: bool = False) -> None:
         self.root = root
+        self.writable = writable
         self.segments: list[Segment] = []
         self.refresh()
 
@@ -296,7 +325,7 @@ class Store:
         for number, path in list_segments(self.root):
             if number not in known:
                 try:
-                    self.segments.append(open_segment(path, number))
+                    self.segments.append(open_segment(path, number, writable=self.writable))
                 except StoreCorrupt:
                     # A segment being created right now has no meta yet.
                     if number == max(n for n, _ in list_segments(self.root)):

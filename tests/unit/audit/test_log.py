@@ -199,7 +199,7 @@ def test_a_reader_opens_a_store_whose_map_another_process_just_grew(
     segment = audit.store.list_segments(audit_dir)[-1][1]
     # The reader's environment is open; then another process grows the map and fills it.
     env = lmdb.open(str(segment), max_dbs=audit.store.MAX_DBS, subdir=True, create=False,
-                    readahead=False)
+                    readahead=False, readonly=True)
     size = env.info()["map_size"]
     grow = ("import lmdb, sys\n"
             "env = lmdb.open(sys.argv[1], max_dbs=8, subdir=True, create=False,\n"
@@ -209,10 +209,90 @@ def test_a_reader_opens_a_store_whose_map_another_process_just_grew(
     subprocess.run([sys.executable, "-c", grow, str(segment), str(size)], check=True, timeout=120)
     with pytest.raises(lmdb.MapResizedError):
         env.begin().abort()  # what LMDB says to the reader
-    shared = audit.store.SharedEnv(segment, env)
+    shared = audit.store.SharedEnv(segment, env, writable=False)
     with audit.store.ReadTxn(shared) as txn:
         assert txn.get(b"next_seq", db=shared.dbs[audit.store.DB_META]) is not None
     env.close()
+
+
+def test_a_reader_never_waits_for_the_writers_lock(new_log: Any, audit_dir: Path) -> None:
+    """`ringfence audit tail` opens and reads the trail while the agent's writer holds
+    LMDB's writer lock (a commit under way): opening takes no lock of the writer's, so a
+    reader that is stopped or slow can never hold up the agent's commits either."""
+    import subprocess
+    import sys
+
+    import audit.store
+
+    log = new_log()
+    session_events(log, "s1")
+    log.close()
+    segment = audit.store.list_segments(audit_dir)[-1][1]
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import lmdb, sys\n"
+         "env = lmdb.open(sys.argv[1], max_dbs=8, subdir=True, create=False)\n"
+         "txn = env.begin(write=True)\n"
+         "print('held', flush=True)\n"
+         "sys.stdin.read()\n", str(segment)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        # A reader of its own, as `audit tail` is (py-lmdb holds the GIL while it waits).
+        try:
+            reader = subprocess.run(
+                [sys.executable, "-c",
+                 "import sys\n"
+                 "from pathlib import Path\n"
+                 "from audit.store import Store\n"
+                 "with Store(Path(sys.argv[1])) as store:\n"
+                 "    print(' '.join(r.type for r in store.iter_records()))\n",
+                 str(audit_dir)],
+                cwd=Path(__file__).parents[3], capture_output=True, check=True, timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the reader waited for the writer's lock")
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(30)
+    read = reader.stdout.decode().split()
+    assert read[0] == "session.start" and "session.end" in read
+
+
+def test_a_segment_whose_databases_are_not_made_yet_is_left_for_later(
+        new_log: Any, audit_dir: Path) -> None:
+    """The writer creates a new segment's environment, then its databases: a reader
+    looking in between skips it (it is the newest) and finds it once it is made."""
+    import lmdb
+
+    import audit.store
+
+    log = new_log()
+    session_events(log, "s1")
+    log.close()
+    path = audit.store.segment_path(audit_dir, 2)
+    path.mkdir(mode=0o700)
+    lmdb.open(str(path), max_dbs=audit.store.MAX_DBS, subdir=True).close()
+    with Store(audit_dir) as store:
+        assert [s.number for s in store.segments] == [1]
+        assert not any((path / "data.mdb").exists() and name == b"meta"
+                       for name in _named_databases(path))  # (the reader made none)
+        seg = audit.store.create_segment(audit_dir, 2, store.next_seq(), time.time_ns(),
+                                         None, [])
+        audit.store.release_env(seg.shared)
+        store.refresh()
+        assert [s.number for s in store.segments] == [1, 2]
+
+
+def _named_databases(path: Path) -> list[bytes]:
+    import lmdb
+
+    env = lmdb.open(str(path), max_dbs=8, subdir=True, readonly=True)
+    try:
+        with env.begin() as txn:
+            return [key for key, _ in txn.cursor()]
+    finally:
+        env.close()
 
 
 class _Growing:
