@@ -112,12 +112,11 @@ _registry: dict[str, SharedEnv] = {}
 _registry_lock = threading.Lock()
 
 
-def acquire_env(path: Path, *, create: bool, writable: bool = True) -> SharedEnv:
+def acquire_env(path: Path, *, create: bool, writable: bool) -> SharedEnv:
     """Open (or share the already open) LMDB environment at ``path``: for writing (the
     writer; ``create`` makes it), or read-only. A reader shares an environment this
     process opened for writing; the writer cannot share one opened read-only."""
     key = os.path.realpath(path)
-    writable = writable or create
     with _registry_lock:
         shared = _registry.get(key)
         if shared is not None and writable and not shared.writable:
@@ -295,7 +294,7 @@ def create_segment(
 ) -> Segment:
     """Create a new segment environment and write its meta database."""
     path = segment_path(root, number)
-    shared = acquire_env(path, create=True)
+    shared = acquire_env(path, create=True, writable=True)
     meta = shared.dbs[DB_META]
     with shared.env.begin(write=True) as txn:
         txn.put(b"format", FORMAT, db=meta)
