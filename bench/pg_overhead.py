@@ -26,7 +26,8 @@ the median of each figure over the rounds, the ratios are taken within each roun
 (their median and range are printed), and the proxies' CPU time per transaction
 (HAProxy's, and the agent's with its session workers and audit writer process; every
 thread, user and system) is read from /proc, as is the whole host's CPU per
-transaction with PostgreSQL's and pgbench's shares of it. Then it profiles the agent
+transaction with PostgreSQL's and pgbench's shares of it, and the host's context
+switches per transaction. Then it profiles the agent
 with py-spy under ``pgbench -S -c 8`` and prints the functions where its time goes.
 Nothing here asserts a timing.
 """
@@ -166,6 +167,15 @@ def machine_ticks() -> list[int]:
         return [int(v) for v in f.readline().split()[1:9]]
 
 
+def context_switches() -> int:
+    """Context switches on the host so far, every CPU (/proc/stat's ``ctxt``)."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("ctxt "):
+                return int(line.split()[1])
+    raise RuntimeError("/proc/stat has no ctxt line")
+
+
 def busy_ticks(before: list[int], after: list[int]) -> int:
     """The host's CPU time between two :func:`machine_ticks` readings spent running anything
     (user, nice, system, irq, softirq): neither idle nor stolen."""
@@ -198,16 +208,18 @@ def measure(ns: NetNS, server: PgServer, port: int, args: argparse.Namespace,
     hz = os.sysconf("SC_CLK_TCK")
     for clients in CLIENT_COUNTS:
         postgres, tools = postgres_ticks(server), os.times()
-        before, machine = cpu_ticks_split(proxy_pid), machine_ticks()
+        before, machine, switches = cpu_ticks_split(proxy_pid), machine_ticks(), context_switches()
         result[clients] = run = pgbench(ns, server, port, clients, args.seconds, logdir,
                                         args.mode)
         after, machine_after, tools_after = cpu_ticks_split(proxy_pid), machine_ticks(), os.times()
+        switches_after = context_switches()
         postgres_after = postgres_ticks(server)
         run["idle_pct"], run["steal_pct"] = idle_and_steal(machine, machine_after)
         transactions = run["tps"] * args.seconds
         # Where the host's CPU went, a transaction: all of it, PostgreSQL, pgbench (the only
         # child process this one waits for meanwhile).
         run["host_cpu_us"] = busy_ticks(machine, machine_after) / hz / transactions * 1e6
+        run["switches"] = (switches_after - switches) / transactions
         run["postgres_cpu_us"] = (postgres_after - postgres) / hz / transactions * 1e6
         run["pgbench_cpu_us"] = ((tools_after.children_user + tools_after.children_system)
                                  - (tools.children_user + tools.children_system)) / transactions * 1e6
@@ -332,7 +344,7 @@ METRICS = [(1, "tps"), (1, "p50"), (1, "p99"), (8, "tps"), (8, "p50"), (8, "p99"
            *((c, m) for c in CLIENT_COUNTS
              for m in ("agent_cpu_us", "user_cpu_us", "system_cpu_us", "child_cpu_us",
                        "idle_pct", "steal_pct", "host_cpu_us", "postgres_cpu_us",
-                       "pgbench_cpu_us"))]
+                       "pgbench_cpu_us", "switches"))]
 RATIOS = [("TPS c1", 1, "tps"), ("TPS c8", 8, "tps"), ("p99 c1", 1, "p99"), ("p99 c8", 8, "p99"),
           ("scan MB/s", "scan", "mbps")]
 
@@ -409,6 +421,10 @@ def table(rounds: list[dict[str, dict[Any, Any]]]) -> str:
     lines.extend(f"  c{c}  " + "   ".join(
         f"{name} {r[c]['host_cpu_us']:.0f} us ({r[c]['postgres_cpu_us']:.0f} + "
         f"{r[c]['pgbench_cpu_us']:.0f})" for name, r in results.items())
+        for c in CLIENT_COUNTS)
+    lines.append("the host's context switches per transaction (every process and CPU):")
+    lines.extend(f"  c{c}  " + "   ".join(
+        f"{name} {r[c]['switches']:.2f}" for name, r in results.items())
         for c in CLIENT_COUNTS)
     lines.append("the host's CPU during pgbench (median over the rounds), idle / stolen by the "
                  "hypervisor:")
