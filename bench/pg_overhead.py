@@ -503,7 +503,8 @@ def main() -> int:
                     if args.against is not None and number % 2 == 0:
                         agent.stop()
                         result["against"] = measure_agent(ns, server, args, work, workers)
-                        agent.start()
+                        if number == args.rounds:
+                            agent.start()  # (profiled below)
                     rounds.append(result)
                     print(f"round {number} done", flush=True)
                     if number == args.rounds:
@@ -515,7 +516,8 @@ def main() -> int:
                         print(profile(ns, server, agent, args))
                         print(f"flame graph: {args.out / 'profile.svg'}")
                 finally:
-                    agent.stop()
+                    if agent.running:
+                        agent.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
