@@ -14,25 +14,18 @@ import pytest
 from click.testing import CliRunner
 
 from agent.cli import main
-from audit.checkpoint import Signer, load_or_create_key
+from audit.checkpoint import Signer
 from tests.conftest import require
-from tests.unit.audit.conftest import ORIGIN, make_log, session_events
+from tests.unit.audit.conftest import make_log, session_events
 
 
 @pytest.fixture
-def key(tmp_path: Path) -> Path:
-    path = tmp_path / "state" / "audit.key"
-    load_or_create_key(path, ORIGIN)
-    return path
-
-
-@pytest.fixture
-def read_only_copy(tmp_path: Path, key: Path) -> Iterator[Path]:
+def read_only_copy(tmp_path: Path, signer: Signer) -> Iterator[Path]:
     """A trail written as the agent writes it, then mounted read-only elsewhere."""
     require(os.geteuid() == 0, "root (to mount a read-only bind mount)")
     require(shutil.which("mount") is not None, "mount(8)")
     written = tmp_path / "written"
-    log = make_log(written, Signer.parse(key.read_text()), checkpoint_every_records=4)
+    log = make_log(written, signer, checkpoint_every_records=4)
     session_events(log, "s1", statements=5)
     log.close()
     mnt = tmp_path / "evidence"
@@ -46,7 +39,7 @@ def read_only_copy(tmp_path: Path, key: Path) -> Iterator[Path]:
 
 
 def test_a_trail_on_read_only_media_is_verified_and_read(
-        read_only_copy: Path, key: Path) -> None:
+        read_only_copy: Path, key_path: Path) -> None:
     """`audit verify` and `audit tail` on a read-only mount: the same answers as on the
     original, and nothing asks to write there."""
     with pytest.raises(OSError):
@@ -54,7 +47,7 @@ def test_a_trail_on_read_only_media_is_verified_and_read(
 
     def audit(*args: str) -> str:
         result = CliRunner().invoke(
-            main, ["audit", "--path", str(read_only_copy), "--key-path", str(key), *args])
+            main, ["audit", "--path", str(read_only_copy), "--key-path", str(key_path), *args])
         assert result.exit_code == 0, result.output
         return str(result.output)
 
