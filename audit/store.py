@@ -83,12 +83,10 @@ _DB_NAMES = (DB_RECORDS, DB_NODES, DB_SESSIONS, DB_CHECKPOINTS, DB_META)
 def _open_dbs(env: lmdb.Environment, path: Path, *, writable: bool) -> dict[bytes, Any]:
     """The segment's named databases. Opening them takes a transaction: a write
     transaction (which creates them) for the writer, a read transaction for a reader."""
-    if writable:
-        return _adopting_growth(env, lambda: {name: env.open_db(name) for name in _DB_NAMES})
     try:
-        return _adopting_growth(env, lambda: {name: env.open_db(name, create=False)
+        return _adopting_growth(env, lambda: {name: env.open_db(name, create=writable)
                                               for name in _DB_NAMES})
-    except lmdb.NotFoundError:
+    except lmdb.NotFoundError:  # (a reader's)
         # The writer has created the environment and not yet its databases.
         raise StoreCorrupt(f"{path}: not a ringfence audit segment (its databases are "
                            "missing)") from None
@@ -326,7 +324,7 @@ class Store:
                 try:
                     self.segments.append(open_segment(path, number, writable=self.writable))
                 except StoreCorrupt:
-                    # A segment being created right now has no meta yet.
+                    # A segment being created right now has no databases or meta yet.
                     if number == max(n for n, _ in list_segments(self.root)):
                         continue
                     raise
