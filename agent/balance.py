@@ -32,6 +32,29 @@ import struct
 from collections.abc import Sequence
 
 from agent import bpfsys
+from agent.bpfsys import (
+    ADD,
+    ALU,
+    ALU64,
+    CALL,
+    DW,
+    EXIT,
+    HELPER_MAP_LOOKUP_ELEM,
+    JEQ,
+    JGE,
+    JLT,
+    JMP,
+    LDX,
+    MEM,
+    MOD,
+    MOV,
+    STX,
+    K,
+    W,
+    X,
+    insn,
+    load_map,
+)
 
 log = logging.getLogger("ringfence.balance")
 
@@ -41,18 +64,9 @@ BPF_PROG_TYPE_SK_REUSEPORT = 21
 BPF_SK_REUSEPORT_SELECT = 39
 SO_ATTACH_REUSEPORT_EBPF = 52  # asm-generic/socket.h
 
-_HELPER_MAP_LOOKUP_ELEM = 1
 _HELPER_SK_SELECT_REUSEPORT = 82
-_PSEUDO_MAP_FD = 1
 _SK_PASS = 1
 _MD_HASH = 32  # offsetof(struct sk_reuseport_md, hash)
-
-# Instruction classes and operations (uapi/linux/bpf_common.h, bpf.h).
-_LD, _LDX, _STX, _ALU, _JMP, _ALU64 = 0x00, 0x01, 0x03, 0x04, 0x05, 0x07
-_W, _DW, _MEM, _IMM = 0x00, 0x18, 0x60, 0x00
-_K, _X = 0x00, 0x08
-_ADD, _MOD, _MOV = 0x00, 0x90, 0xB0
-_JEQ, _JGE, _JLT, _CALL, _EXIT = 0x10, 0x30, 0xA0, 0x80, 0x90
 
 
 class BalanceError(Exception):
@@ -69,59 +83,56 @@ def off_reason(balance: str, bpf_mode: str) -> str | None:
     return None
 
 
-def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> int:
-    """One instruction as the little-endian u64 the kernel reads (code, dst:4 src:4,
-    off s16, imm s32)."""
-    return (code | (dst & 0xF) << 8 | (src & 0xF) << 12 | (off & 0xFFFF) << 16
-            | (imm & 0xFFFFFFFF) << 32)
+def least_loaded(loops: int, counts_fd: int) -> list[int]:
+    """Instructions that choose the event loop carrying the fewest sessions.
 
-
-def _load_map(dst: int, fd: int) -> list[int]:
-    """``dst = map`` (a 64-bit immediate naming the map by fd: two instructions)."""
-    return [_insn(_LD | _DW | _IMM, dst, _PSEUDO_MAP_FD, 0, fd), _insn(0)]
-
-
-def program(loops: int, counts_fd: int, sockets_fd: int) -> list[int]:
-    """The selection program for ``loops`` event loops.
-
-    r9 = the first slot to look at (the connection's hash modulo ``loops``). For each
-    slot from there on, wrapping around, a count (r2) below the least so far (r8) makes
-    that slot the choice (r7). Then select the chosen loop's socket and pass.
-    """
+    On entry r9 is the first slot to look at; on exit r7 is the choice. For each slot from
+    r9 on, wrapping around, a count (r2) below the least so far (r8) makes that slot the
+    choice. Uses r1-r5, r8 and the stack at fp-4. Shared with agent.sklookup."""
     insns = [
-        _insn(_ALU64 | _MOV | _X, 6, 1),                # r6 = ctx
-        _insn(_LDX | _MEM | _W, 9, 6, _MD_HASH),        # w9 = ctx->hash
-        _insn(_ALU | _MOD | _K, 9, 0, 0, loops),        # w9 %= loops
-        _insn(_ALU64 | _MOV | _X, 7, 9),                # r7 = r9 (choice)
-        _insn(_ALU64 | _MOV | _K, 8, 0, 0, -1),         # r8 = U64_MAX (least count)
+        insn(ALU64 | MOV | X, 7, 9),                # r7 = r9 (choice)
+        insn(ALU64 | MOV | K, 8, 0, 0, -1),         # r8 = U64_MAX (least count)
     ]
     for step in range(loops):
         insns += [
-            _insn(_ALU64 | _MOV | _X, 1, 9),            # r1 = (r9 + step) % loops
-            _insn(_ALU64 | _ADD | _K, 1, 0, 0, step),
-            _insn(_JMP | _JLT | _K, 1, 0, 1, loops),
-            _insn(_ALU64 | _ADD | _K, 1, 0, 0, -loops),
-            _insn(_STX | _MEM | _W, 10, 1, -4),         # key at fp-4
-            *_load_map(1, counts_fd),
-            _insn(_ALU64 | _MOV | _X, 2, 10),
-            _insn(_ALU64 | _ADD | _K, 2, 0, 0, -4),
-            _insn(_JMP | _CALL, imm=_HELPER_MAP_LOOKUP_ELEM),
-            _insn(_JMP | _JEQ | _K, 0, 0, 4, 0),        # no value: next slot
-            _insn(_LDX | _MEM | _DW, 2, 0, 0),          # r2 = count
-            _insn(_JMP | _JGE | _X, 2, 8, 2),           # not fewer: next slot
-            _insn(_ALU64 | _MOV | _X, 8, 2),
-            _insn(_LDX | _MEM | _W, 7, 10, -4),         # r7 = this slot
+            insn(ALU64 | MOV | X, 1, 9),            # r1 = (r9 + step) % loops
+            insn(ALU64 | ADD | K, 1, 0, 0, step),
+            insn(JMP | JLT | K, 1, 0, 1, loops),
+            insn(ALU64 | ADD | K, 1, 0, 0, -loops),
+            insn(STX | MEM | W, 10, 1, -4),         # key at fp-4
+            *load_map(1, counts_fd),
+            insn(ALU64 | MOV | X, 2, 10),
+            insn(ALU64 | ADD | K, 2, 0, 0, -4),
+            insn(JMP | CALL, imm=HELPER_MAP_LOOKUP_ELEM),
+            insn(JMP | JEQ | K, 0, 0, 4, 0),        # no value: next slot
+            insn(LDX | MEM | DW, 2, 0, 0),          # r2 = count
+            insn(JMP | JGE | X, 2, 8, 2),           # not fewer: next slot
+            insn(ALU64 | MOV | X, 8, 2),
+            insn(LDX | MEM | W, 7, 10, -4),         # r7 = this slot
         ]
+    return insns
+
+
+def program(loops: int, counts_fd: int, sockets_fd: int) -> list[int]:
+    """The selection program for ``loops`` event loops: the loop with the fewest sessions
+    (:func:`least_loaded`, starting at the connection's hash modulo ``loops``), then its
+    socket selected, and pass."""
+    insns = [
+        insn(ALU64 | MOV | X, 6, 1),                # r6 = ctx
+        insn(LDX | MEM | W, 9, 6, _MD_HASH),        # w9 = ctx->hash
+        insn(ALU | MOD | K, 9, 0, 0, loops),        # w9 %= loops
+        *least_loaded(loops, counts_fd),
+    ]
     insns += [
-        _insn(_STX | _MEM | _W, 10, 7, -8),             # key at fp-8
-        _insn(_ALU64 | _MOV | _X, 1, 6),
-        *_load_map(2, sockets_fd),
-        _insn(_ALU64 | _MOV | _X, 3, 10),
-        _insn(_ALU64 | _ADD | _K, 3, 0, 0, -8),
-        _insn(_ALU64 | _MOV | _K, 4, 0, 0, 0),
-        _insn(_JMP | _CALL, imm=_HELPER_SK_SELECT_REUSEPORT),
-        _insn(_ALU64 | _MOV | _K, 0, 0, 0, _SK_PASS),   # pass even when nothing was
-        _insn(_JMP | _EXIT),                            # selected: the kernel's hash
+        insn(STX | MEM | W, 10, 7, -8),             # key at fp-8
+        insn(ALU64 | MOV | X, 1, 6),
+        *load_map(2, sockets_fd),
+        insn(ALU64 | MOV | X, 3, 10),
+        insn(ALU64 | ADD | K, 3, 0, 0, -8),
+        insn(ALU64 | MOV | K, 4, 0, 0, 0),
+        insn(JMP | CALL, imm=_HELPER_SK_SELECT_REUSEPORT),
+        insn(ALU64 | MOV | K, 0, 0, 0, _SK_PASS),   # pass even when nothing was
+        insn(JMP | EXIT),                            # selected: the kernel's hash
     ]
     return insns
 

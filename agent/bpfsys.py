@@ -9,8 +9,9 @@ link by id (``BPF_*_GET_FD_BY_ID`` + ``BPF_OBJ_GET_INFO_BY_FD``), detaching
 what a run left behind (``BPF_PROG_DETACH``, ``BPF_LINK_DETACH``), loading a
 two-instruction probe program for ``ringfence doctor`` (``BPF_PROG_LOAD``),
 reading the attribution map by file descriptor (``BPF_MAP_LOOKUP_ELEM``), and the
-maps and program that balance sessions over the agent's event loops
-(``BPF_MAP_CREATE``, ``BPF_MAP_UPDATE_ELEM``; see :mod:`agent.balance`).
+maps and programs assembled by hand that balance sessions over the agent's event loops
+and steer protected ports to its listeners (``BPF_MAP_CREATE``, ``BPF_MAP_UPDATE_ELEM``,
+``BPF_MAP_DELETE_ELEM``; see :mod:`agent.balance` and :mod:`agent.sklookup`).
 
 Every call raises :class:`OSError` with the kernel's errno on failure.
 """
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 BPF_MAP_CREATE = 0
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
 BPF_PROG_LOAD = 5
 BPF_PROG_ATTACH = 8
 BPF_PROG_DETACH = 9
@@ -198,6 +200,30 @@ def link_info(link_fd: int) -> LinkInfo:
     return LinkInfo(link_id, prog_id)
 
 
+@dataclass(frozen=True, slots=True)
+class NetnsLinkInfo:
+    prog_id: int
+    netns_inode: int
+    attach_type: int
+
+
+_BPF_LINK_TYPE_NETNS = 5
+
+
+def netns_link_info(link_fd: int) -> NetnsLinkInfo | None:
+    """The program, network namespace (its inode) and attach type of a link to a network
+    namespace (``sk_lookup``, flow dissector); None for any other kind of link."""
+    info = ctypes.create_string_buffer(_LINK_INFO_SIZE)
+    attr = _attr()
+    struct.pack_into("=IIQ", attr, 0, link_fd, _LINK_INFO_SIZE, _addr(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+    link_type, _id, prog_id = struct.unpack_from("=III", info, 0)
+    if link_type != _BPF_LINK_TYPE_NETNS:
+        return None
+    netns_inode, attach_type = struct.unpack_from("=II", info, 16)
+    return NetnsLinkInfo(prog_id, netns_inode, attach_type)
+
+
 def link_get_fd_by_id(link_id: int) -> int:
     """A new file descriptor for the link ``link_id``; the caller closes it."""
     attr = _attr()
@@ -273,7 +299,7 @@ def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
     # map_type, key_size, value_size, max_entries, map_flags, inner_map_fd, numa_node
     # (u32 each), map_name[16]
     struct.pack_into("=IIIII", attr, 0, map_type, key_size, value_size, max_entries, 0)
-    struct.pack_into("=16s", attr, 32, name.encode("ascii")[:15])
+    struct.pack_into("=16s", attr, 28, name.encode("ascii")[:15])
     return _bpf(BPF_MAP_CREATE, attr)
 
 
@@ -287,8 +313,40 @@ def map_update(map_fd: int, key: bytes, value: bytes) -> None:
     _bpf(BPF_MAP_UPDATE_ELEM, attr)
 
 
+# Instruction classes, sizes, modes, sources and operations (uapi/linux/bpf_common.h,
+# bpf.h), for the small programs assembled by hand (agent.balance, agent.sklookup).
+LD, LDX, STX, ALU, JMP, ALU64 = 0x00, 0x01, 0x03, 0x04, 0x05, 0x07
+W, H, DW, MEM, IMM = 0x00, 0x08, 0x18, 0x60, 0x00
+K, X = 0x00, 0x08
+ADD, MUL, MOD, MOV = 0x00, 0x20, 0x90, 0xB0
+JA, JEQ, JGE, JNE, JLT, CALL, EXIT = 0x00, 0x10, 0x30, 0x50, 0xA0, 0x80, 0x90
+HELPER_MAP_LOOKUP_ELEM = 1
+_PSEUDO_MAP_FD = 1
+
+
+def insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> int:
+    """One instruction as the little-endian u64 the kernel reads (code, dst:4 src:4,
+    off s16, imm s32)."""
+    return (code | (dst & 0xF) << 8 | (src & 0xF) << 12 | (off & 0xFFFF) << 16
+            | (imm & 0xFFFFFFFF) << 32)
+
+
+def load_map(dst: int, fd: int) -> list[int]:
+    """``dst = map`` (a 64-bit immediate naming the map by fd: two instructions)."""
+    return [insn(LD | DW | IMM, dst, _PSEUDO_MAP_FD, 0, fd), insn(0)]
+
+
 # "r0 = 1; exit": the smallest valid program; returning 1 allows the operation.
 RETURN_ONE = (0x00000001_000000B7, 0x00000000_00000095)
+
+
+def map_delete(map_fd: int, key: bytes) -> None:
+    """Remove ``key`` from the map ``map_fd``; OSError ENOENT when it is not there."""
+    k = ctypes.create_string_buffer(key, len(key))
+    attr = _attr()
+    # map_fd u32, pad u32, key u64
+    struct.pack_into("=IIQ", attr, 0, map_fd, 0, _addr(k))
+    _bpf(BPF_MAP_DELETE_ELEM, attr)
 
 
 def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:
