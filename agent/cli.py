@@ -40,20 +40,28 @@ def doctor(config_path: str | None) -> None:
 
 @main.group()
 def redirect() -> None:
-    """Inspect or remove the iptables redirect rules."""
+    """Inspect or remove the redirect rules (iptables) and sk_lookup programs."""
 
 
 @redirect.command("status")
 def redirect_status() -> None:
-    """Show the RINGFENCE_* chains and their rules."""
+    """Show the RINGFENCE_* chains and their rules, and the agents' sk_lookup programs."""
     from agent.redirect import Redirector
+    from agent.sklookup import attached
 
     rules = Redirector.installed_rules()
+    try:
+        programs = attached()
+    except OSError as e:
+        programs = []
+        click.echo(f"cannot list sk_lookup programs: {e.strerror}", err=True)
     if not rules:
         click.echo("no ringfence redirect rules installed")
-        return
     for line in rules:
         click.echo(line)
+    for program in programs:
+        click.echo(f"sk_lookup: program {program.prog_id} attached to network namespace "
+                   f"{program.netns_inode} (link {program.link_id}; it goes with its agent)")
 
 
 @redirect.command("clean")

@@ -77,6 +77,11 @@ class BpfSettings:
 
 @dataclass(frozen=True, slots=True)
 class RedirectSettings:
+    # How connections to protected ports reach the agent: "nat" (iptables REDIRECT,
+    # agent.redirect) or "sk_lookup" (a BPF program choosing the agent's listener at the
+    # kernel's socket lookup, agent.sklookup: no address translation, no connection
+    # tracking; the program goes with the agent, so not with agent.fail_closed).
+    method: str = "nat"
     ipv6: bool = True
     # Intercept clients on this host (nat OUTPUT) and from other hosts
     # (nat PREROUTING).
@@ -387,6 +392,7 @@ def _bpf(t: _Table) -> BpfSettings:
 def _redirect(t: _Table) -> RedirectSettings:
     d = RedirectSettings()
     settings = RedirectSettings(
+        method=t.choice("method", ("nat", "sk_lookup"), d.method),
         ipv6=t.get("ipv6", bool, d.ipv6),
         local=t.get("local", bool, d.local),
         remote=t.get("remote", bool, d.remote),
@@ -696,6 +702,11 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
     root.used.add("protect")
     services = _protect(data.get("protect", []))
     root.finish()
+    if sections["redirect"].method == "sk_lookup" and sections["agent"].fail_closed:
+        raise ConfigError(
+            'agent.fail_closed = true needs redirect.method = "nat": the sk_lookup program '
+            "goes with the agent's process, so it cannot keep protected ports closed while "
+            "the agent is down")
     return Config(protect=services, source=source, **sections)
 
 

@@ -31,6 +31,7 @@ from agent.logs import configure_logging
 from agent.notify import sd_notify
 from agent.proxy import Proxy
 from agent.redirect import RedirectError, Redirector
+from agent.sklookup import SkLookup, SkLookupError, listeners_for
 from agent.tls import TlsError
 from agent.workers import WorkerPool, event_loops
 
@@ -151,18 +152,34 @@ async def _serve(config: Config) -> int:
             log.warning("compiled data path: %s; see `ringfence doctor`", compiled.detail,
                         extra={"event": "agent.not_compiled"})
         resolver = await _start_identity(config, audit_log, cleanup)
+        steering: SkLookup | None = None
+        if config.redirect.method == "sk_lookup":
+            try:
+                steering = SkLookup(local=config.redirect.local, remote=config.redirect.remote)
+            except SkLookupError as e:
+                raise StartupError(f"redirect: {e}") from None
+            cleanup.callback(steering.close)
         try:
             proxy = Proxy(config, audit_log, attributor, policy=lambda: policy.current,
                           identity=resolver)
         except TlsError as e:
             raise StartupError(f"tls: {e}") from None
+        if steering is not None:
+            # Its upstream connections, from this loop and the workers', pass the program.
+            proxy.exemptions = steering.exemptions
         try:
             await proxy.start(loops)
         except OSError as e:
             raise StartupError(str(e)) from None
-        balancer = _start_balancing(config, proxy, loops)
+        balancer = _start_balancing(config, proxy, loops, attach=steering is None)
         if balancer is not None:
             cleanup.callback(balancer.close)
+        if steering is not None:
+            try:
+                families = _steer(config, proxy, steering, balancer)
+            except SkLookupError as e:
+                await proxy.stop()
+                raise StartupError(f"redirect: {e}") from None
         workers = WorkerPool()
         workers.on_gone = gone
         cleanup.callback(workers.stop)
@@ -180,10 +197,17 @@ async def _serve(config: Config) -> int:
 
         redirector = Redirector(config.protect, config.redirect, config.agent)
         try:
-            redirector.install()
+            if steering is None:
+                redirector.install()
+                families = [f.name for f in redirector.families]
+            elif families:
+                steering.attach()
         except RedirectError as e:
             await proxy.stop()
             raise StartupError(f"redirect rules: {e}") from None
+        except SkLookupError as e:
+            await proxy.stop()
+            raise StartupError(f"redirect: {e}") from None
 
         audit_log.emit(
             "agent.start",
@@ -204,7 +228,8 @@ async def _serve(config: Config) -> int:
                 "policy_path": str(config.policy.path),
                 "policy_version": policy.version,
                 "attribution_reason": attribution_reason,
-                "redirect_families": [f.name for f in redirector.families],
+                "redirect_method": config.redirect.method,
+                "redirect_families": families,
                 "worker_pids": workers.pids,
                 # How new sessions are spread over the event loops, when there are several:
                 # by the sessions each carries, or (configured so, or the kernel refused the
@@ -236,6 +261,8 @@ async def _serve(config: Config) -> int:
             # As after a crash: protected ports keep refusing until the agent is back.
             log.error("redirect rules kept: [agent] fail_closed = true",
                       extra={"event": "redirect.kept"})
+        elif steering is not None:
+            steering.remove()
         else:
             try:
                 redirector.remove()
@@ -252,10 +279,33 @@ async def _serve(config: Config) -> int:
     return 1 if failed[0] else 0
 
 
-def _start_balancing(config: Config, proxy: Proxy, loops: int) -> Balancer | None:
+def _steer(config: Config, proxy: Proxy, steering: SkLookup,
+           balancer: Balancer | None) -> list[str]:
+    """Give the sk_lookup program (``[redirect] method = "sk_lookup"``) the agent's
+    listeners for the protected ports, every event loop's, while this process still holds
+    them all; returns the families it will steer (none when neither local nor remote
+    clients are to be intercepted)."""
+    if not (config.redirect.local or config.redirect.remote):
+        return []
+    services = [(s.port, [socks for name, socks in proxy.listener_sockets if name == s.name])
+                for s in config.protect]
+    listeners = listeners_for(services, config.redirect.ipv6)
+    steering.add(listeners, None if balancer is None else balancer.counts_fd)
+    families = sorted({"ipv4" if listener.family == socket.AF_INET else "ipv6"
+                       for listener in listeners})
+    if config.redirect.ipv6 and "ipv6" not in families:
+        log.warning("no IPv6 listener; IPv6 clients are not intercepted",
+                    extra={"event": "redirect.ipv6_unavailable"})
+    return families
+
+
+def _start_balancing(config: Config, proxy: Proxy, loops: int, *,
+                     attach: bool = True) -> Balancer | None:
     """New connections to the event loop with the fewest sessions (agent.balance), when
     there are several loops and ``[agent] balance`` asks for it; the kernel's hash when the
-    kernel refuses (said in the log: never a reason not to start)."""
+    kernel refuses (said in the log: never a reason not to start). ``attach``: the
+    balancing program goes on the listener groups; without (``[redirect] method =
+    "sk_lookup"``, whose program chooses the loop itself) only the session counts."""
     if loops < 2:
         return None
     reason = off_reason(config.agent.balance, config.bpf.mode)
@@ -266,7 +316,7 @@ def _start_balancing(config: Config, proxy: Proxy, loops: int) -> Balancer | Non
     try:
         balancer = Balancer(loops)
         try:
-            for _, group in proxy.listener_sockets:
+            for _, group in proxy.listener_sockets if attach else ():
                 balancer.attach(group)
         except BaseException:
             balancer.close()

@@ -2,11 +2,13 @@
 
 All socket I/O of the agent's sessions lives here. Per connection:
 
-1. accept on the service's listener; SO_ORIGINAL_DST gives the real target
-   (a connection that was not redirected is refused: the listener is never a
-   way around the rules);
+1. accept on the service's listener; the real target is SO_ORIGINAL_DST
+   (``[redirect] method = "nat"``) or the accepted socket's own address
+   (``"sk_lookup"``, nothing translated) (a connection that was not redirected
+   is refused: the listener is never a way around the rules);
 2. attribution (BPF map or procfs) in a worker thread, while the upstream
-   socket, marked with SO_MARK so the redirect rules let it pass, connects to
+   socket, marked with SO_MARK so the redirect rules let it pass (or, with
+   sk_lookup, bound first and exempted by its address and port), connects to
    the real target;
 3. the protocol session is fed the bytes of each side and returns what to
    forward and what to record. A policy decision is on disk before it takes
@@ -38,6 +40,7 @@ from agent.config import Config, ProtectedService
 from agent.pgconf import keepalive_timing
 from agent.pgsession import Actions, PostgresSession, client_step, server_step
 from agent.protocols import postgres as pg
+from agent.sklookup import Exemptions
 from agent.tls import TlsChannel, client_facing_context, upstream_context
 from agent.workers import CancelKeys
 
@@ -209,6 +212,11 @@ class Proxy:
         # the loops (agent.balance), when they are balanced; its map's fd also goes to the
         # session workers (agent.workers).
         self.session_count: SessionCount | None = None
+        # With [redirect] method = "sk_lookup": where this loop's upstream connections are
+        # let past the lookup program while they are made (agent.sklookup), its map's fd
+        # also in the session workers.
+        self.exemptions: Exemptions | None = None
+        self.steered = config.redirect.method == "sk_lookup"
 
     def upstream_tls_context(self, service: ProtectedService) -> ssl.SSLContext:
         """The context for TLS to ``service``'s server (built on first use)."""
@@ -559,7 +567,12 @@ class ClientSide(asyncio.Protocol):
         if sock is None or peer is None or local is None:
             transport.close()
             return
-        destination = original_destination(sock)
+        if self.proxy.steered:
+            # The lookup program hands over connections as the client made them: the local
+            # address is the one it dialled.
+            destination: tuple[str, int] | None = (local[0], local[1])
+        else:
+            destination = original_destination(sock)
         context: dict[str, Any] = {
             "service": self.service.name,
             "protocol": self.service.protocol,
@@ -716,7 +729,14 @@ class ClientSide(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             _keep_alive(sock)
             sock.setblocking(False)
-            await asyncio.wait_for(loop.sock_connect(sock, destination), UPSTREAM_CONNECT_TIMEOUT)
+            exemptions = self.proxy.exemptions
+            if exemptions is None:
+                await asyncio.wait_for(loop.sock_connect(sock, destination),
+                                       UPSTREAM_CONNECT_TIMEOUT)
+            else:
+                with exemptions.connecting(sock, destination):
+                    await asyncio.wait_for(loop.sock_connect(sock, destination),
+                                           UPSTREAM_CONNECT_TIMEOUT)
         except TimeoutError:
             sock.close()
             raise OSError(110, "connection timed out") from None

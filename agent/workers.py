@@ -237,8 +237,9 @@ class WorkerPool:
                 # The worker's slot in the session counts, when new sessions are balanced.
                 balance = (None if proxy.session_count is None
                            else (proxy.session_count.counts_fd, index + 1))
+                exempt = None if proxy.exemptions is None else proxy.exemptions.map_fd
                 worker = self._spawn(config, audit_sock, listeners, attributor is not None,
-                                     balance)
+                                     balance, exempt)
                 self.workers.append(worker)
             for worker in self.workers:
                 worker.channel.sock.settimeout(START_TIMEOUT)
@@ -277,11 +278,13 @@ class WorkerPool:
 
     def _spawn(self, config: Config, audit_sock: socket.socket,
                listeners: list[tuple[str, socket.socket]], attribution: bool,
-               balance: tuple[int, int] | None) -> _Worker:
+               balance: tuple[int, int] | None, exempt: int | None) -> _Worker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         fds = [theirs.fileno(), audit_sock.fileno(), *(s.fileno() for _, s in listeners)]
         if balance is not None:
             fds.append(balance[0])
+        if exempt is not None:
+            fds.append(exempt)
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
         try:
             process = subprocess.Popen(
@@ -293,7 +296,8 @@ class WorkerPool:
             theirs.close()
         channel = Channel(ours)
         channel.notify(("start", config, audit_sock.fileno(),
-                        [(name, s.fileno()) for name, s in listeners], attribution, balance))
+                        [(name, s.fileno()) for name, s in listeners], attribution, balance,
+                        exempt))
         return _Worker(process, channel, set())
 
     def _serve(self, worker: _Worker, proxy: Any, attributor: Any, identity: Any,
@@ -492,7 +496,8 @@ def worker_main(channel_fd: int, parent: int) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the policy is loaded (see below)
     channel = Channel(socket.socket(fileno=channel_fd))
     try:
-        (_, (kind, config, audit_fd, listeners, attribution, balance)), _ = channel.receive()
+        (_, (kind, config, audit_fd, listeners, attribution, balance, exempt)), _ = \
+            channel.receive()
     except (ChannelClosed, OSError, ValueError, pickle.UnpicklingError):
         return 2
     from agent.logs import configure_logging
@@ -502,14 +507,17 @@ def worker_main(channel_fd: int, parent: int) -> int:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(_serve_worker(config, channel, audit_fd, listeners, attribution,
-                                        balance))
+                                        balance, exempt))
 
 
 async def _serve_worker(config: Config, channel: Channel, audit_fd: int,
                         listeners: list[tuple[str, int]], attribution: bool,
-                        balance: tuple[int, int] | None = None) -> int:
+                        balance: tuple[int, int] | None = None,
+                        exempt: int | None = None) -> int:
     """Serve ``listeners``; ``balance``: the session counts map's fd and this worker's slot,
-    when new sessions are balanced over the event loops (agent.balance)."""
+    when new sessions are balanced over the event loops (agent.balance); ``exempt``: the
+    sk_lookup program's exemption map's fd, with ``[redirect] method = "sk_lookup"``
+    (agent.sklookup)."""
     from agent.proxy import Proxy
     from agent.tls import TlsError
     from audit.process import AuditProcess
@@ -538,6 +546,10 @@ async def _serve_worker(config: Config, channel: Channel, audit_fd: int,
             from agent.balance import SessionCount
 
             proxy.session_count = SessionCount(*balance)
+        if exempt is not None:
+            from agent.sklookup import Exemptions
+
+            proxy.exemptions = Exemptions(exempt)
         services = {s.name: s for s in config.protect}
         await proxy.serve([(services[name], socket.socket(fileno=fd)) for name, fd in listeners])
     except (PolicyError, TlsError, OSError) as e:

@@ -1,0 +1,222 @@
+"""``[redirect] method = "sk_lookup"``: protected ports steered to the agent by a BPF program
+at the kernel's socket lookup, with no address translated and no connection tracked.
+
+A network namespace plays the database host, as in test_postgres_interception.py: a real
+PostgreSQL server on 5432, the real agent with two event loops in front of it, and real
+psql and pgbench connecting to 5432 as they would without it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import require
+from tests.support.agent import REPO, RINGFENCE, AgentProcess, sessions
+from tests.support.netns import NetNS, connect_veth, netns
+from tests.support.pgserver import PgServer, pgserver
+
+NOBODY = 65534
+SERVICES = ('[[protect]]\nname = "postgres"\nprotocol = "postgres"\nport = 5432\n'
+            '[protect.tls]\ncert_file = ""\nkey_file = ""\n')
+ENV = dict(os.environ, PYTHONPATH=str(REPO))
+
+
+@pytest.fixture(scope="module")
+def host() -> Iterator[tuple[NetNS, PgServer]]:
+    require(os.geteuid() == 0, "root")
+    for tool in ("ip", "iptables-save", "ip6tables-save", "setpriv"):
+        require(shutil.which(tool) is not None, f"the {tool} command")
+    require(Path("/usr/lib/postgresql").is_dir(), "a PostgreSQL server (postgresql package)")
+    with netns("rfsk") as ns, pgserver(ns) as server:
+        yield ns, server
+
+
+def _agent(ns: NetNS, workdir: Path, redirect: str = "") -> AgentProcess:
+    policy = workdir / "policy.toml"
+    workdir.mkdir(parents=True, exist_ok=True)
+    policy.write_text('[defaults]\nunidentified = "allow"\nrecord = "statements"\n')
+    return AgentProcess(ns, workdir, policy=policy, services=SERVICES,
+                        agent_settings="workers = 2",
+                        extra=f'[redirect]\nmethod = "sk_lookup"\n{redirect}')
+
+
+@pytest.fixture(scope="module")
+def agent(host: tuple[NetNS, PgServer]) -> Iterator[AgentProcess]:
+    ns, _ = host
+    workdir = Path(tempfile.mkdtemp(prefix="ringfence-agent-"))
+    agent = _agent(ns, workdir)
+    agent.start()
+    yield agent
+    if agent.running:
+        agent.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def psql(server: PgServer, sql: str, host: str = "127.0.0.1", port: int = 5432) -> list[str]:
+    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+            server.tool("psql"), "-X", "-h", host, "-p", str(port), "-U", "nobody",
+            "-d", "postgres", "-c", sql]
+
+
+def finished_session(records: list[dict[str, Any]], pid: int) -> list[dict[str, Any]] | None:
+    for recs in sessions(records).values():
+        start = next((r for r in recs if r["type"] == "session.start"), None)
+        if ((start or {}).get("process") or {}).get("pid") == pid and any(
+                r["type"] == "session.end" for r in recs):
+            return recs
+    return None
+
+
+def nat_tables(ns: NetNS) -> list[str]:
+    """The nat tables in the namespace, either family: none means nothing is tracked for
+    address translation."""
+    return [f"{save}: {line}" for save in ("iptables-save", "ip6tables-save")
+            for line in ns.run([save]).stdout.splitlines() if line.strip() == "*nat"]
+
+
+def redirect_status(ns: NetNS) -> str:
+    return ns.run([*RINGFENCE, "redirect", "status"], env=ENV).stdout
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "::1"])
+def test_local_client_is_intercepted_without_address_translation(
+    host: tuple[NetNS, PgServer], agent: AgentProcess, address: str
+) -> None:
+    """psql dialling 5432 sees what it sees directly; the session is recorded with the
+    address it dialled and its process, and the namespace has no nat table."""
+    ns, server = host
+    direct = ns.run(psql(server, "select 42", host=str(server.sockdir)))
+    proc = ns.popen(psql(server, "select 42", host=address), stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out == direct.stdout.encode()
+
+    recs = agent.wait_for(lambda rs: finished_session(rs, proc.pid))
+    start = next(r for r in recs if r["type"] == "session.start")
+    assert start["destination"] == {"ip": address, "port": 5432}
+    assert start["attribution"]["source"] == "bpf" and start["attribution"]["verified"] is True
+    assert start["process"]["uid"] == NOBODY
+    assert next(r for r in recs if r["type"] == "query")["text"] == "select 42"
+    assert nat_tables(ns) == []
+    agent_start = next(r for r in agent.records() if r["type"] == "agent.start")
+    assert agent_start["redirect_method"] == "sk_lookup"
+    assert agent_start["redirect_families"] == ["ipv4", "ipv6"]
+    assert "sk_lookup: program" in redirect_status(ns)
+
+
+def test_pgbench_over_both_event_loops(host: tuple[NetNS, PgServer], agent: AgentProcess) -> None:
+    """pgbench's clients are spread over the agent and its session worker, whose own
+    connections to the server pass the program: no failure, every session recorded."""
+    ns, server = host
+    ns.run([server.tool("pgbench"), "-i", "-q", "-s", "1", "-h", str(server.sockdir),
+            "-U", "postgres", "postgres"], timeout=120)
+    before = set(sessions(agent.records()))
+    done = ns.run([server.tool("pgbench"), "-h", "127.0.0.1", "-p", "5432", "-U", "postgres",
+                   "-S", "-n", "-c", "4", "-j", "2", "-t", "200", "postgres"], timeout=120)
+    assert "number of failed transactions: 0" in done.stdout, done.stdout
+    agent_start = next(r for r in agent.records() if r["type"] == "agent.start")
+    loops = {agent.process.pid if agent.process else 0, *agent_start["worker_pids"]}
+    assert len(loops) == 2
+
+    def pgbench_sessions(rs: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+        # Its four clients, 200 transactions each (not the connection it opens first).
+        starts = [recs[0] for sid, recs in sessions(rs).items() if sid not in before
+                  and recs[0]["type"] == "session.start" and recs[-1]["type"] == "session.end"
+                  and recs[-1]["statements"] == 200]
+        return starts if len(starts) == 4 else None
+
+    starts = agent.wait_for(pgbench_sessions)
+    assert {s["agent_pid"] for s in starts} == loops
+
+
+def test_remote_client_is_intercepted(host: tuple[NetNS, PgServer], agent: AgentProcess) -> None:
+    """A client on another host (a namespace joined by veth) is steered to the agent too,
+    and recorded with its own address and the one it dialled."""
+    ns, server = host
+    with netns("rfskc") as client:
+        connect_veth(ns, "10.232.0.1", client, "10.232.0.2")
+        done = client.run([server.tool("psql"), "-X", "-h", "10.232.0.1", "-p", "5432",
+                           "-U", "postgres", "-d", "postgres", "-c", "select 'remote'"])
+        assert "remote" in done.stdout
+
+        def remote_session(rs: list[dict[str, Any]]) -> dict[str, Any] | None:
+            return next((r for r in rs if r["type"] == "session.start"
+                         and r["source"]["ip"] == "10.232.0.2"), None)
+
+        start = agent.wait_for(remote_session)
+        assert start["destination"] == {"ip": "10.232.0.1", "port": 5432}
+        assert start["attribution"]["source"] == "remote"
+
+
+def test_the_listener_port_itself_is_refused(
+    host: tuple[NetNS, PgServer], agent: AgentProcess
+) -> None:
+    """Dialling the agent's listener directly is no way around the policy."""
+    ns, server = host
+    done = subprocess.run(ns.argv(psql(server, "select 1", port=15432)), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode != 0
+    assert "only accepts redirected connections" in done.stderr
+
+
+@pytest.fixture
+def alone(host: tuple[NetNS, PgServer], agent: AgentProcess) -> tuple[NetNS, PgServer]:
+    """The host without the module's agent: one agent a host, as in production (a second
+    one would share its listeners' port, and each program would claim the connections)."""
+    if agent.running:
+        agent.stop()
+    return host
+
+
+def test_local_only_leaves_remote_clients_alone(
+    alone: tuple[NetNS, PgServer], tmp_path: Path
+) -> None:
+    """With ``remote = false`` a client on another host reaches the server itself, unrecorded,
+    while a client on this host is still intercepted."""
+    ns, server = alone
+    local_only = _agent(ns, tmp_path / "agent", "local = true\nremote = false\n")
+    local_only.start()
+    try:
+        with netns("rfskr") as client:
+            connect_veth(ns, "10.233.0.1", client, "10.233.0.2")
+            done = client.run([server.tool("psql"), "-X", "-h", "10.233.0.1", "-p", "5432",
+                               "-U", "postgres", "-d", "postgres", "-c", "select 'remote'"])
+            assert "remote" in done.stdout
+        proc = ns.popen(psql(server, "select 'local'"), stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        local_only.wait_for(lambda rs: finished_session(rs, proc.pid))
+        assert not [r for r in local_only.records() if r["type"] == "session.start"
+                    and r["source"]["ip"] == "10.233.0.2"]
+    finally:
+        local_only.stop()
+
+
+@pytest.mark.parametrize("end", ["stop", "kill"])
+def test_the_program_goes_with_the_agent(
+    alone: tuple[NetNS, PgServer], tmp_path: Path, end: str
+) -> None:
+    """However the agent ends, its program goes with it and nothing is left to clean up:
+    clients reach the server directly again (as with fail_closed = false)."""
+    ns, server = alone
+    short = _agent(ns, tmp_path / "agent")
+    short.start()
+    assert "sk_lookup: program" in redirect_status(ns)
+    if end == "stop":
+        assert short.stop() == 0
+    else:
+        short.kill()
+    assert "sk_lookup" not in redirect_status(ns)
+    done = ns.run(psql(server, "select 'direct'"))
+    assert "direct" in done.stdout
+    assert not [r for r in short.records() if r["type"] == "query"]
