@@ -20,7 +20,7 @@ debian_packages=(
     postgresql postgresql-contrib postgresql-client
     iptables iproute2 procps util-linux sudo kmod
     python3 python3-venv python3-dev python3-bpfcc bpftool linux-headers-amd64
-    gcc make git haproxy libssl-dev
+    gcc make git haproxy nftables libssl-dev
     rpm
     libpostgresql-jdbc-java
 )

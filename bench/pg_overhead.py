@@ -1,9 +1,9 @@
 """PostgreSQL through ringfence against direct connections and HAProxy (a C TCP proxy).
 
 Run as root: ``.venv/bin/python bench/pg_overhead.py`` (options: --seconds, --rows,
---rounds, --mode, --workers, --profile-seconds, --out). In a fresh network namespace it starts a real
-PostgreSQL server, settles it (VACUUM ANALYZE, CHECKPOINT, a short warm-up), then
-measures, in each of ``--rounds`` rounds (3)
+--rounds, --mode, --workers, --redirect, --against, --profile-seconds, --out). In a
+fresh network namespace it starts a real PostgreSQL server, settles it (VACUUM
+ANALYZE, CHECKPOINT, a short warm-up), then measures, in each of ``--rounds`` rounds (3)
 
 * ``pgbench -S`` (select-only) with 1 and 8 clients: TPS, and p50/p99 latency
   from pgbench's per-transaction logs; ``--mode`` is pgbench's ``-M``: ``simple``
@@ -19,7 +19,9 @@ directly (TCP to 127.0.0.1:5432), through HAProxy in plain TCP mode
 itself costs, connection tracking and NAT on every packet), through
 ``relay_floor.py`` (127.0.0.1:7432: the agent's event loop and shape of code
 relaying bytes without reading them, the floor under any Python session) and through
-ringfence with full statement recording (127.0.0.1:5432, redirected). The others run
+ringfence with full statement recording (127.0.0.1:5432, redirected by iptables or,
+with ``--redirect sk_lookup``, steered by the agent's sk_lookup program; the nat
+tables a setup leaves are deleted after it). The others run
 before the agent starts, since once it runs every TCP connection to port 5432 in the
 namespace is redirected to it; it is started afresh in each round. The table shows
 the median of each figure over the rounds, the ratios are taken within each round
@@ -253,12 +255,23 @@ def measure_redirected(ns: NetNS, server: PgServer, argv: list[str],
         return measure_proxy(ns, server, argv, 5432, args, logdir)
     finally:
         ns.run(["iptables", "-w", "-t", "nat", "-D", *REDIRECT_RULE])
+        drop_nat_tables(ns)
+
+
+def drop_nat_tables(ns: NetNS) -> None:
+    """Delete the namespace's (empty) nat tables. Their chains outlive their last rule, and
+    while a nat table exists the kernel tracks every connection in the namespace: the
+    setups measured after one would pay for connection tracking they do not use."""
+    for family in ("ip", "ip6"):
+        ns.run(["sh", "-c", f"nft list table {family} nat >/dev/null 2>&1 || exit 0; "
+                            f"nft delete table {family} nat"])
 
 
 def measure_agent(ns: NetNS, server: PgServer, args: argparse.Namespace, logdir: Path,
                   workers: str) -> dict[str, Any]:
     """:func:`measure` through an agent run from the ``--against`` source tree."""
     agent = AgentProcess(ns, logdir / "against", agent_settings=f"workers = {workers}",
+                         extra=redirect_settings(args),
                          source=args.against)
     agent.start()
     try:
@@ -266,6 +279,7 @@ def measure_agent(ns: NetNS, server: PgServer, args: argparse.Namespace, logdir:
         return measure(ns, server, 5432, args, logdir, agent.process.pid)
     finally:
         agent.stop()
+        drop_nat_tables(ns)
 
 
 def profile(ns: NetNS, server: PgServer, agent: AgentProcess, args: argparse.Namespace) -> str:
@@ -443,6 +457,12 @@ def table(rounds: list[dict[str, dict[Any, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def redirect_settings(args: argparse.Namespace) -> str:
+    """The agent's [redirect] section for ``--redirect`` (none for the default, which a
+    checkout given to ``--against`` may predate)."""
+    return "" if args.redirect == "nat" else f'[redirect]\nmethod = "{args.redirect}"\n'
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=10, help="pgbench duration per run")
@@ -457,12 +477,18 @@ def main() -> int:
                         help="another source tree (an earlier commit's checkout, extensions "
                              "built): its agent is measured in each round too, before or after "
                              "this one by turns, as the row 'against'")
+    parser.add_argument("--redirect", choices=["nat", "sk_lookup"], default="nat",
+                        help="the agent's [redirect] method")
     parser.add_argument("--profile-seconds", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "ringfence-bench",
                         help="where profile.svg and profile.txt go")
     args = parser.parse_args()
     if shutil.which("haproxy") is None and not Path("/usr/sbin/haproxy").exists():
         print("HAProxy is missing: apt-get install haproxy", file=sys.stderr)
+        return 1
+    if shutil.which("nft") is None:
+        print("nft is missing: apt-get install nftables (to drop the nat tables between "
+              "setups)", file=sys.stderr)
         return 1
     haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
     work = Path(tempfile.mkdtemp(prefix="ringfence-bench-"))
@@ -495,13 +521,15 @@ def main() -> int:
                 workers = args.workers if args.workers.isdigit() else f'"{args.workers}"'
                 if args.against is not None and number % 2 == 1:
                     result["against"] = measure_agent(ns, server, args, work, workers)
-                agent = AgentProcess(ns, work / "agent", agent_settings=f"workers = {workers}")
+                agent = AgentProcess(ns, work / "agent", agent_settings=f"workers = {workers}",
+                                     extra=redirect_settings(args))
                 agent.start()
                 try:
                     assert agent.process is not None
                     result["ringfence"] = measure(ns, server, 5432, args, work, agent.process.pid)
                     if args.against is not None and number % 2 == 0:
                         agent.stop()
+                        drop_nat_tables(ns)
                         result["against"] = measure_agent(ns, server, args, work, workers)
                         if number == args.rounds:
                             agent.start()  # (profiled below)
@@ -518,6 +546,7 @@ def main() -> int:
                 finally:
                     if agent.running:
                         agent.stop()
+                    drop_nat_tables(ns)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
