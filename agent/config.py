@@ -80,8 +80,9 @@ class RedirectSettings:
     # How connections to protected ports reach the agent: "nat" (iptables REDIRECT,
     # agent.redirect) or "sk_lookup" (a BPF program choosing the agent's listener at the
     # kernel's socket lookup, agent.sklookup: no address translation, no connection
-    # tracking; the program goes with the agent, so not with agent.fail_closed).
-    method: str = "nat"
+    # tracking; the program goes with the agent, so not with agent.fail_closed). "auto":
+    # sk_lookup, unless agent.fail_closed or the kernel refuses the program (then nat).
+    method: str = "auto"
     ipv6: bool = True
     # Intercept clients on this host (nat OUTPUT) and from other hosts
     # (nat PREROUTING).
@@ -392,7 +393,7 @@ def _bpf(t: _Table) -> BpfSettings:
 def _redirect(t: _Table) -> RedirectSettings:
     d = RedirectSettings()
     settings = RedirectSettings(
-        method=t.choice("method", ("nat", "sk_lookup"), d.method),
+        method=t.choice("method", ("auto", "nat", "sk_lookup"), d.method),
         ipv6=t.get("ipv6", bool, d.ipv6),
         local=t.get("local", bool, d.local),
         remote=t.get("remote", bool, d.remote),

@@ -152,12 +152,8 @@ async def _serve(config: Config) -> int:
             log.warning("compiled data path: %s; see `ringfence doctor`", compiled.detail,
                         extra={"event": "agent.not_compiled"})
         resolver = await _start_identity(config, audit_log, cleanup)
-        steering: SkLookup | None = None
-        if config.redirect.method == "sk_lookup":
-            try:
-                steering = SkLookup(local=config.redirect.local, remote=config.redirect.remote)
-            except SkLookupError as e:
-                raise StartupError(f"redirect: {e}") from None
+        steering = _start_steering(config)
+        if steering is not None:
             cleanup.callback(steering.close)
         try:
             proxy = Proxy(config, audit_log, attributor, policy=lambda: policy.current,
@@ -228,7 +224,7 @@ async def _serve(config: Config) -> int:
                 "policy_path": str(config.policy.path),
                 "policy_version": policy.version,
                 "attribution_reason": attribution_reason,
-                "redirect_method": config.redirect.method,
+                "redirect_method": "nat" if steering is None else "sk_lookup",
                 "redirect_families": families,
                 "worker_pids": workers.pids,
                 # How new sessions are spread over the event loops, when there are several:
@@ -277,6 +273,28 @@ async def _serve(config: Config) -> int:
         except Exception as e:
             log.error("could not record agent.stop: %s", e, extra={"event": "audit.unavailable"})
     return 1 if failed[0] else 0
+
+
+def _start_steering(config: Config) -> SkLookup | None:
+    """The sk_lookup program's maps, when connections are to be steered by it (``[redirect]
+    method``: "sk_lookup", or "auto" without ``fail_closed`` and with a kernel that takes
+    the program); None for iptables REDIRECT."""
+    method = config.redirect.method
+    if method == "nat" or (method == "auto" and config.agent.fail_closed):
+        return None
+    steering: SkLookup | None = None
+    try:
+        steering = SkLookup(local=config.redirect.local, remote=config.redirect.remote)
+        steering.probe()
+    except SkLookupError as e:
+        if steering is not None:
+            steering.close()
+        if method == "sk_lookup":
+            raise StartupError(f"redirect: {e}") from None
+        log.warning("redirecting with iptables REDIRECT: %s", e,
+                    extra={"event": "redirect.sk_lookup_unavailable"})
+        return None
+    return steering
 
 
 def _steer(config: Config, proxy: Proxy, steering: SkLookup,

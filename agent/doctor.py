@@ -77,6 +77,24 @@ def _redirect_check(family: Family, port: int) -> Check:
     return Check(name, True, "REDIRECT rule added and removed in a scratch chain")
 
 
+def _sk_lookup_check(config: Config) -> Check:
+    """The sk_lookup program loads and attaches (``[redirect] method = "sk_lookup"``). With
+    no ports in its maps it leaves every connection to the kernel meanwhile."""
+    from agent.sklookup import SkLookup, SkLookupError
+
+    name = "sk_lookup redirect"
+    try:
+        steering = SkLookup(local=config.redirect.local, remote=config.redirect.remote)
+        try:
+            steering.attach()
+        finally:
+            steering.close()
+    except SkLookupError as e:
+        return Check(name, False, str(e),
+                     'use Linux 5.9 or later, or set [redirect] method = "nat"')
+    return Check(name, True, "program loaded and attached to this network namespace, then removed")
+
+
 def _loose_mode(path: Path, allowed: int) -> list[str]:
     """What is wrong with ``path``'s owner and mode, for a root-only file or directory."""
     st = path.lstat()
@@ -263,9 +281,22 @@ def collect_checks(config_path: str | None) -> list[tuple[Check, bool]]:
     if config is None:
         return checks
     port = config.protect[0].listen_port if config.protect else 15432
-    checks.append((_redirect_check(IPV4, port), True))
-    if config.redirect.ipv6:
-        checks.append((_redirect_check(IPV6, port), False))
+    method = config.redirect.method
+    if method == "auto" and config.agent.fail_closed:
+        method = "nat"
+    if method != "nat":
+        steering = _sk_lookup_check(config)
+        if steering.ok or method == "sk_lookup":
+            checks.append((steering, True))
+        else:  # "auto" falls back to iptables REDIRECT
+            checks.append((Check(steering.name, False,
+                                 f"{steering.detail}; the agent uses iptables REDIRECT instead",
+                                 steering.fix), False))
+            method = "nat"
+    if method == "nat":
+        checks.append((_redirect_check(IPV4, port), True))
+        if config.redirect.ipv6:
+            checks.append((_redirect_check(IPV6, port), False))
     bpf_fatal = config.bpf.mode == "required"
     if config.bpf.mode != "off":
         checks += [(c, bpf_fatal) for c in _bpf_checks(config)]

@@ -212,11 +212,10 @@ class Proxy:
         # the loops (agent.balance), when they are balanced; its map's fd also goes to the
         # session workers (agent.workers).
         self.session_count: SessionCount | None = None
-        # With [redirect] method = "sk_lookup": where this loop's upstream connections are
-        # let past the lookup program while they are made (agent.sklookup), its map's fd
-        # also in the session workers.
+        # When connections are steered by the sk_lookup program (agent.sklookup, [redirect]
+        # method): where this loop's upstream connections are let past it while they are
+        # made, its map's fd also in the session workers. None with iptables REDIRECT.
         self.exemptions: Exemptions | None = None
-        self.steered = config.redirect.method == "sk_lookup"
 
     def upstream_tls_context(self, service: ProtectedService) -> ssl.SSLContext:
         """The context for TLS to ``service``'s server (built on first use)."""
@@ -567,7 +566,7 @@ class ClientSide(asyncio.Protocol):
         if sock is None or peer is None or local is None:
             transport.close()
             return
-        if self.proxy.steered:
+        if self.proxy.exemptions is not None:
             # The lookup program hands over connections as the client made them: the local
             # address is the one it dialled.
             destination: tuple[str, int] | None = (local[0], local[1])

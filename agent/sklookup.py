@@ -325,12 +325,9 @@ class SkLookup:
                 raise SkLookupError(f"cannot add the listeners for port {listener.port} to "
                                     f"the sk_lookup maps: {e.strerror}") from None
 
-    def attach(self) -> None:
-        """Attach the program to this process's network namespace."""
-        if self._link is not None:
-            raise RuntimeError("sk_lookup program already attached")
+    def _load(self) -> int:
         try:
-            prog = bpfsys.prog_load(
+            return bpfsys.prog_load(
                 BPF_PROG_TYPE_SK_LOOKUP,
                 program(self.services_fd, self.exempt_fd, self.sockets_fd,
                         local=self.local, remote=self.remote, loops=self._loops,
@@ -339,6 +336,16 @@ class SkLookup:
         except OSError as e:
             raise SkLookupError(f"the kernel refused the sk_lookup program (Linux 5.9 or "
                                 f"later is needed): {e.strerror}") from None
+
+    def probe(self) -> None:
+        """Load the program and drop it: raises SkLookupError when this kernel refuses it."""
+        os.close(self._load())
+
+    def attach(self) -> None:
+        """Attach the program to this process's network namespace."""
+        if self._link is not None:
+            raise RuntimeError("sk_lookup program already attached")
+        prog = self._load()
         with bpfsys.closing(prog):
             netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
             with bpfsys.closing(netns):

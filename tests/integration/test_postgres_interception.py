@@ -1,7 +1,9 @@
 """Transparent PostgreSQL interception end to end.
 
 A network namespace plays the database host: a real PostgreSQL server on
-5432 and the real agent (iptables REDIRECT, BPF attribution) in front of it.
+5432 and the real agent (iptables REDIRECT, ``[redirect] method = "nat"``; BPF
+attribution) in front of it. test_sk_lookup.py does the same with the sk_lookup
+method, which the rest of the suite runs on by default.
 Real psql and pgbench connect to 127.0.0.1:5432 exactly as they would
 without the agent.
 """
@@ -27,6 +29,7 @@ from tests.support.netns import NetNS, connect_veth, netns
 from tests.support.pgserver import PgServer, pgserver
 
 NOBODY = 65534
+NAT = '[redirect]\nmethod = "nat"\n'
 PY = shutil.which("python3") or "/usr/bin/python3"
 
 
@@ -54,7 +57,7 @@ def agent(host: tuple[NetNS, PgServer]) -> Iterator[AgentProcess]:
     # TLS off, so what a garbage first byte means does not depend on the host's PostgreSQL config.
     services = ('[[protect]]\nname = "postgres"\nprotocol = "postgres"\nport = 5432\n'
                 '[protect.tls]\ncert_file = ""\nkey_file = ""\n')
-    agent = AgentProcess(ns, workdir, policy=policy, services=services)
+    agent = AgentProcess(ns, workdir, policy=policy, services=services, extra=NAT)
     agent.start()
     yield agent
     if agent.running:
@@ -292,7 +295,7 @@ def test_redirect_status_and_clean_commands(host: tuple[NetNS, PgServer], tmp_pa
     """`ringfence redirect status` lists the chains a (killed) agent left; `redirect clean`
     removes them in both families, and status then says none are installed."""
     ns, _ = host
-    left = AgentProcess(ns, tmp_path / "left", bpf_mode="off")
+    left = AgentProcess(ns, tmp_path / "left", bpf_mode="off", extra=NAT)
     left.start()
     left.kill()
     status = ns.run([*RINGFENCE, "redirect", "status"], env=dict(os.environ, PYTHONPATH=str(REPO)))

@@ -220,3 +220,40 @@ def test_the_program_goes_with_the_agent(
     done = ns.run(psql(server, "select 'direct'"))
     assert "direct" in done.stdout
     assert not [r for r in short.records() if r["type"] == "query"]
+
+
+def test_doctor_tries_the_program(alone: tuple[NetNS, PgServer], tmp_path: Path) -> None:
+    """`ringfence doctor` with method = "sk_lookup" loads and attaches the program (and
+    removes it) instead of trying iptables REDIRECT rules."""
+    ns, _ = alone
+    config = _agent(ns, tmp_path / "agent").config
+    done = subprocess.run(ns.argv([*RINGFENCE, "doctor", "--config", str(config)]),
+                          capture_output=True, text=True, env=ENV, timeout=120)
+    assert "OK    sk_lookup redirect: program loaded and attached" in done.stdout, done.stdout
+    assert "nat REDIRECT" not in done.stdout
+    assert "sk_lookup" not in redirect_status(ns)
+
+
+@pytest.mark.parametrize("fail_closed", [False, True])
+def test_auto_steers_unless_fail_closed(
+    alone: tuple[NetNS, PgServer], tmp_path: Path, fail_closed: bool
+) -> None:
+    """The default method, "auto", steers with sk_lookup, and with fail_closed = true (which
+    only iptables rules can keep) redirects with iptables REDIRECT."""
+    ns, server = alone
+    workdir = tmp_path / "agent"
+    workdir.mkdir()
+    agent = AgentProcess(ns, workdir, services=SERVICES,
+                         agent_settings=f"fail_closed = {str(fail_closed).lower()}")
+    agent.start()
+    try:
+        done = ns.run([server.tool("psql"), "-X", "-h", "127.0.0.1", "-U", "postgres",
+                       "-d", "postgres", "-tAc", "select 'auto'"])
+        assert done.stdout.strip() == "auto"
+        agent.wait_for(lambda rs: any(r["type"] == "session.end" for r in rs))
+        start = next(r for r in agent.records() if r["type"] == "agent.start")
+        assert start["redirect_method"] == ("nat" if fail_closed else "sk_lookup")
+        assert bool(nat_tables(ns)) == fail_closed
+        assert ("sk_lookup: program" in redirect_status(ns)) != fail_closed
+    finally:
+        agent.stop()

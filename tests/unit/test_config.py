@@ -47,7 +47,7 @@ def test_environment_variable_chooses_the_file(tmp_path: Path, monkeypatch: pyte
         ({"agent": {"workers": True}}, "agent.workers"),
         ({"agent": {"workers": 65}}, "agent.workers"),
         ({"agent": {"balance": "round-robin"}}, "agent.balance"),
-        ({"redirect": {"method": "tproxy"}}, "redirect.method: must be one of nat, sk_lookup"),
+        ({"redirect": {"method": "tproxy"}}, "redirect.method: must be one of auto, nat, sk_lookup"),
         ({"agent": {"fail_closed": True}, "redirect": {"method": "sk_lookup"}},
          'agent.fail_closed = true needs redirect.method = "nat"'),
         ({"audit": {"path": 3}}, "audit.path: expected str"),
