@@ -15,8 +15,9 @@
 #    PostgreSQL, so the host's port 5432 is left alone: psql, a blocked DROP,
 #    `ringfence audit tail --json` shows the statement, `audit verify` passes.
 #    Then SIGTERM, and twice a crash (SIGKILL) followed by the unit's
-#    ExecStopPost: no rule and no BPF program stays; with fail_closed the
-#    rules stay and the port refuses connections.
+#    ExecStopPost: no rule and no BPF program stays (the default sk_lookup
+#    redirect goes with the agent's process); with fail_closed (iptables
+#    REDIRECT) the rules stay and the port refuses connections.
 # 4. vagrant/provision.sh, twice (it must be idempotent), without starting
 #    the agent.
 # 5. `apt-get remove` keeps the audit trail, its key and the configuration;
@@ -322,6 +323,10 @@ ns_rules() {
     { "${nsenter_argv[@]}" iptables-save -t nat; "${nsenter_argv[@]}" ip6tables-save -t nat; } | grep -c RINGFENCE || true
 }
 
+ns_steering() { # the agents' sk_lookup programs attached to the namespace (the default redirect)
+    ringfence redirect status | grep -c "attached to network namespace $(stat -L -c %i "/run/netns/$ns") " || true
+}
+
 attached_ids() { # program ids recorded by the running agent
     python3 -c 'import json,sys; print(" ".join(str(p["id"]) for p in json.load(open(sys.argv[1]))["programs"]))' \
         /var/lib/ringfence/bpf-attachments.json
@@ -338,11 +343,12 @@ still_attached() { # ids...
 
 step "smoke: a session through the installed agent"
 start_agent
-[ "$(ns_rules)" -gt 0 ] || fail "no RINGFENCE rules in $ns while the agent runs"
+[ "$(ns_steering)" -eq 1 ] || fail "no sk_lookup program in $ns while the agent runs"
+[ "$(ns_rules)" -eq 0 ] || fail "RINGFENCE rules in $ns beside the sk_lookup program"
 ids=$(attached_ids)
 [ -n "$ids" ] || fail "no BPF attachment record in /var/lib/ringfence"
 [ "$(still_attached $ids | wc -w)" -eq "$(wc -w <<<"$ids")" ] || fail "programs $ids are not attached to $cgroup_root"
-ok "redirect rules in $ns; BPF programs $ids attached to $cgroup_root"
+ok "sk_lookup redirect in $ns; BPF programs $ids attached to $cgroup_root"
 out=$(psql_ns 127.0.0.1 "SELECT 'ringfence-smoke-' || 4 * 10 + 2")
 [ "$out" = ringfence-smoke-42 ] || fail "psql through the agent said: $out"
 out=$(psql_ns ::1 "SELECT 'ringfence-smoke-v6'")
@@ -388,10 +394,10 @@ agent_pid=
 verified=$(ringfence audit --config "$work/smoke.toml" verify) || fail "ringfence audit verify after the stop"
 grep -q " 0 checkpoint" <<<"$verified" && fail "no signed checkpoint after the stop: $verified"
 ok "audit verify after the stop: $verified"
-[ "$(ns_rules)" -eq 0 ] || fail "RINGFENCE rules left in $ns after SIGTERM"
+[ "$(ns_steering)" -eq 0 ] || fail "the sk_lookup program left in $ns after SIGTERM"
 [ -z "$(still_attached $ids)" ] || fail "BPF programs$(still_attached $ids) left after SIGTERM"
 stop_post || fail "ExecStopPost after a clean stop"
-ok "stopped cleanly: no rule in $ns, programs $ids detached; ExecStopPost ran"
+ok "stopped cleanly: no redirect in $ns, programs $ids detached; ExecStopPost ran"
 
 step "smoke: crash (SIGKILL), then the unit's ExecStopPost"
 start_agent
@@ -399,11 +405,11 @@ ids=$(attached_ids)
 kill -KILL "$agent_pid"
 wait "$agent_pid" 2>/dev/null || true
 agent_pid=
-[ "$(ns_rules)" -gt 0 ] || fail "expected the killed agent's rules to be left for ExecStopPost"
+[ "$(ns_steering)" -eq 0 ] || fail "the killed agent's sk_lookup program outlived it"
 stop_post
 [ "$(ns_rules)" -eq 0 ] || fail "RINGFENCE rules left in $ns after ExecStopPost"
 [ -z "$(still_attached $ids)" ] || fail "BPF programs$(still_attached $ids) left after ExecStopPost"
-ok "after a crash, ExecStopPost removed the rules and detached programs $ids"
+ok "after a crash, its sk_lookup program was gone with it; ExecStopPost detached programs $ids"
 [ "$(psql_ns 127.0.0.1 "SELECT 'direct'")" = direct ] || fail "port 5432 unreachable after cleanup"
 ok "port 5432 answers directly again"
 
@@ -415,7 +421,7 @@ kill -KILL "$agent_pid"
 wait "$agent_pid" 2>/dev/null || true
 agent_pid=
 stop_post
-[ "$(ns_rules)" -gt 0 ] || fail "fail_closed: ExecStopPost removed the rules"
+[ "$(ns_rules)" -gt 0 ] || fail "fail_closed: ExecStopPost removed the rules (or redirect.method auto did not choose nat)"
 [ -z "$(still_attached $ids)" ] || fail "fail_closed: BPF programs$(still_attached $ids) left"
 if psql_ns 127.0.0.1 "SELECT 1" >/dev/null 2>&1; then
     fail "fail_closed: port 5432 reachable without the agent"
@@ -483,4 +489,8 @@ if [ "${CI:-}" = true ]; then
         fail "ringfence BPF programs left on $cgroup_root"
     fi
     ok "no ringfence BPF program on $cgroup_root"
+    if grep ringfence_sk <<<"$(bpftool prog show)"; then
+        fail "a ringfence sk_lookup program left loaded"
+    fi
+    ok "no ringfence sk_lookup program loaded"
 fi
