@@ -19,9 +19,9 @@ directly (TCP to 127.0.0.1:5432), through HAProxy in plain TCP mode
 itself costs, connection tracking and NAT on every packet), through
 ``relay_floor.py`` (127.0.0.1:7432: the agent's event loop and shape of code
 relaying bytes without reading them, the floor under any Python session) and through
-ringfence with full statement recording (127.0.0.1:5432, redirected by iptables or,
-with ``--redirect sk_lookup``, steered by the agent's sk_lookup program; the nat
-tables a setup leaves are deleted after it). The others run
+ringfence with full statement recording (127.0.0.1:5432, steered by the agent's
+sk_lookup program, or with ``--redirect nat`` redirected by iptables; the nat tables
+a setup leaves are deleted after it). The others run
 before the agent starts, since once it runs every TCP connection to port 5432 in the
 namespace is redirected to it; it is started afresh in each round. The table shows
 the median of each figure over the rounds, the ratios are taken within each round
@@ -458,9 +458,9 @@ def table(rounds: list[dict[str, dict[Any, Any]]]) -> str:
 
 
 def redirect_settings(args: argparse.Namespace) -> str:
-    """The agent's [redirect] section for ``--redirect`` (none for the default, which a
+    """The agent's [redirect] section for ``--redirect`` (none for its default, which a
     checkout given to ``--against`` may predate)."""
-    return "" if args.redirect == "nat" else f'[redirect]\nmethod = "{args.redirect}"\n'
+    return "" if args.redirect == "auto" else f'[redirect]\nmethod = "{args.redirect}"\n'
 
 
 def main() -> int:
@@ -477,8 +477,8 @@ def main() -> int:
                         help="another source tree (an earlier commit's checkout, extensions "
                              "built): its agent is measured in each round too, before or after "
                              "this one by turns, as the row 'against'")
-    parser.add_argument("--redirect", choices=["nat", "sk_lookup"], default="nat",
-                        help="the agent's [redirect] method")
+    parser.add_argument("--redirect", choices=["auto", "nat", "sk_lookup"], default="auto",
+                        help="the agent's [redirect] method (auto, its default: sk_lookup)")
     parser.add_argument("--profile-seconds", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "ringfence-bench",
                         help="where profile.svg and profile.txt go")
