@@ -2,10 +2,10 @@
 
 All socket I/O of the agent's sessions lives here. Per connection:
 
-1. accept on the service's listener; the real target is SO_ORIGINAL_DST
-   (``[redirect] method = "nat"``) or the accepted socket's own address
-   (``"sk_lookup"``, nothing translated) (a connection that was not redirected
-   is refused: the listener is never a way around the rules);
+1. accept on the service's listener; the real target is the accepted socket's
+   own address when the sk_lookup program steered the connection (nothing is
+   translated), or SO_ORIGINAL_DST behind iptables REDIRECT. A connection that
+   was not redirected is refused: the listener is never a way around the rules;
 2. attribution (BPF map or procfs) in a worker thread, while the upstream
    socket, marked with SO_MARK so the redirect rules let it pass (or, with
    sk_lookup, bound first and exempted by its address and port), connects to

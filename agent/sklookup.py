@@ -1,5 +1,6 @@
 """Protected ports steered to the agent's listeners by the kernel's socket lookup
-(``[redirect] method = "sk_lookup"``).
+(``[redirect] method = "sk_lookup"``, and ``"auto"``, the default, unless
+``fail_closed = true`` or the kernel refuses the program).
 
 The ``nat`` method (:mod:`agent.redirect`) rewrites each redirected connection's
 destination with an iptables ``REDIRECT``, which needs connection tracking: once a
@@ -31,7 +32,13 @@ the socket the kernel would have chosen anyway.
   a protected port is reached directly while the agent is down, as with the ``nat``
   method and ``fail_closed = false``. ``fail_closed = true`` therefore needs ``nat``.
 * **A listener gone** (the agent stopping) makes the program refuse the connection
-  rather than give it to the server unrecorded.
+  rather than give it to the server unrecorded; so does a connection another program
+  has already given a socket to (a second agent in the same namespace).
+* **Event loops.** With session workers (``[agent] workers``) each protected port has
+  one listener an event loop, and the program gives a new connection to the loop
+  carrying the fewest sessions, reading the session counts of :mod:`agent.balance`
+  (whose own program cannot be used here: a socket in its ``REUSEPORT_SOCKARRAY``
+  cannot also be in the ``SOCKMAP`` that ``bpf_sk_assign`` takes sockets from).
 
 The program is assembled here from a few dozen instructions: no compiler, no kernel
 headers.
