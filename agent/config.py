@@ -81,7 +81,8 @@ class RedirectSettings:
     # agent.redirect) or "sk_lookup" (a BPF program choosing the agent's listener at the
     # kernel's socket lookup, agent.sklookup: no address translation, no connection
     # tracking; the program goes with the agent, so not with agent.fail_closed). "auto":
-    # sk_lookup, unless agent.fail_closed or the kernel refuses the program (then nat).
+    # sk_lookup, unless agent.fail_closed, bpf.mode = "off" or the kernel refuses the
+    # program (then nat).
     method: str = "auto"
     ipv6: bool = True
     # Intercept clients on this host (nat OUTPUT) and from other hosts

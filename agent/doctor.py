@@ -282,7 +282,7 @@ def collect_checks(config_path: str | None) -> list[tuple[Check, bool]]:
         return checks
     port = config.protect[0].listen_port if config.protect else 15432
     method = config.redirect.method
-    if method == "auto" and config.agent.fail_closed:
+    if method == "auto" and (config.agent.fail_closed or config.bpf.mode == "off"):
         method = "nat"
     if method != "nat":
         steering = _sk_lookup_check(config)

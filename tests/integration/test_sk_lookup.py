@@ -234,17 +234,20 @@ def test_doctor_tries_the_program(alone: tuple[NetNS, PgServer], tmp_path: Path)
     assert "sk_lookup" not in redirect_status(ns)
 
 
-@pytest.mark.parametrize("fail_closed", [False, True])
-def test_auto_steers_unless_fail_closed(
-    alone: tuple[NetNS, PgServer], tmp_path: Path, fail_closed: bool
+@pytest.mark.parametrize("setting, method", [
+    ("", "sk_lookup"), ("fail_closed", "nat"), ("bpf off", "nat"),
+])
+def test_auto_steers_unless_fail_closed_or_bpf_off(
+    alone: tuple[NetNS, PgServer], tmp_path: Path, setting: str, method: str
 ) -> None:
-    """The default method, "auto", steers with sk_lookup, and with fail_closed = true (which
-    only iptables rules can keep) redirects with iptables REDIRECT."""
+    """The default method, "auto", steers with sk_lookup; with fail_closed = true (which only
+    iptables rules can keep) or BPF turned off it redirects with iptables REDIRECT."""
     ns, server = alone
     workdir = tmp_path / "agent"
     workdir.mkdir()
     agent = AgentProcess(ns, workdir, services=SERVICES,
-                         agent_settings=f"fail_closed = {str(fail_closed).lower()}")
+                         bpf_mode="off" if setting == "bpf off" else "required",
+                         agent_settings=f"fail_closed = {str(setting == 'fail_closed').lower()}")
     agent.start()
     try:
         done = ns.run([server.tool("psql"), "-X", "-h", "127.0.0.1", "-U", "postgres",
@@ -252,8 +255,8 @@ def test_auto_steers_unless_fail_closed(
         assert done.stdout.strip() == "auto"
         agent.wait_for(lambda rs: any(r["type"] == "session.end" for r in rs))
         start = next(r for r in agent.records() if r["type"] == "agent.start")
-        assert start["redirect_method"] == ("nat" if fail_closed else "sk_lookup")
-        assert bool(nat_tables(ns)) == fail_closed
-        assert ("sk_lookup: program" in redirect_status(ns)) != fail_closed
+        assert start["redirect_method"] == method
+        assert bool(nat_tables(ns)) == (method == "nat")
+        assert ("sk_lookup: program" in redirect_status(ns)) == (method == "sk_lookup")
     finally:
         agent.stop()
