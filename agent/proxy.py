@@ -50,6 +50,9 @@ SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h
 SOL_IPV6 = 41
 UPSTREAM_CONNECT_TIMEOUT = 10.0
+# After a client's Terminate, how long the agent waits for the server to close the upstream
+# connection (it does at once) before closing it itself.
+TERMINATE_CLOSE_WAIT = 5.0
 ATTRIBUTION_TIMEOUT = 2.0
 STARTUP_TIMEOUT = 10.0
 HIGH_WATER = 256 * 1024
@@ -869,7 +872,7 @@ class ClientSide(asyncio.Protocol):
         if session is not None and session.backend_key and self.key_registered is None:
             self._register_key(session.backend_key)
         if actions.close:
-            self._close_all()
+            self._close_all(server_closes=actions.close == "client terminated")
         elif actions.verify_token is not None:
             task = asyncio.get_running_loop().create_task(self._verify_token(actions.verify_token))
             task.add_done_callback(self._setup_done)
@@ -902,7 +905,12 @@ class ClientSide(asyncio.Protocol):
             )
         self._close_all()
 
-    def _close_all(self) -> None:
+    def _close_all(self, *, server_closes: bool = False) -> None:
+        """End the session's connections. ``server_closes``: the server was sent a
+        Terminate and ends the upstream connection itself; it is then left to do so (for
+        at most TERMINATE_CLOSE_WAIT), so that the side closing first, which keeps the
+        connection's TIME_WAIT, is the server's: a port the agent's next upstream
+        connection could want is not held for a minute."""
         if self.closed:
             return
         self.closed = True
@@ -915,7 +923,11 @@ class ClientSide(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
         if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.close()
+            if server_closes:
+                asyncio.get_running_loop().call_later(TERMINATE_CLOSE_WAIT,
+                                                      self.upstream.transport.close)
+            else:
+                self.upstream.transport.close()
 
 
 class UpstreamSide(asyncio.Protocol):

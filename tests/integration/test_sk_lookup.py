@@ -138,6 +138,25 @@ def test_pgbench_over_both_event_loops(host: tuple[NetNS, PgServer], agent: Agen
     assert {s["agent_pid"] for s in starts} == loops
 
 
+def test_the_agents_upstream_ports_are_not_left_in_time_wait(
+    host: tuple[NetNS, PgServer], agent: AgentProcess
+) -> None:
+    """Sessions ended by the client's Terminate leave no TIME_WAIT on the agent's upstream
+    ports (bound, not chosen at connect, so one held would be unusable for a minute): the
+    server closes first. The only TIME_WAITs toward port 5432 are the clients' own."""
+    ns, server = host
+    for n in range(5):
+        ns.run(psql(server, f"select {n}"))
+    clients = {r["source"]["port"] for r in agent.records() if r["type"] == "session.start"}
+    waiting = set()
+    for line in ns.run(["ss", "-Htan", "state", "time-wait"]).stdout.splitlines():
+        local, peer = line.split()[-2:]
+        if peer.endswith(":5432"):
+            waiting.add(int(local.rsplit(":", 1)[1]))
+    assert waiting, "no TIME_WAIT at all: the clients' own connections should show"
+    assert waiting <= clients, f"agent upstream ports in TIME_WAIT: {sorted(waiting - clients)}"
+
+
 def test_remote_client_is_intercepted(host: tuple[NetNS, PgServer], agent: AgentProcess) -> None:
     """A client on another host (a namespace joined by veth) is steered to the agent too,
     and recorded with its own address and the one it dialled."""
