@@ -1,5 +1,9 @@
 """iptables NAT redirect of protected ports into the agent's listeners.
 
+The ``nat`` redirect method: what ``[redirect] method = "auto"`` uses with
+``fail_closed = true``, with BPF turned off, or on a kernel without sk_lookup (the
+default otherwise is :mod:`agent.sklookup`, which needs no address translation).
+
 Two chains per address family in the ``nat`` table:
 
 * ``RINGFENCE_OUTPUT`` (jumped to from ``OUTPUT``) catches clients on this
