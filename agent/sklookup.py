@@ -273,9 +273,8 @@ class Exemptions:
     def connecting(self, sock: socket.socket, destination: tuple[str, int]) -> Iterator[None]:
         """Bind ``sock`` to ``destination``'s address and a free port, and let connections
         from there through while the body connects it. Raises OSError."""
-        # (SO_REUSEADDR lets the kernel look for a free port in the whole local port range,
-        # not only the half it keeps for bind().)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # (Never SO_REUSEADDR: another process could then bind the same address and port
+        # and connect from it, exempted, while this socket connects.)
         sock.bind((destination[0], 0))
         address, port = sock.getsockname()[:2]
         key = exemption_key(sock.family, address, port)
