@@ -8,8 +8,10 @@ psql and pgbench connecting to 5432 as they would without it.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -18,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from agent import bpfsys
+from agent.sklookup import BPF_MAP_TYPE_HASH, Exemptions, exemption_key
 from tests.conftest import require
 from tests.support.agent import REPO, RINGFENCE, AgentProcess, sessions
 from tests.support.netns import NetNS, connect_veth, netns
@@ -155,6 +159,28 @@ def test_the_agents_upstream_ports_are_not_left_in_time_wait(
             waiting.add(int(local.rsplit(":", 1)[1]))
     assert waiting, "no TIME_WAIT at all: the clients' own connections should show"
     assert waiting <= clients, f"agent upstream ports in TIME_WAIT: {sorted(waiting - clients)}"
+
+
+def test_an_exempted_address_and_port_are_the_agents_alone() -> None:
+    """While the agent's upstream socket connects, its address and port pass the program;
+    no other socket can bind them meanwhile (SO_REUSEADDR included), and the exemption
+    goes when the connection is made."""
+    require(os.geteuid() == 0, "root")
+    exempt = bpfsys.map_create(BPF_MAP_TYPE_HASH, 24, 1, 16, "rf_test_exempt")
+    try:
+        sock = socket.socket()
+        with sock, Exemptions(exempt).connecting(sock, ("127.0.0.1", 5432)):
+            address, port = sock.getsockname()
+            key = exemption_key(socket.AF_INET, address, port)
+            assert bpfsys.map_lookup(exempt, key, 1) == b"\1"
+            with socket.socket() as other:
+                other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                with pytest.raises(OSError) as refused:
+                    other.bind((address, port))
+                assert refused.value.errno == errno.EADDRINUSE
+        assert bpfsys.map_lookup(exempt, key, 1) is None
+    finally:
+        os.close(exempt)
 
 
 def test_remote_client_is_intercepted(host: tuple[NetNS, PgServer], agent: AgentProcess) -> None:
