@@ -15,8 +15,8 @@ ANALYZE, CHECKPOINT, a short warm-up), then measures, in each of ``--rounds`` ro
 
 directly (TCP to 127.0.0.1:5432), through HAProxy in plain TCP mode
 (127.0.0.1:6432), through the same HAProxy behind an iptables ``nat`` REDIRECT of
-127.0.0.1:5432 (clients dial 5432 as they do with the agent: what the interception
-itself costs, connection tracking and NAT on every packet), through
+127.0.0.1:5432 (clients dial 5432 as they do with the agent: what the agent's nat
+redirect method costs, connection tracking and NAT on every packet), through
 ``relay_floor.py`` (127.0.0.1:7432: the agent's event loop and shape of code
 relaying bytes without reading them, the floor under any Python session) and through
 ringfence with full statement recording (127.0.0.1:5432, steered by the agent's
@@ -410,7 +410,7 @@ def table(rounds: list[dict[str, dict[Any, Any]]]) -> str:
     nat = (f"TPS c{c} {statistics.median(ratios(rounds, 'haproxy-nat', 'haproxy', c, 'tps')):.2f}x"
            for c in CLIENT_COUNTS)
     lines.append("haproxy-nat/haproxy   " + "   ".join(nat)
-                 + "   (HAProxy behind a REDIRECT like the agent's: what interception costs)")
+                 + "   (HAProxy behind a REDIRECT like the agent's nat method: what that costs)")
     cpu = [r["ringfence"][c]["agent_cpu_us"] for r in rounds for c in CLIENT_COUNTS]
     if all(v == v for v in cpu):  # not NaN
         rf, relay, ha = results["ringfence"], results["pyrelay"], results["haproxy"]
