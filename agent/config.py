@@ -261,6 +261,16 @@ class Config:
     protect: tuple[ProtectedService, ...] = ()
     source: Path | None = None
 
+    def redirect_method(self) -> str:
+        """The redirect ``[redirect] method`` asks for, given the rest of the config: "nat",
+        "sk_lookup", or "auto" (sk_lookup if the kernel takes the program, else nat).
+        "auto" is "nat" with ``agent.fail_closed`` (only iptables rules outlive the agent)
+        or with BPF turned off."""
+        method = self.redirect.method
+        if method == "auto" and (self.agent.fail_closed or self.bpf.mode == "off"):
+            return "nat"
+        return method
+
     def service_by_listen_port(self, port: int) -> ProtectedService | None:
         for service in self.protect:
             if service.listen_port == port:

@@ -279,9 +279,8 @@ def _start_steering(config: Config) -> SkLookup | None:
     """The sk_lookup program's maps, when connections are to be steered by it (``[redirect]
     method``: "sk_lookup", or "auto" without ``fail_closed``, with BPF not turned off and a
     kernel that takes the program); None for iptables REDIRECT."""
-    method = config.redirect.method
-    if method == "nat" or (method == "auto" and (config.agent.fail_closed
-                                                 or config.bpf.mode == "off")):
+    method = config.redirect_method()
+    if method == "nat":
         return None
     steering: SkLookup | None = None
     try:

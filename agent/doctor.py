@@ -281,9 +281,7 @@ def collect_checks(config_path: str | None) -> list[tuple[Check, bool]]:
     if config is None:
         return checks
     port = config.protect[0].listen_port if config.protect else 15432
-    method = config.redirect.method
-    if method == "auto" and (config.agent.fail_closed or config.bpf.mode == "off"):
-        method = "nat"
+    method = config.redirect_method()
     if method != "nat":
         steering = _sk_lookup_check(config)
         if steering.ok or method == "sk_lookup":
