@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require
-from tests.support.agent import REPO, RINGFENCE, AgentProcess, sessions
+from tests.support.agent import REPO, RINGFENCE, AgentProcess, session_of_pid
 from tests.support.netns import NetNS, connect_veth, netns
 from tests.support.pgserver import PgServer, pgserver
 
@@ -72,20 +72,6 @@ def psql_argv(server: PgServer, sql: str, host: str = "127.0.0.1", user: str = "
 
 def as_nobody(argv: list[str]) -> list[str]:
     return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv]
-
-
-def session_of_pid(
-    records: list[dict[str, Any]], pid: int, parent: bool = False
-) -> list[dict[str, Any]] | None:
-    """The finished session of process ``pid`` (or, with ``parent``, of a child of ``pid``)."""
-    for recs in sessions(records).values():
-        start = next((r for r in recs if r["type"] == "session.start"), None)
-        process = (start or {}).get("process") or {}
-        ancestry = process.get("ancestry") or [{}]
-        found = ancestry[0].get("pid") == pid if parent else process.get("pid") == pid
-        if found and any(r["type"] == "session.end" for r in recs):
-            return recs
-    return None
 
 
 def ringfence_programs() -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ import pytest
 from agent import bpfsys
 from agent.sklookup import BPF_MAP_TYPE_HASH, Exemptions, exemption_key
 from tests.conftest import require
-from tests.support.agent import REPO, RINGFENCE, AgentProcess, sessions
+from tests.support.agent import REPO, RINGFENCE, AgentProcess, session_of_pid, sessions
 from tests.support.netns import NetNS, connect_veth, netns
 from tests.support.pgserver import PgServer, pgserver
 
@@ -70,15 +70,6 @@ def psql(server: PgServer, sql: str, host: str = "127.0.0.1", port: int = 5432) 
             "-d", "postgres", "-c", sql]
 
 
-def finished_session(records: list[dict[str, Any]], pid: int) -> list[dict[str, Any]] | None:
-    for recs in sessions(records).values():
-        start = next((r for r in recs if r["type"] == "session.start"), None)
-        if ((start or {}).get("process") or {}).get("pid") == pid and any(
-                r["type"] == "session.end" for r in recs):
-            return recs
-    return None
-
-
 def nat_tables(ns: NetNS) -> list[str]:
     """The nat tables in the namespace, either family: none means nothing is tracked for
     address translation."""
@@ -104,7 +95,7 @@ def test_local_client_is_intercepted_without_address_translation(
     assert proc.returncode == 0, err
     assert out == direct.stdout.encode()
 
-    recs = agent.wait_for(lambda rs: finished_session(rs, proc.pid))
+    recs = agent.wait_for(lambda rs: session_of_pid(rs, proc.pid))
     start = next(r for r in recs if r["type"] == "session.start")
     assert start["destination"] == {"ip": address, "port": 5432}
     assert start["attribution"]["source"] == "bpf" and start["attribution"]["verified"] is True
@@ -240,7 +231,7 @@ def test_local_only_leaves_remote_clients_alone(
                         stderr=subprocess.PIPE)
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
-        local_only.wait_for(lambda rs: finished_session(rs, proc.pid))
+        local_only.wait_for(lambda rs: session_of_pid(rs, proc.pid))
         assert not [r for r in local_only.records() if r["type"] == "session.start"
                     and r["source"]["ip"] == "10.233.0.2"]
     finally:

@@ -202,3 +202,17 @@ def sessions(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
         if r.get("session_id"):
             out.setdefault(r["session_id"], []).append(r)
     return out
+
+
+def session_of_pid(
+    records: list[dict[str, Any]], pid: int, parent: bool = False
+) -> list[dict[str, Any]] | None:
+    """The finished session of process ``pid`` (or, with ``parent``, of a child of ``pid``)."""
+    for recs in sessions(records).values():
+        start = next((r for r in recs if r["type"] == "session.start"), None)
+        process = (start or {}).get("process") or {}
+        ancestry = process.get("ancestry") or [{}]
+        found = ancestry[0].get("pid") == pid if parent else process.get("pid") == pid
+        if found and any(r["type"] == "session.end" for r in recs):
+            return recs
+    return None
