@@ -26,9 +26,15 @@ import pytest
 from tests.conftest import require
 from tests.support.agent import REPO, RINGFENCE, AgentProcess, session_of_pid
 from tests.support.netns import NetNS, connect_veth, netns
-from tests.support.pgserver import PgServer, pgserver
+from tests.support.pgserver import (
+    NOBODY,
+    PgServer,
+    as_nobody,
+    pgserver,
+    psql_argv,
+    psql_as_nobody_matches_direct,
+)
 
-NOBODY = 65534
 NAT = '[redirect]\nmethod = "nat"\n'
 PY = shutil.which("python3") or "/usr/bin/python3"
 
@@ -65,15 +71,6 @@ def agent(host: tuple[NetNS, PgServer]) -> Iterator[AgentProcess]:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def psql_argv(server: PgServer, sql: str, host: str = "127.0.0.1", user: str = "nobody") -> list[str]:
-    return [server.tool("psql"), "-X", "-h", host, "-p", "5432", "-U", user, "-d", "postgres",
-            "-c", sql]
-
-
-def as_nobody(argv: list[str]) -> list[str]:
-    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv]
-
-
 def ringfence_programs() -> list[dict[str, Any]]:
     root = next(line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
                 if line.split()[2] == "cgroup2")
@@ -93,21 +90,14 @@ def test_psql_output_identical_and_attributed(host: tuple[NetNS, PgServer], agen
     """psql as uid 65534 sees byte-identical output; the record has its uid, pid, exe, ancestry,
     statement, 1 row and tag SELECT 1."""
     ns, server = host
-    # The baseline bypasses the redirect by talking to the server's Unix socket.
-    direct = ns.run(as_nobody([server.tool("psql"), "-X", "-h", str(server.sockdir), "-p", "5432",
-                               "-U", "nobody", "-d", "postgres", "-c", "select 42"]))
-    proc = ns.popen(as_nobody(psql_argv(server, "select 42")), stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    assert out == direct.stdout.encode()
+    pid = psql_as_nobody_matches_direct(ns, server, "select 42")
 
-    recs = agent.wait_for(lambda rs: session_of_pid(rs, proc.pid))
+    recs = agent.wait_for(lambda rs: session_of_pid(rs, pid))
     start = next(r for r in recs if r["type"] == "session.start")
     assert start["attribution"]["source"] == "bpf"
     assert start["attribution"]["verified"] is True
     process = start["process"]
-    assert process["uid"] == NOBODY and process["pid"] == proc.pid
+    assert process["uid"] == NOBODY and process["pid"] == pid
     assert process["exe"].endswith("/psql")
     assert process["ancestry"][0]["pid"] == os.getpid(), "the parent chain starts at the test runner"
     assert process["ancestry"][-1]["pid"] == 1

@@ -25,9 +25,15 @@ from agent.sklookup import BPF_MAP_TYPE_HASH, Exemptions, exemption_key
 from tests.conftest import require
 from tests.support.agent import REPO, RINGFENCE, AgentProcess, session_of_pid, sessions
 from tests.support.netns import NetNS, connect_veth, netns
-from tests.support.pgserver import PgServer, pgserver
+from tests.support.pgserver import (
+    NOBODY,
+    PgServer,
+    as_nobody,
+    pgserver,
+    psql_argv,
+    psql_as_nobody_matches_direct,
+)
 
-NOBODY = 65534
 SERVICES = ('[[protect]]\nname = "postgres"\nprotocol = "postgres"\nport = 5432\n'
             '[protect.tls]\ncert_file = ""\nkey_file = ""\n')
 ENV = dict(os.environ, PYTHONPATH=str(REPO))
@@ -64,12 +70,6 @@ def agent(host: tuple[NetNS, PgServer]) -> Iterator[AgentProcess]:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def psql(server: PgServer, sql: str, host: str = "127.0.0.1", port: int = 5432) -> list[str]:
-    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-            server.tool("psql"), "-X", "-h", host, "-p", str(port), "-U", "nobody",
-            "-d", "postgres", "-c", sql]
-
-
 def nat_tables(ns: NetNS) -> list[str]:
     """The nat tables in the namespace, either family: none means nothing is tracked for
     address translation."""
@@ -88,14 +88,9 @@ def test_local_client_is_intercepted_without_address_translation(
     """psql dialling 5432 sees what it sees directly; the session is recorded with the
     address it dialled and its process, and the namespace has no nat table."""
     ns, server = host
-    direct = ns.run(psql(server, "select 42", host=str(server.sockdir)))
-    proc = ns.popen(psql(server, "select 42", host=address), stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    assert out == direct.stdout.encode()
+    pid = psql_as_nobody_matches_direct(ns, server, "select 42", host=address)
 
-    recs = agent.wait_for(lambda rs: session_of_pid(rs, proc.pid))
+    recs = agent.wait_for(lambda rs: session_of_pid(rs, pid))
     start = next(r for r in recs if r["type"] == "session.start")
     assert start["destination"] == {"ip": address, "port": 5432}
     assert start["attribution"]["source"] == "bpf" and start["attribution"]["verified"] is True
@@ -141,7 +136,7 @@ def test_the_agents_upstream_ports_are_not_left_in_time_wait(
     server closes first. The only TIME_WAITs toward port 5432 are the clients' own."""
     ns, server = host
     for n in range(5):
-        ns.run(psql(server, f"select {n}"))
+        ns.run(as_nobody(psql_argv(server, f"select {n}")))
     clients = {r["source"]["port"] for r in agent.records() if r["type"] == "session.start"}
     waiting = set()
     for line in ns.run(["ss", "-Htan", "state", "time-wait"]).stdout.splitlines():
@@ -198,7 +193,8 @@ def test_the_listener_port_itself_is_refused(
 ) -> None:
     """Dialling the agent's listener directly is no way around the policy."""
     ns, server = host
-    done = subprocess.run(ns.argv(psql(server, "select 1", port=15432)), capture_output=True,
+    done = subprocess.run(ns.argv(as_nobody(psql_argv(server, "select 1", port=15432))),
+                          capture_output=True,
                           text=True, timeout=60)
     assert done.returncode != 0
     assert "only accepts redirected connections" in done.stderr
@@ -227,7 +223,7 @@ def test_local_only_leaves_remote_clients_alone(
             done = client.run([server.tool("psql"), "-X", "-h", "10.233.0.1", "-p", "5432",
                                "-U", "postgres", "-d", "postgres", "-c", "select 'remote'"])
             assert "remote" in done.stdout
-        proc = ns.popen(psql(server, "select 'local'"), stdout=subprocess.PIPE,
+        proc = ns.popen(as_nobody(psql_argv(server, "select 'local'")), stdout=subprocess.PIPE,
                         stderr=subprocess.PIPE)
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
@@ -253,7 +249,7 @@ def test_the_program_goes_with_the_agent(
     else:
         short.kill()
     assert "sk_lookup" not in redirect_status(ns)
-    done = ns.run(psql(server, "select 'direct'"))
+    done = ns.run(as_nobody(psql_argv(server, "select 'direct'")))
     assert "direct" in done.stdout
     assert not [r for r in short.records() if r["type"] == "query"]
 

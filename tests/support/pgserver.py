@@ -128,3 +128,31 @@ def pgserver(
             process.kill()
             process.wait()
         shutil.rmtree(base, ignore_errors=True)
+
+
+NOBODY = 65534
+
+
+def psql_argv(server: PgServer, sql: str, host: str = "127.0.0.1", user: str = "nobody",
+              port: int = 5432) -> list[str]:
+    """psql running ``sql`` against ``host``:``port`` (a directory: the Unix socket there)."""
+    return [server.tool("psql"), "-X", "-h", host, "-p", str(port), "-U", user,
+            "-d", "postgres", "-c", sql]
+
+
+def as_nobody(argv: list[str]) -> list[str]:
+    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv]
+
+
+def psql_as_nobody_matches_direct(ns: NetNS, server: PgServer, sql: str,
+                                  host: str = "127.0.0.1") -> int:
+    """Run ``sql`` with psql as uid nobody dialling ``host``:5432, check that it prints byte
+    for byte what it prints over the server's Unix socket (which no redirect reaches), and
+    return its pid."""
+    direct = ns.run(as_nobody(psql_argv(server, sql, host=str(server.sockdir))))
+    proc = ns.popen(as_nobody(psql_argv(server, sql, host=host)), stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out == direct.stdout.encode(), (out, direct.stdout)
+    return proc.pid
