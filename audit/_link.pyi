@@ -10,7 +10,7 @@ def link(
            bytes, int]: ...
 
 def batch_items(
-    body: bytes, types: frozenset[str], /,
+    body: bytes | memoryview, types: frozenset[str], /,
 ) -> list[tuple[str, str | None, int, bytes, object]] | None: ...
 
 def batch_frame(

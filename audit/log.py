@@ -206,13 +206,13 @@ def joined_items(records: Sequence[Sequence[Any]]) -> list[_Item]:
     return items
 
 
-def _batch_items_py(body: bytes, types: frozenset[str]) -> list[_Item] | None:
+def _batch_items_py(body: bytes | memoryview, types: frozenset[str]) -> list[_Item] | None:
     """The records of an agent's batch frame (msgpack ``["b", [[type, session_id, ts,
     data], ...]]``, a joining result with ``true`` after them) as the writer queues them,
     ``(type, session_id, ts, data, None)``, joined as :func:`joined_items` says; None when
     ``body`` is anything else, holds a value of another kind or a type not in ``types``
     (audit/_link.c has it compiled)."""
-    if not body.startswith(_BATCH_HEAD):
+    if bytes(body[:len(_BATCH_HEAD)]) != _BATCH_HEAD:
         return None
     try:
         frame = msgpack.unpackb(body, raw=False)
@@ -248,7 +248,7 @@ except ImportError as e:  # a source tree where it was not built, or RINGFENCE_I
 NATIVE_LINK = _link is not _link_py
 
 
-def batch_items(body: bytes) -> list[_Item] | None:
+def batch_items(body: bytes | memoryview) -> list[_Item] | None:
     """The records of an agent's batch frame ``body`` as queue items, checked: their types
     are ones producers may emit; None when the frame is anything else (see _batch_items_py)."""
     return _batch_items(body, _PRODUCER_TYPES)

@@ -136,6 +136,56 @@ def _receive_body(sock: socket.socket) -> bytes | None:
     return _read_exactly(sock, _LENGTH.unpack(head)[0])
 
 
+# A producer's frames are read into a buffer this large (a larger frame gets one of its own).
+_FRAME_BUFFER = 1 << 18
+
+
+class _Frames:
+    """A producer's frames off its socket, read in large pieces: a frame costs one system
+    call or less (several often arrive together) and its bytes are copied once, into the
+    buffer; :meth:`next` returns a view of them, valid until the next call."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = bytearray(_FRAME_BUFFER)
+        self._view = memoryview(self._buffer)
+        self._start = self._end = 0
+
+    def next(self) -> memoryview | None:
+        """The next frame's bytes, or None at the end of the stream (also mid-frame)."""
+        while True:
+            start, available = self._start, self._end - self._start
+            if available >= 4:
+                body = start + 4
+                end = body + _LENGTH.unpack_from(self._buffer, start)[0]
+                if end <= self._end:
+                    self._start = end
+                    return self._view[body:end]
+                needed = end - start
+            else:
+                needed = 4
+            if start + needed > len(self._buffer):
+                self._make_room(needed)
+            count = self._sock.recv_into(self._view[self._end:])
+            if not count:
+                return None
+            self._end += count
+
+    def _make_room(self, needed: int) -> None:
+        """Move the unread bytes to the buffer's start; into a new buffer when the frame
+        being read is larger than this one, or back to the usual size after one was."""
+        unread = self._view[self._start:self._end]
+        size = len(self._buffer)
+        if needed > size or (size > _FRAME_BUFFER and needed <= _FRAME_BUFFER):
+            buffer = bytearray(max(needed, _FRAME_BUFFER))
+            buffer[:len(unread)] = unread
+            self._view.release()
+            self._buffer, self._view = buffer, memoryview(buffer)
+        else:
+            self._view[:len(unread)] = unread
+        self._start, self._end = 0, len(unread)
+
+
 def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
     chunks = bytearray()
     while len(chunks) < size:
@@ -610,9 +660,10 @@ def _replier(sock: socket.socket) -> Callable[[Any], None]:
 
 def _apply_frames(sock: socket.socket, audit_log: AuditLog, reply: Callable[[Any], None]) -> None:
     """One producer's frames into the log, until it closes (then its socket is closed)."""
+    frames = _Frames(sock)
     try:
         while True:
-            body = _receive_body(sock)
+            body = frames.next()
             if body is None:
                 break
             items = batch_items(body)  # the commonest frame, read in one step

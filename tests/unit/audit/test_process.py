@@ -445,3 +445,28 @@ def test_a_producer_sees_the_writer_go(tmp_path: Path) -> None:
         worker.emit("query", {"n": 1}, session_id="w1")
     trail.close()
     worker.close()
+
+
+@pytest.mark.parametrize("piece", [1, 3, 7, 4096, 1 << 20])
+def test_frames_arrive_whole_however_the_stream_is_cut(piece: int) -> None:
+    """The writer reads a producer's stream in large pieces: frames cut anywhere, several in
+    one read, one larger than its buffer, and a stream ending mid-frame."""
+    bodies = [b"", b"x" * 5, os.urandom(70_000), b"y", os.urandom(audit.process._FRAME_BUFFER * 2 + 3),
+              *(os.urandom(n) for n in range(1, 300, 37)), b"last"]
+    stream = b"".join(len(b).to_bytes(4, "big") + b for b in bodies) + (9).to_bytes(4, "big") + b"cut"
+    ours, theirs = socket.socketpair()
+
+    def send() -> None:
+        for at in range(0, len(stream), piece):
+            theirs.sendall(stream[at:at + piece])
+        theirs.close()
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    frames = audit.process._Frames(ours)
+    received = []
+    while (body := frames.next()) is not None:
+        received.append(bytes(body))
+    sender.join()
+    ours.close()
+    assert received == bodies
