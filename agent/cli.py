@@ -67,8 +67,13 @@ def redirect_status() -> None:
 @redirect.command("clean")
 def redirect_clean() -> None:
     """Remove every RINGFENCE_* chain and jump (also those of a crashed agent)."""
+    from agent.claim import refusal
     from agent.redirect import Redirector
 
+    why = refusal("remove its redirect rules")
+    if why is not None:
+        click.echo(f"ringfence: {why}", err=True)
+        sys.exit(1)
     removed = Redirector.clean_all()
     click.echo(f"removed {removed} ringfence chain(s)")
 

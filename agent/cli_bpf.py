@@ -121,11 +121,17 @@ def cleanup(config_path: str | None, everything: bool) -> None:
 
     The redirect rules stay when [agent] fail_closed = true (without --all).
     Run after the agent has stopped: the rules are removed whichever agent
-    installed them.
+    installed them, so without --all it refuses while an agent runs in this
+    network namespace.
     """
+    from agent.claim import refusal
     from agent.redirect import RedirectError, Redirector
 
     _quiet_logging()
+    why = None if everything else refusal("clean up after it")
+    if why is not None:
+        click.echo(f"ringfence: {why}", err=True)
+        sys.exit(1)
     config = _config(config_path, tolerant=True)
     failed = False
     if config.agent.fail_closed and not everything:

@@ -1,6 +1,7 @@
 """``ringfence run``: bring everything up in order, tear it down in reverse.
 
-Start order: audit log → attribution probes → listeners → redirect rules →
+Start order: the network namespace's claim (agent/claim.py: one agent a namespace,
+held until the process ends) → audit log → attribution probes → listeners → redirect rules →
 ``agent.start`` record → ``READY=1``. Rules go in last, so no connection is
 ever redirected to a port nobody listens on. Stop order (SIGTERM/SIGINT):
 sessions are ended with a clear message (the session workers' first, then the
@@ -26,6 +27,7 @@ from typing import Any
 
 from agent import __version__
 from agent.balance import BalanceError, Balancer, SessionCount, off_reason
+from agent.claim import Claimed, answer, claim
 from agent.config import Config
 from agent.logs import configure_logging
 from agent.notify import sd_notify
@@ -55,11 +57,19 @@ def run_agent(config: Config) -> int:
 
     _raise_open_file_limit()
     try:
+        claimed = claim()  # (held until this process ends: see agent/claim.py)
+    except (Claimed, OSError) as e:
+        why = str(e) if isinstance(e, Claimed) else f"cannot claim this network namespace: {e}"
+        log.error("cannot start: %s", why, extra={"event": "agent.start_failed"})
+        return 1
+    try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(_serve(config))
+            return runner.run(_serve(config, claimed))
     except StartupError as e:
         log.error("cannot start: %s", e, extra={"event": "agent.start_failed"})
         return 1
+    finally:
+        claimed.close()
 
 
 # The most open files asked for when the hard limit is unlimited (Linux's default fs.nr_open).
@@ -83,10 +93,11 @@ def _raise_open_file_limit() -> None:
               extra={"event": "agent.nofile"})
 
 
-async def _serve(config: Config) -> int:
+async def _serve(config: Config, claimed: socket.socket) -> int:
     from audit.process import AuditProcess
 
     loop = asyncio.get_running_loop()
+    loop.add_reader(claimed.fileno(), answer, claimed)
     stop = asyncio.Event()
     stop_reason = ["stopped"]
     failed = [False]  # stopping because something the agent needs is gone

@@ -200,6 +200,34 @@ def test_the_listener_port_itself_is_refused(
     assert "only accepts redirected connections" in done.stderr
 
 
+
+@pytest.mark.parametrize("method", ["sk_lookup", "nat"])
+def test_a_second_agent_in_the_namespace_is_refused(
+    host: tuple[NetNS, PgServer], agent: AgentProcess, tmp_path: Path, method: str
+) -> None:
+    """A second agent here, by either method, would take the first one's ports (and remove
+    its rules when it stopped): it refuses to start, naming the first, which goes on
+    protecting; `redirect clean` and `cleanup` refuse too while an agent runs."""
+    ns, server = host
+    assert agent.process is not None
+    first = f"(pid {agent.process.pid})"
+    second = AgentProcess(ns, tmp_path / "second", services=SERVICES,
+                          extra=f'[redirect]\nmethod = "{method}"\n')
+    with pytest.raises(RuntimeError) as refused:
+        second.start()
+    assert f"another ringfence agent {first} is running in this network namespace" \
+        in str(refused.value)
+    assert second.process is not None and second.process.returncode == 1
+    for command in (["redirect", "clean"], ["cleanup", "--config", str(second.config)]):
+        done = subprocess.run(ns.argv([*RINGFENCE, *command]), env=ENV, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 1, done.stdout
+        assert f"a ringfence agent {first} is running in this network namespace" in done.stderr
+    assert "sk_lookup: program" in redirect_status(ns)
+    pid = psql_as_nobody_matches_direct(ns, server, "select 'still protected'")
+    recs = agent.wait_for(lambda rs: session_of_pid(rs, pid))
+    assert any(r["type"] == "query" and r["text"] == "select 'still protected'" for r in recs)
+
 @pytest.fixture
 def alone(host: tuple[NetNS, PgServer], agent: AgentProcess) -> tuple[NetNS, PgServer]:
     """The host without the module's agent: one agent a host, as in production (a second
