@@ -80,9 +80,10 @@ def _redirect_check(family: Family, port: int) -> Check:
 def _sk_lookup_check(config: Config) -> Check:
     """The sk_lookup program loads and attaches (``[redirect] method = "sk_lookup"``). With
     no ports in its maps it leaves every connection to the kernel meanwhile."""
-    from agent.sklookup import SkLookup, SkLookupError
+    from agent.sklookup import SkLookup, SkLookupError, kernel_needed
 
     name = "sk_lookup redirect"
+    needed = kernel_needed(config.redirect.local, config.redirect.remote)
     try:
         steering = SkLookup(local=config.redirect.local, remote=config.redirect.remote)
         try:
@@ -90,8 +91,8 @@ def _sk_lookup_check(config: Config) -> Check:
         finally:
             steering.close()
     except SkLookupError as e:
-        return Check(name, False, str(e),
-                     'use Linux 5.9 or later, or set [redirect] method = "nat"')
+        return Check(name, False, str(e), f"use Linux {needed} or later, or set "
+                     '[redirect] method = "nat"')
     return Check(name, True, "program loaded and attached to this network namespace, then removed")
 
 

@@ -343,8 +343,9 @@ class SkLookup:
                         counts_fd=self._counts_fd),
                 PROGRAM_NAME, BPF_SK_LOOKUP, verifier_log=True)
         except OSError as e:
-            raise SkLookupError(f"the kernel refused the sk_lookup program (Linux 5.9 or "
-                                f"later is needed): {e.strerror}") from None
+            raise SkLookupError(f"the kernel refused the sk_lookup program (Linux "
+                                f"{kernel_needed(self.local, self.remote)} or later is "
+                                f"needed): {e.strerror}") from None
 
     def probe(self) -> None:
         """Load the program and drop it: raises SkLookupError when this kernel refuses it."""
@@ -377,6 +378,12 @@ class SkLookup:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._fds = []
+
+
+def kernel_needed(local: bool, remote: bool) -> str:
+    """The Linux release the program needs: 5.9, or 5.17 when it tells local clients from
+    remote ones (``local`` or ``remote`` alone: it reads ``ingress_ifindex``)."""
+    return "5.9" if local == remote else "5.17"
 
 
 def listeners_for(services: Sequence[tuple[int, Sequence[Sequence[socket.socket]]]],

@@ -21,7 +21,13 @@ from typing import Any
 import pytest
 
 from agent import bpfsys
-from agent.sklookup import BPF_MAP_TYPE_HASH, Exemptions, exemption_key
+from agent.sklookup import (
+    BPF_MAP_TYPE_HASH,
+    Exemptions,
+    SkLookup,
+    SkLookupError,
+    exemption_key,
+)
 from tests.conftest import require
 from tests.support.agent import REPO, RINGFENCE, AgentProcess, session_of_pid, sessions
 from tests.support.netns import NetNS, connect_veth, netns
@@ -145,6 +151,29 @@ def test_the_agents_upstream_ports_are_not_left_in_time_wait(
             waiting.add(int(local.rsplit(":", 1)[1]))
     assert waiting, "no TIME_WAIT at all: the clients' own connections should show"
     assert waiting <= clients, f"agent upstream ports in TIME_WAIT: {sorted(waiting - clients)}"
+
+
+@pytest.mark.parametrize("local, remote, release", [(True, True, "5.9"), (True, False, "5.17"),
+                                                     (False, True, "5.17")])
+def test_a_kernel_that_refuses_the_program_is_told_which_release_it_needs(
+    monkeypatch: pytest.MonkeyPatch, local: bool, remote: bool, release: str
+) -> None:
+    """Telling local clients from remote ones reads a field Linux 5.17 added: the error
+    names the release the configured program needs."""
+    require(os.geteuid() == 0, "root")
+
+    def refuse(*args: Any, **kwargs: Any) -> int:
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+    monkeypatch.setattr(bpfsys, "prog_load", refuse)
+    steering = SkLookup(local=local, remote=remote)
+    try:
+        with pytest.raises(SkLookupError) as refused:
+            steering.probe()
+    finally:
+        steering.close()
+    assert str(refused.value) == (f"the kernel refused the sk_lookup program (Linux {release} "
+                                  "or later is needed): Invalid argument")
 
 
 def test_an_exempted_address_and_port_are_the_agents_alone() -> None:
