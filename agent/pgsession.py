@@ -154,8 +154,9 @@ EXECUTED_BYTES = 256 * 1024  # bytes of executions' encoded records remembered p
 class _Portal:
     statement: str
     parameters: list[Any]
-    # Bound to a statement whose Parse the policy blocked, in this request (Syncs sent
-    # before it); -1 for any other.
+    # The request it was bound in (Syncs, Queries and FunctionCalls sent before it).
+    request: int
+    # Bound to a statement whose Parse the policy blocked, in this request; -1 for any other.
     blocked_in: int = -1
 
 
@@ -299,10 +300,11 @@ class PostgresSession:
             actions.to_server.append(event.raw)
         elif isinstance(event, pg.Bind):
             types = self._statements.get(event.statement, ("", ()))[1]
-            self._portals[event.portal] = _Portal(
+            self._bind(event.portal, _Portal(
                 event.statement, _parameters(event, self.max_statement, types),
+                self._segments_sent,
                 self._segments_sent if event.statement in self._blocked_names else -1,
-            )
+            ))
             if event.raw:  # (a large Bind went on already, in pieces)
                 actions.to_server.append(event.raw)
         elif isinstance(event, pg.Execute):
@@ -468,13 +470,26 @@ class PostgresSession:
             if statement:
                 self._touch(statement)
             self._statements[statement] = known
-        self._portals[portal] = _Portal(statement, parameters)
+        self._bind(portal, _Portal(statement, parameters, self._segments_sent))
         self.bytes_from_client += len(data)
         self.statements += 1
         self._pending.append(_Pending("execute", started=self.clock()))
         self._pending.append(_Pending("sync"))
         self._segments_sent += 1
         return prefix + encoded
+
+    def _bind(self, name: str, portal: _Portal) -> None:
+        """A Bind of portal ``name``. PostgreSQL drops a transaction's portals when it ends:
+        once every request sent before this one is answered and the last left no
+        transaction open, the portals they bound are forgotten here too (a session that
+        never closes its named portals would otherwise grow without end)."""
+        portals = self._portals
+        if ((len(portals) > 1 or (portals and name not in portals)) and self.transaction == "I"
+                and self._segments_done == self._segments_sent):
+            request = self._segments_sent
+            for gone in [key for key, bound in portals.items() if bound.request < request]:
+                del portals[gone]
+        portals[name] = portal
 
     def _executed_prefix(self, sql: str, verdict: dict[str, Any] | None) -> bytes:
         """An execution's query record of ``sql`` (with ``verdict`` as its policy field) as

@@ -6,6 +6,9 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import msgpack
+import pytest
+
 from agent.pgsession import PostgresSession
 from agent.protocols import postgres as pg
 
@@ -345,3 +348,53 @@ def test_a_long_cancel_key_finds_its_session() -> None:
     assert actions.to_server == [request]
     (start,) = records(actions, "session.start")
     assert start["cancel"] == {"backend_pid": 11, "target_session_id": "s1"}
+
+
+def _portal_request(portals: list[str], executes: list[str], value: bytes) -> bytes:
+    """Binds of ``portals`` (to the unnamed statement, one text parameter), Executes of
+    ``executes``, then Sync."""
+    binds = b"".join(msg(b"B", name.encode() + b"\x00\x00" + struct.pack("!hhi", 0, 1, len(value))
+                         + value + struct.pack("!h", 0)) for name in portals)
+    runs = b"".join(msg(b"E", name.encode() + b"\x00" + struct.pack("!i", 0)) for name in executes)
+    return binds + runs + msg(b"S", b"")
+
+
+def _sent(s: PostgresSession, data: bytes, one_step: bool) -> list[dict[str, Any]]:
+    """The query records of ``data`` from the client, through the proxy's one-step path
+    when it takes them (as the proxy does) or the general one."""
+    if one_step:
+        encoded = s.allowed_execute(data)
+        if encoded is not None:
+            return [msgpack.unpackb(encoded)]
+    return records(s.client_data(data), "query")
+
+
+@pytest.mark.parametrize("one_step", [False, True])
+def test_portals_end_with_their_transaction(one_step: bool) -> None:
+    """PostgreSQL drops a transaction's portals when it ends, so a session binding a new
+    named portal for each statement and never closing one leaves the agent nothing to keep;
+    portals of an open transaction, and those bound earlier in the same request, are still
+    known, so their executions are recorded with their statement and parameters."""
+    s, _ = session()
+    ready(s)
+    s.client_data(msg(b"P", b"\x00select $1::text\x00" + struct.pack("!h", 0)) + msg(b"S", b""))
+    s.server_data(msg(b"1", b"") + msg(b"Z", b"I"))
+    answer = msg(b"2", b"") + msg(b"C", b"SELECT 1\x00") + msg(b"Z", b"I")
+    for i in range(2000):
+        (query,) = _sent(s, _portal_request([f"p{i}"], [f"p{i}"], str(i).encode()), one_step)
+        assert query["text"] == "select $1::text" and query["parameters"] == [str(i)]
+        s.server_data(answer)
+    assert len(s._portals) <= 2
+    # Two portals bound, then run, in one request after an idle ReadyForQuery.
+    both = _sent(s, _portal_request(["a", "b"], ["a", "b"], b"x"), one_step)
+    assert [q["text"] for q in both] == ["select $1::text"] * 2
+    s.server_data(msg(b"2", b"") * 2 + msg(b"C", b"SELECT 1\x00") * 2 + msg(b"Z", b"I"))
+    # In a transaction a portal outlives its request.
+    s.client_data(pg.query_message("begin"))
+    s.server_data(msg(b"C", b"BEGIN\x00") + msg(b"Z", b"T"))
+    _sent(s, _portal_request(["kept"], [], b"early"), one_step)
+    s.server_data(msg(b"2", b"") + msg(b"Z", b"T"))
+    _sent(s, _portal_request(["other"], ["other"], b"y"), one_step)
+    s.server_data(answer[:-6] + msg(b"Z", b"T"))
+    (later,) = _sent(s, _portal_request([], ["kept"], b""), one_step)
+    assert later["text"] == "select $1::text" and later["parameters"] == ["early"]
