@@ -47,6 +47,10 @@ class AgentSettings:
     max_message_bytes: int = 64 * 1024 * 1024
     # How much of a statement's text is kept in its audit record.
     max_statement_bytes: int = 64 * 1024
+    # The texts of the statements one session has prepared and not closed, which the
+    # agent keeps to record and judge their executions, at most (in characters); a
+    # session preparing more is ended.
+    max_prepared_bytes: int = 256 * 1024 * 1024
     # After a crash or kill, `ringfence cleanup` (the service's ExecStopPost)
     # keeps the redirect rules: protected ports refuse connections until the
     # agent is back, instead of being reachable without an audit trail.
@@ -360,6 +364,9 @@ def _agent(t: _Table) -> AgentSettings:
     max_statement = t.get("max_statement_bytes", int, d.max_statement_bytes)
     if max_statement < 64:
         raise ConfigError(f"{t.key('max_statement_bytes')}: must be at least 64")
+    max_prepared = t.get("max_prepared_bytes", int, d.max_prepared_bytes)
+    if max_prepared < 1024:
+        raise ConfigError(f"{t.key('max_prepared_bytes')}: must be at least 1024")
     raw_workers: object = t.get("workers", object, "auto")
     if raw_workers == "auto":
         workers = d.workers
@@ -380,6 +387,7 @@ def _agent(t: _Table) -> AgentSettings:
         listen_addresses=tuple(addresses),
         max_message_bytes=max_message,
         max_statement_bytes=max_statement,
+        max_prepared_bytes=max_prepared,
         fail_closed=t.get("fail_closed", bool, d.fail_closed),
     )
     t.finish()

@@ -150,6 +150,34 @@ REUSED_TEXTS = 256 * 1024  # and of all of them, per session
 EXECUTED_BYTES = 256 * 1024  # bytes of executions' encoded records remembered per session
 
 
+class _Prepared(dict[str, tuple[str, tuple[int, ...]]]):
+    """Prepared statements by name → (text, parameter types), with the characters of their
+    texts (``size``). Changed only by setting, ``del`` and :meth:`clear`."""
+
+    __slots__ = ("size",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = 0
+
+    def __setitem__(self, name: str, value: tuple[str, tuple[int, ...]]) -> None:
+        old = self.get(name)
+        self.size += len(value[0]) - (len(old[0]) if old is not None else 0)
+        super().__setitem__(name, value)
+
+    def __delitem__(self, name: str) -> None:
+        self.size -= len(self[name][0])
+        super().__delitem__(name)
+
+    def discard(self, name: str) -> None:
+        if name in self:
+            del self[name]
+
+    def clear(self) -> None:
+        super().clear()
+        self.size = 0
+
+
 @dataclass(slots=True)
 class _Portal:
     statement: str
@@ -180,6 +208,7 @@ class PostgresSession:
         *,
         max_message: int = pg.DEFAULT_MAX_MESSAGE,
         max_statement: int = 64 * 1024,
+        max_prepared: int = 256 * 1024 * 1024,
         cancel_target: Callable[[int, bytes], str | None] | None = None,
         policy: Callable[[], Policy] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -187,6 +216,7 @@ class PostgresSession:
         self.session_id = session_id
         self.context = context
         self.max_statement = max_statement
+        self.max_prepared = max_prepared
         self.clock = clock
         self.cancel_target = cancel_target
         self.frontend = pg.FrontendParser(max_message, keep=max_statement)
@@ -207,7 +237,7 @@ class PostgresSession:
         self._pending: deque[_Pending] = deque()
         # Prepared statements by name → (text, parameter types): by a Parse, or by SQL's
         # PREPARE (its whole text, no types), which share one namespace on the server.
-        self._statements: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self._statements = _Prepared()
         self._judging: list[str] = []  # prepared statements an EXECUTE is being judged through
         # A named Parse or Close changes the statements when sent; an error before it in its
         # request makes the server skip it. By request (Syncs sent before it), the names
@@ -275,7 +305,7 @@ class PostgresSession:
             self._begin_statement("query", event.sql, "simple", None, actions, decision)
             if decision is not None and not decision.allowed:
                 self._block(decision, pg.query_message(SUBSTITUTE_SQL), False, actions)
-            else:
+            elif not self._over_prepared_by(decision, actions):
                 self._await_prepared(decision)
                 actions.to_server.append(event.raw)
         elif isinstance(event, pg.Parse):
@@ -291,7 +321,9 @@ class PostgresSession:
                 if not event.statement:
                     # The server drops the unnamed statement before it parses a new one,
                     # even one that fails: an Execute after this one runs nothing it knew.
-                    self._statements.pop("", None)
+                    self._statements.discard("")
+                return
+            if self._over_prepared(event.statement, event.sql, actions):
                 return
             if event.statement:
                 self._touch(event.statement)
@@ -350,7 +382,7 @@ class PostgresSession:
             if event.kind == "S":
                 if event.name:
                     self._touch(event.name)
-                self._statements.pop(event.name, None)
+                self._statements.discard(event.name)
             else:
                 self._portals.pop(event.name, None)
             actions.to_server.append(event.raw)
@@ -439,7 +471,7 @@ class PostgresSession:
         parse, portal, statement, formats, values = parts
         if parse is not None:
             name, sql, types = parse
-            if name != statement:
+            if name != statement or self._prepared_after(name, sql) > self.max_prepared:
                 return None
             known = sql, types
         else:
@@ -604,7 +636,7 @@ class PostgresSession:
         protocol share the names): a statement prepared before a reload runs under the
         policy in force, as an Execute does. Read in order, so that an EXECUTE follows the
         string's own PREPARE and DEALLOCATE."""
-        prepared = self._statements
+        prepared: dict[str, tuple[str, tuple[int, ...]]] = self._statements
         for info in decision.classification.statements:
             if info.prepared is None:
                 continue
@@ -633,6 +665,39 @@ class PostgresSession:
                 prepared = dict(prepared)  # (the session's change only once it runs)
             _prepared_change(prepared, action, name, info.text)
         return decision
+
+    def _prepared_after(self, name: str, sql: str) -> int:
+        """The characters of the session's prepared texts once ``name`` holds ``sql``."""
+        old = self._statements.get(name)
+        return self._statements.size + len(sql) - (len(old[0]) if old is not None else 0)
+
+    def _over_prepared(self, name: str, sql: str, actions: Actions) -> bool:
+        """Whether a Parse of ``sql`` as ``name`` would take the session's prepared texts
+        over max_prepared: then the session ends (the Parse is not sent)."""
+        if self._prepared_after(name, sql) <= self.max_prepared:
+            return False
+        self._prepared_limit(actions)
+        return True
+
+    def _over_prepared_by(self, decision: Any, actions: Actions) -> bool:
+        """:meth:`_over_prepared` for the PREPAREs of a simple Query (an allowed string),
+        counted before they are sent: then the session ends (the Query is not sent)."""
+        if not _touches_prepared(decision):
+            return False
+        size = self._statements.size + sum(
+            len(info.text) for info in decision.classification.statements
+            if info.prepared is not None and info.prepared[0] == "prepare")
+        if size <= self.max_prepared:
+            return False
+        self._prepared_limit(actions)
+        return True
+
+    def _prepared_limit(self, actions: Actions) -> None:
+        self._fatal(actions, "54000",
+                    f"ringfence: this session's prepared statements would exceed "
+                    f"{self.max_prepared} characters of text (the agent's max_prepared_bytes); "
+                    "close or DEALLOCATE the ones no longer needed",
+                    "prepared statements over max_prepared_bytes")
 
     def _touch(self, name: str) -> None:
         """A named Parse or Close changes ``name`` in the request being sent."""
@@ -1461,14 +1526,14 @@ def _touches_prepared(decision: Any) -> bool:
 def _prepared_change(prepared: dict[str, tuple[str, tuple[int, ...]]], action: str,
                      name: str | None, text: str) -> None:
     """What a PREPARE (``text``) or a DEALLOCATE of ``name`` (None: all) does to
-    ``prepared``."""
+    ``prepared`` (the session's, a _Prepared, or a copy)."""
     if action == "prepare" and name is not None:
         prepared[name] = (text, ())
     elif action == "deallocate":
         if name is None:
             prepared.clear()
-        else:
-            prepared.pop(name, None)
+        elif name in prepared:
+            del prepared[name]
 
 
 def _without_execution_head(data: bytes) -> bytes:

@@ -590,6 +590,7 @@ class ClientSide(asyncio.Protocol):
             context,
             max_message=cfg.max_message_bytes,
             max_statement=cfg.max_statement_bytes,
+            max_prepared=cfg.max_prepared_bytes,
             cancel_target=self.proxy.cancel_target(destination) if destination else None,
             policy=self.proxy.policy,
         )

@@ -18,6 +18,7 @@ def test_packaged_default_config_is_valid() -> None:
     assert (service.name, service.protocol, service.port, service.listen_port) == (
         "postgres", "postgres", 5432, 15432)
     assert config.audit.path == Path("/var/lib/ringfence/audit")
+    assert config.agent.max_prepared_bytes == 256 * 1024 * 1024
 
 
 def test_environment_variable_chooses_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -47,6 +48,7 @@ def test_environment_variable_chooses_the_file(tmp_path: Path, monkeypatch: pyte
         ({"agent": {"workers": True}}, "agent.workers"),
         ({"agent": {"workers": 65}}, "agent.workers"),
         ({"agent": {"balance": "round-robin"}}, "agent.balance"),
+        ({"agent": {"max_prepared_bytes": 100}}, "agent.max_prepared_bytes: must be at least 1024"),
         ({"redirect": {"method": "tproxy"}}, "redirect.method: must be one of auto, nat, sk_lookup"),
         ({"agent": {"fail_closed": True}, "redirect": {"method": "sk_lookup"}},
          'agent.fail_closed = true needs redirect.method = "nat"'),

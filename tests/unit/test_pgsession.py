@@ -398,3 +398,71 @@ def test_portals_end_with_their_transaction(one_step: bool) -> None:
     s.server_data(answer[:-6] + msg(b"Z", b"T"))
     (later,) = _sent(s, _portal_request([], ["kept"], b""), one_step)
     assert later["text"] == "select $1::text" and later["parameters"] == ["early"]
+
+
+def _limited(limit: int) -> PostgresSession:
+    from policy import parse_policy
+
+    policy = parse_policy('[defaults]\nunidentified = "allow"\n')
+    s = PostgresSession("s1", {"service": "postgres"}, max_prepared=limit, policy=lambda: policy)
+    ready(s)
+    return s
+
+
+def _ended_over_the_limit(actions: Any) -> None:
+    assert actions.to_server == [] and actions.close
+    (end,) = records(actions, "session.end")
+    assert end["reason"] == "prepared statements over max_prepared_bytes"
+    assert end["error"]["sqlstate"] == "54000"
+    assert b"max_prepared_bytes" in actions.to_client[-1] and actions.to_client[-1][:1] == b"E"
+
+
+def test_prepared_texts_are_bounded_per_session() -> None:
+    """The texts a session keeps prepared (to record and judge their executions) are
+    bounded: a Parse that would take them over max_prepared ends the session with a FATAL
+    54000 and is not sent; closing a statement, or preparing another text under the same
+    name, makes room."""
+    s = _limited(1000)
+
+    def parse(name: str, size: int) -> Any:
+        sql = "select '" + "x" * (size - 9) + "'"
+        return s.client_data(msg(b"P", name.encode() + b"\x00" + sql.encode() + b"\x00\x00\x00")
+                             + msg(b"S", b""))
+
+    assert parse("a", 600).to_server
+    s.server_data(msg(b"1", b"") + msg(b"Z", b"I"))
+    assert parse("a", 900).to_server  # (a replaces a)
+    s.server_data(msg(b"1", b"") + msg(b"Z", b"I"))
+    s.client_data(msg(b"C", b"Sa\x00") + msg(b"S", b""))
+    s.server_data(msg(b"3", b"") + msg(b"Z", b"I"))
+    assert parse("b", 600).to_server
+    s.server_data(msg(b"1", b"") + msg(b"Z", b"I"))
+    _ended_over_the_limit(parse("", 401))
+
+
+def test_sql_prepare_is_bounded_too_and_deallocate_makes_room() -> None:
+    """PREPARE counts as a Parse does, once the server has done it; a string whose
+    PREPAREs would go over the bound ends the session before it is sent."""
+    s = _limited(1024)
+    text = "PREPARE p AS SELECT '" + "x" * 600 + "'"
+    assert s.client_data(pg.query_message(text)).to_server
+    s.server_data(msg(b"C", b"PREPARE\x00") + msg(b"Z", b"I"))
+    assert s.client_data(pg.query_message("DEALLOCATE p")).to_server
+    s.server_data(msg(b"C", b"DEALLOCATE\x00") + msg(b"Z", b"I"))
+    assert s.client_data(pg.query_message(text)).to_server
+    s.server_data(msg(b"C", b"PREPARE\x00") + msg(b"Z", b"I"))
+    actions = s.client_data(pg.query_message(text.replace("PREPARE p", "PREPARE q")))
+    (query,) = records(actions, "query")
+    assert query["text"].startswith("PREPARE q AS")
+    _ended_over_the_limit(actions)
+
+
+def test_the_one_step_path_leaves_a_parse_over_the_bound_to_the_general_one() -> None:
+    """PQexecParams' Parse, Bind, Execute, Sync over the bound is not taken in one step:
+    the general path ends the session."""
+    s = _limited(1024)
+    sql = ("select '" + "x" * 1100 + "'").encode()
+    data = (msg(b"P", b"\x00" + sql + b"\x00\x00\x00") + msg(b"B", b"\x00\x00" + b"\x00" * 6)
+            + msg(b"E", b"\x00" + struct.pack("!i", 0)) + msg(b"S", b""))
+    assert s.allowed_execute(data) is None
+    _ended_over_the_limit(s.client_data(data))
