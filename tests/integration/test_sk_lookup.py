@@ -253,6 +253,11 @@ def test_a_second_agent_in_the_namespace_is_refused(
         assert done.returncode == 1, done.stdout
         assert f"a ringfence agent {first} is running in this network namespace" in done.stderr
     assert "sk_lookup: program" in redirect_status(ns)
+    if method == "sk_lookup":  # (the running agent's own ports are no conflict to doctor)
+        doctor = subprocess.run(ns.argv([*RINGFENCE, "doctor", "--config", str(agent.config)]),
+                                capture_output=True, text=True, env=ENV, timeout=120)
+        assert ("OK    listener ports: in use by the agent running in this network namespace "
+                f"{first}: [0.0.0.0]:15432") in doctor.stdout, doctor.stdout
     pid = psql_as_nobody_matches_direct(ns, server, "select 'still protected'")
     recs = agent.wait_for(lambda rs: session_of_pid(rs, pid))
     assert any(r["type"] == "query" and r["text"] == "select 'still protected'" for r in recs)
