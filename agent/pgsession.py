@@ -151,8 +151,10 @@ EXECUTED_BYTES = 256 * 1024  # bytes of executions' encoded records remembered p
 
 
 class _Prepared(dict[str, tuple[str, tuple[int, ...]]]):
-    """Prepared statements by name → (text, parameter types), with the characters of their
-    texts (``size``). Changed only by setting, ``del`` and :meth:`clear`."""
+    """Prepared statements by name → (text, parameter types), with the characters of the
+    named ones' texts (``size``; the unnamed statement is not counted: each Parse replaces
+    it, and max_message_bytes bounds it). Changed only by setting, ``del`` and
+    :meth:`clear` (or, for the unnamed statement, ``dict.__setitem__``)."""
 
     __slots__ = ("size",)
 
@@ -161,12 +163,14 @@ class _Prepared(dict[str, tuple[str, tuple[int, ...]]]):
         self.size = 0
 
     def __setitem__(self, name: str, value: tuple[str, tuple[int, ...]]) -> None:
-        old = self.get(name)
-        self.size += len(value[0]) - (len(old[0]) if old is not None else 0)
+        if name:
+            old = self.get(name)
+            self.size += len(value[0]) - (len(old[0]) if old is not None else 0)
         super().__setitem__(name, value)
 
     def __delitem__(self, name: str) -> None:
-        self.size -= len(self[name][0])
+        if name:
+            self.size -= len(self[name][0])
         super().__delitem__(name)
 
     def discard(self, name: str) -> None:
@@ -471,7 +475,7 @@ class PostgresSession:
         parse, portal, statement, formats, values = parts
         if parse is not None:
             name, sql, types = parse
-            if name != statement or self._prepared_after(name, sql) > self.max_prepared:
+            if name != statement or (name and self._prepared_after(name, sql) > self.max_prepared):
                 return None
             known = sql, types
         else:
@@ -501,8 +505,15 @@ class PostgresSession:
         if parse is not None:
             if statement:
                 self._touch(statement)
-            self._statements[statement] = known
-        self._bind(portal, _Portal(statement, parameters, self._segments_sent))
+                self._statements[statement] = known
+            else:  # (not counted, see _Prepared: at a plain dict's cost)
+                dict.__setitem__(self._statements, "", known)
+        portals = self._portals
+        bound = _Portal(statement, parameters, self._segments_sent)
+        if len(portals) == 1 and portal in portals:  # (the commonest: the unnamed portal again)
+            portals[portal] = bound
+        else:
+            self._bind(portal, bound)
         self.bytes_from_client += len(data)
         self.statements += 1
         self._pending.append(_Pending("execute", started=self.clock()))
@@ -668,6 +679,8 @@ class PostgresSession:
 
     def _prepared_after(self, name: str, sql: str) -> int:
         """The characters of the session's prepared texts once ``name`` holds ``sql``."""
+        if not name:
+            return self._statements.size  # (the unnamed statement is not counted)
         old = self._statements.get(name)
         return self._statements.size + len(sql) - (len(old[0]) if old is not None else 0)
 

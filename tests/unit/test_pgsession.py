@@ -437,7 +437,9 @@ def test_prepared_texts_are_bounded_per_session() -> None:
     s.server_data(msg(b"3", b"") + msg(b"Z", b"I"))
     assert parse("b", 600).to_server
     s.server_data(msg(b"1", b"") + msg(b"Z", b"I"))
-    _ended_over_the_limit(parse("", 401))
+    assert parse("", 900).to_server  # (the unnamed statement, replaced by each Parse, is not counted)
+    s.server_data(msg(b"1", b"") + msg(b"Z", b"I"))
+    _ended_over_the_limit(parse("c", 401))
 
 
 def test_sql_prepare_is_bounded_too_and_deallocate_makes_room() -> None:
@@ -458,11 +460,11 @@ def test_sql_prepare_is_bounded_too_and_deallocate_makes_room() -> None:
 
 
 def test_the_one_step_path_leaves_a_parse_over_the_bound_to_the_general_one() -> None:
-    """PQexecParams' Parse, Bind, Execute, Sync over the bound is not taken in one step:
-    the general path ends the session."""
+    """A Parse, Bind, Execute, Sync of a named statement over the bound is not taken in one
+    step: the general path ends the session."""
     s = _limited(1024)
     sql = ("select '" + "x" * 1100 + "'").encode()
-    data = (msg(b"P", b"\x00" + sql + b"\x00\x00\x00") + msg(b"B", b"\x00\x00" + b"\x00" * 6)
+    data = (msg(b"P", b"s1\x00" + sql + b"\x00\x00\x00") + msg(b"B", b"\x00s1\x00" + b"\x00" * 6)
             + msg(b"E", b"\x00" + struct.pack("!i", 0)) + msg(b"S", b""))
     assert s.allowed_execute(data) is None
     _ended_over_the_limit(s.client_data(data))
