@@ -47,8 +47,8 @@ class AgentSettings:
     max_message_bytes: int = 64 * 1024 * 1024
     # How much of a statement's text is kept in its audit record.
     max_statement_bytes: int = 64 * 1024
-    # The texts of the statements one session has prepared and not closed, which the
-    # agent keeps to record and judge their executions, at most (in characters); a
+    # The texts of the named statements one session has prepared and not closed, which
+    # the agent keeps to record and judge their executions, at most (in characters); a
     # session preparing more is ended.
     max_prepared_bytes: int = 256 * 1024 * 1024
     # After a crash or kill, `ringfence cleanup` (the service's ExecStopPost)
