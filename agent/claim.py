@@ -34,7 +34,7 @@ def claim(name: bytes = NAME) -> socket.socket:
         sock.close()
         if e.errno != errno.EADDRINUSE:
             raise
-        raise Claimed(f"another ringfence agent{_pid_text(holder(name))} is running in this "
+        raise Claimed(f"another ringfence agent{pid_text(holder(name))} is running in this "
                       "network namespace: one agent protects a host (stop it first, e.g. "
                       "systemctl stop ringfence)") from None
     sock.listen(16)
@@ -81,9 +81,10 @@ def refusal(action: str, name: bytes = NAME) -> str | None:
     pid = holder(name)
     if pid is None:
         return None
-    return (f"a ringfence agent{_pid_text(pid)} is running in this network namespace; "
+    return (f"a ringfence agent{pid_text(pid)} is running in this network namespace; "
             f"stop it before you {action} (it removes them itself when it stops)")
 
 
-def _pid_text(pid: int | None) -> str:
+def pid_text(pid: int | None) -> str:
+    """`` (pid N)`` for :func:`holder`'s answer, when it knows the pid."""
     return f" (pid {pid})" if pid else ""

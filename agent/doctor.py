@@ -154,12 +154,12 @@ def _ports_check(config: Config) -> Check:
                     if e.errno not in (97, 99):  # address family unavailable: not a conflict
                         busy.append(f"[{address}]:{service.listen_port} ({e.strerror})")
     if busy:
-        from agent.claim import holder
+        from agent.claim import holder, pid_text
 
         running = holder()
         if running is not None:  # (a host already protected: its agent holds them)
             return Check("listener ports", True, "in use by the agent running in this network "
-                         f"namespace{f' (pid {running})' if running else ''}: " + ", ".join(busy))
+                         f"namespace{pid_text(running)}: " + ", ".join(busy))
         return Check("listener ports", False, "in use: " + ", ".join(busy),
                      "stop what listens there or set listen_port in [[protect]]")
     ports = ", ".join(str(s.listen_port) for s in config.protect)

@@ -309,7 +309,7 @@ class PostgresSession:
             self._begin_statement("query", event.sql, "simple", None, actions, decision)
             if decision is not None and not decision.allowed:
                 self._block(decision, pg.query_message(SUBSTITUTE_SQL), False, actions)
-            elif not self._over_prepared_by(decision, actions):
+            elif not self._over_prepared(self._prepared_by(decision), actions):
                 self._await_prepared(decision)
                 actions.to_server.append(event.raw)
         elif isinstance(event, pg.Parse):
@@ -327,7 +327,7 @@ class PostgresSession:
                     # even one that fails: an Execute after this one runs nothing it knew.
                     self._statements.discard("")
                 return
-            if self._over_prepared(event.statement, event.sql, actions):
+            if self._over_prepared(self._prepared_after(event.statement, event.sql), actions):
                 return
             if event.statement:
                 self._touch(event.statement)
@@ -684,33 +684,27 @@ class PostgresSession:
         old = self._statements.get(name)
         return self._statements.size + len(sql) - (len(old[0]) if old is not None else 0)
 
-    def _over_prepared(self, name: str, sql: str, actions: Actions) -> bool:
-        """Whether a Parse of ``sql`` as ``name`` would take the session's prepared texts
-        over max_prepared: then the session ends (the Parse is not sent)."""
-        if self._prepared_after(name, sql) <= self.max_prepared:
-            return False
-        self._prepared_limit(actions)
-        return True
-
-    def _over_prepared_by(self, decision: Any, actions: Actions) -> bool:
-        """:meth:`_over_prepared` for the PREPAREs of a simple Query (an allowed string),
-        counted before they are sent: then the session ends (the Query is not sent)."""
+    def _prepared_by(self, decision: Any) -> int:
+        """:meth:`_prepared_after` for the PREPAREs of a simple Query (an allowed string),
+        counted before they are sent."""
         if not _touches_prepared(decision):
-            return False
-        size = self._statements.size + sum(
+            return self._statements.size
+        return self._statements.size + sum(
             len(info.text) for info in decision.classification.statements
             if info.prepared is not None and info.prepared[0] == "prepare")
+
+    def _over_prepared(self, size: int, actions: Actions) -> bool:
+        """Whether ``size`` characters of prepared texts (what the session would keep once
+        the message is sent) are over max_prepared: then the session ends, the message not
+        sent."""
         if size <= self.max_prepared:
             return False
-        self._prepared_limit(actions)
-        return True
-
-    def _prepared_limit(self, actions: Actions) -> None:
         self._fatal(actions, "54000",
                     f"ringfence: this session's prepared statements would exceed "
                     f"{self.max_prepared} characters of text (the agent's max_prepared_bytes); "
                     "close or DEALLOCATE the ones no longer needed",
                     "prepared statements over max_prepared_bytes")
+        return True
 
     def _touch(self, name: str) -> None:
         """A named Parse or Close changes ``name`` in the request being sent."""
