@@ -467,8 +467,8 @@ class PostgresSession:
         decision, remembered as :meth:`_judge` does): then :meth:`client_data` takes it."""
         if (self.phase != "ready" or self.replication is not None
                 or self.record_level != "statements" or not self.frontend.between_messages
-                or self._describes):
-            return None
+                or self._describes or self._blocked_names):
+            return None  # (or a blocked Parse whose request waits for its Sync: general path)
         parts = _bound_execute(data, self.frontend.max_message)
         if parts is None:
             return None

@@ -80,9 +80,11 @@ def state(s: PostgresSession) -> dict[str, Any]:
         "pending_counts": [(p.rows, p.command_rows, p.commands, p.copy_bytes, p.error)
                            for p in s._pending],
         "scanner_at_boundary": s.backend.at_boundary, "last_error": s.last_error,
-        "statements_known": s._statements, "describes": list(s._describes),
-        "touched": s._touched, "maybe": s._maybe,
-        "portals": {name: (p.statement, p.parameters) for name, p in s._portals.items()},
+        "statements_known": s._statements, "prepared_size": s._statements.size,
+        "describes": list(s._describes), "touched": s._touched, "maybe": s._maybe,
+        "blocked_names": s._blocked_names,
+        "portals": {name: (p.statement, p.parameters, p.request, p.blocked_in)
+                    for name, p in s._portals.items()},
     }
 
 
