@@ -21,9 +21,11 @@ redirect method costs, connection tracking and NAT on every packet), through
 relaying bytes without reading them, the floor under any Python session) and through
 ringfence with full statement recording (127.0.0.1:5432, steered by the agent's
 sk_lookup program, or with ``--redirect nat`` redirected by iptables; the nat tables
-a setup leaves are deleted after it). The others run
-before the agent starts, since once it runs every TCP connection to port 5432 in the
-namespace is redirected to it; it is started afresh in each round. The table shows
+a setup leaves are deleted after it). The agent is stopped while the others run, since
+while it runs every TCP connection to port 5432 in the namespace is redirected to it;
+it is started afresh in each round. HAProxy and the agent, whose ratio is the goal, are
+measured next to each other, HAProxy first in odd rounds and the agent first in even
+ones, so that the host's drift over a round falls on both alike. The table shows
 the median of each figure over the rounds, the ratios are taken within each round
 (their median and range are printed), and the proxies' CPU time per transaction
 (HAProxy's, and the agent's with its session workers and audit writer process; every
@@ -59,6 +61,7 @@ from tests.support.pgserver import PgServer, pgserver  # noqa: E402
 HAPROXY_PORT = 6432
 FLOOR_PORT = 7432
 CLIENT_COUNTS = (1, 8)
+ROWS = ("direct", "haproxy", "haproxy-nat", "pyrelay", "against", "ringfence")  # the table's order
 
 
 # HAProxy behind a REDIRECT reaches the server from this address, which the rule leaves alone
@@ -463,6 +466,33 @@ def redirect_settings(args: argparse.Namespace) -> str:
     return "" if args.redirect == "auto" else f'[redirect]\nmethod = "{args.redirect}"\n'
 
 
+def round_order(number: int) -> tuple[str, str]:
+    """Which of HAProxy and the agent a round measures first: HAProxy in odd rounds, the
+    agent in even ones, so that the host's drift over a round falls on both alike."""
+    return ("haproxy", "ringfence") if number % 2 else ("ringfence", "haproxy")
+
+
+def measure_ringfence(ns: NetNS, server: PgServer, args: argparse.Namespace, logdir: Path,
+                      workers: str, number: int) -> dict[str, dict[Any, Any]]:
+    """:func:`measure` through a fresh agent of this tree (row 'ringfence'), and with
+    ``--against`` through the other tree's agent too, before or after it by turns."""
+    result: dict[str, dict[Any, Any]] = {}
+    if args.against is not None and number % 2 == 1:
+        result["against"] = measure_agent(ns, server, args, logdir, workers)
+    agent = AgentProcess(ns, logdir / "agent", agent_settings=f"workers = {workers}",
+                         extra=redirect_settings(args))
+    agent.start()
+    try:
+        assert agent.process is not None
+        result["ringfence"] = measure(ns, server, 5432, args, logdir, agent.process.pid)
+    finally:
+        agent.stop()
+        drop_nat_tables(ns)
+    if args.against is not None and number % 2 == 0:
+        result["against"] = measure_agent(ns, server, args, logdir, workers)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=10, help="pgbench duration per run")
@@ -507,46 +537,40 @@ def main() -> int:
                   f"scan of {args.rows} rows, {args.rounds} round(s)", flush=True)
             haproxy_config(work / "haproxy.cfg")
             haproxy_config(work / "haproxy-nat.cfg", source=HAPROXY_SOURCE)
+            workers = args.workers if args.workers.isdigit() else f'"{args.workers}"'
             for number in range(1, args.rounds + 1):
                 result: dict[str, dict[Any, Any]] = {}
                 result["direct"] = measure(ns, server, 5432, args, work)
-                result["haproxy"] = measure_proxy(
-                    ns, server, [haproxy, "-db", "-f", str(work / "haproxy.cfg")], HAPROXY_PORT,
-                    args, work)
+                # HAProxy and the agent next to each other, in turns which goes first: the
+                # goal's ratio is theirs, and the host drifts between setups.
+                for name in round_order(number):
+                    if name == "haproxy":
+                        result["haproxy"] = measure_proxy(
+                            ns, server, [haproxy, "-db", "-f", str(work / "haproxy.cfg")],
+                            HAPROXY_PORT, args, work)
+                    else:
+                        result.update(measure_ringfence(ns, server, args, work, workers, number))
                 result["haproxy-nat"] = measure_redirected(
                     ns, server, [haproxy, "-db", "-f", str(work / "haproxy-nat.cfg")], args, work)
                 result["pyrelay"] = measure_proxy(
                     ns, server, [sys.executable, str(ROOT / "bench" / "relay_floor.py"),
                                  str(FLOOR_PORT), "5432"], FLOOR_PORT, args, work)
-                workers = args.workers if args.workers.isdigit() else f'"{args.workers}"'
-                if args.against is not None and number % 2 == 1:
-                    result["against"] = measure_agent(ns, server, args, work, workers)
-                agent = AgentProcess(ns, work / "agent", agent_settings=f"workers = {workers}",
-                                     extra=redirect_settings(args))
-                agent.start()
-                try:
-                    assert agent.process is not None
-                    result["ringfence"] = measure(ns, server, 5432, args, work, agent.process.pid)
-                    if args.against is not None and number % 2 == 0:
-                        agent.stop()
-                        drop_nat_tables(ns)
-                        result["against"] = measure_agent(ns, server, args, work, workers)
-                        if number == args.rounds:
-                            agent.start()  # (profiled below)
-                    rounds.append(result)
-                    print(f"round {number} done", flush=True)
-                    if number == args.rounds:
-                        print()
-                        print(table(rounds))
-                        print()
-                        print(f"py-spy on the agent under pgbench -S -M {args.mode} -c 8 "
-                              f"({args.profile_seconds} s):")
-                        print(profile(ns, server, agent, args))
-                        print(f"flame graph: {args.out / 'profile.svg'}")
-                finally:
-                    if agent.running:
-                        agent.stop()
-                    drop_nat_tables(ns)
+                rounds.append({name: result[name] for name in ROWS if name in result})
+                print(f"round {number} done", flush=True)
+            print()
+            print(table(rounds))
+            print()
+            print(f"py-spy on the agent under pgbench -S -M {args.mode} -c 8 "
+                  f"({args.profile_seconds} s):")
+            agent = AgentProcess(ns, work / "agent", agent_settings=f"workers = {workers}",
+                                 extra=redirect_settings(args))
+            agent.start()
+            try:
+                print(profile(ns, server, agent, args))
+            finally:
+                agent.stop()
+                drop_nat_tables(ns)
+            print(f"flame graph: {args.out / 'profile.svg'}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
