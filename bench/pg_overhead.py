@@ -453,6 +453,10 @@ def table(rounds: list[dict[str, dict[Any, Any]]]) -> str:
         lines.append(f"  up to {steal:.0f}% stolen in one run: the host was busy elsewhere, "
                      "and its TPS figures say as much about that as about the proxies")
     lines.append("goals: TPS >= 0.75x HAProxy at 1 and 8 clients; scan >= 0.8x direct")
+    lines.extend(
+        f"  ringfence/haproxy TPS c{c}, each round in order: " + " ".join(
+            f"{r['ringfence'][c]['tps'] / r['haproxy'][c]['tps']:.2f}" for r in rounds)
+        for c in CLIENT_COUNTS)
     failed = {f"{name} c{c}": r[name][c]["failed"] for r in rounds for name in r for c in CLIENT_COUNTS
               if r[name][c]["failed"]}
     if failed:
