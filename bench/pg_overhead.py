@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import re
 import shutil
@@ -48,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -270,19 +272,28 @@ def drop_nat_tables(ns: NetNS) -> None:
                             f"nft delete table {family} nat"])
 
 
-def measure_agent(ns: NetNS, server: PgServer, args: argparse.Namespace, logdir: Path,
-                  workers: str) -> dict[str, Any]:
-    """:func:`measure` through an agent run from the ``--against`` source tree."""
-    agent = AgentProcess(ns, logdir / "against", agent_settings=f"workers = {workers}",
-                         extra=redirect_settings(args),
-                         source=args.against)
+@contextlib.contextmanager
+def running_agent(ns: NetNS, args: argparse.Namespace, logdir: Path, workers: str,
+                  against: bool = False) -> Iterator[tuple[AgentProcess, int]]:
+    """A fresh agent of this tree (of the ``--against`` tree's with ``against``) and its pid,
+    stopped afterwards and its nat tables dropped."""
+    agent = AgentProcess(ns, logdir / ("against" if against else "agent"),
+                         agent_settings=f"workers = {workers}", extra=redirect_settings(args),
+                         source=args.against if against else ROOT)
     agent.start()
     try:
         assert agent.process is not None
-        return measure(ns, server, 5432, args, logdir, agent.process.pid)
+        yield agent, agent.process.pid
     finally:
         agent.stop()
         drop_nat_tables(ns)
+
+
+def measure_agent(ns: NetNS, server: PgServer, args: argparse.Namespace, logdir: Path,
+                  workers: str) -> dict[str, Any]:
+    """:func:`measure` through an agent run from the ``--against`` source tree."""
+    with running_agent(ns, args, logdir, workers, against=True) as (_, pid):
+        return measure(ns, server, 5432, args, logdir, pid)
 
 
 def profile(ns: NetNS, server: PgServer, agent: AgentProcess, args: argparse.Namespace) -> str:
@@ -483,15 +494,8 @@ def measure_ringfence(ns: NetNS, server: PgServer, args: argparse.Namespace, log
     result: dict[str, dict[Any, Any]] = {}
     if args.against is not None and number % 2 == 1:
         result["against"] = measure_agent(ns, server, args, logdir, workers)
-    agent = AgentProcess(ns, logdir / "agent", agent_settings=f"workers = {workers}",
-                         extra=redirect_settings(args))
-    agent.start()
-    try:
-        assert agent.process is not None
-        result["ringfence"] = measure(ns, server, 5432, args, logdir, agent.process.pid)
-    finally:
-        agent.stop()
-        drop_nat_tables(ns)
+    with running_agent(ns, args, logdir, workers) as (_, pid):
+        result["ringfence"] = measure(ns, server, 5432, args, logdir, pid)
     if args.against is not None and number % 2 == 0:
         result["against"] = measure_agent(ns, server, args, logdir, workers)
     return result
@@ -566,14 +570,8 @@ def main() -> int:
             print()
             print(f"py-spy on the agent under pgbench -S -M {args.mode} -c 8 "
                   f"({args.profile_seconds} s):")
-            agent = AgentProcess(ns, work / "agent", agent_settings=f"workers = {workers}",
-                                 extra=redirect_settings(args))
-            agent.start()
-            try:
+            with running_agent(ns, args, work, workers) as (agent, _):
                 print(profile(ns, server, agent, args))
-            finally:
-                agent.stop()
-                drop_nat_tables(ns)
             print(f"flame graph: {args.out / 'profile.svg'}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
