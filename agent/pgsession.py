@@ -162,10 +162,15 @@ class _Prepared(dict[str, tuple[str, tuple[int, ...]]]):
         super().__init__()
         self.size = 0
 
+    def size_after(self, name: str, text: str) -> int:
+        """``size`` once ``name`` holds ``text``."""
+        if not name:
+            return self.size
+        old = self.get(name)
+        return self.size + len(text) - (len(old[0]) if old is not None else 0)
+
     def __setitem__(self, name: str, value: tuple[str, tuple[int, ...]]) -> None:
-        if name:
-            old = self.get(name)
-            self.size += len(value[0]) - (len(old[0]) if old is not None else 0)
+        self.size = self.size_after(name, value[0])
         super().__setitem__(name, value)
 
     def __delitem__(self, name: str) -> None:
@@ -327,7 +332,7 @@ class PostgresSession:
                     # even one that fails: an Execute after this one runs nothing it knew.
                     self._statements.discard("")
                 return
-            if self._over_prepared(self._prepared_after(event.statement, event.sql), actions):
+            if self._over_prepared(self._statements.size_after(event.statement, event.sql), actions):
                 return
             if event.statement:
                 self._touch(event.statement)
@@ -475,7 +480,7 @@ class PostgresSession:
         parse, portal, statement, formats, values = parts
         if parse is not None:
             name, sql, types = parse
-            if name != statement or (name and self._prepared_after(name, sql) > self.max_prepared):
+            if name != statement or (name and self._statements.size_after(name, sql) > self.max_prepared):
                 return None
             known = sql, types
         else:
@@ -677,15 +682,8 @@ class PostgresSession:
             _prepared_change(prepared, action, name, info.text)
         return decision
 
-    def _prepared_after(self, name: str, sql: str) -> int:
-        """The characters of the session's prepared texts once ``name`` holds ``sql``."""
-        if not name:
-            return self._statements.size  # (the unnamed statement is not counted)
-        old = self._statements.get(name)
-        return self._statements.size + len(sql) - (len(old[0]) if old is not None else 0)
-
     def _prepared_by(self, decision: Any) -> int:
-        """:meth:`_prepared_after` for the PREPAREs of a simple Query (an allowed string),
+        """:meth:`_Prepared.size_after` for the PREPAREs of a simple Query (an allowed string),
         counted before they are sent."""
         if not _touches_prepared(decision):
             return self._statements.size
