@@ -10,7 +10,7 @@ from agent import __version__
 from agent.cli_audit import audit
 from agent.cli_bpf import bpf, cleanup
 from agent.cli_identity import login, logout, whoami
-from agent.cli_options import config_option, load_or_exit
+from agent.cli_options import config_option, exit_while_agent_runs, load_or_exit
 from agent.cli_policy import policy
 
 
@@ -67,13 +67,9 @@ def redirect_status() -> None:
 @redirect.command("clean")
 def redirect_clean() -> None:
     """Remove every RINGFENCE_* chain and jump (also those of a crashed agent)."""
-    from agent.claim import refusal
     from agent.redirect import Redirector
 
-    why = refusal("remove its redirect rules")
-    if why is not None:
-        click.echo(f"ringfence: {why}", err=True)
-        sys.exit(1)
+    exit_while_agent_runs("remove its redirect rules")
     removed = Redirector.clean_all()
     click.echo(f"removed {removed} ringfence chain(s)")
 

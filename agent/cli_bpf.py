@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from agent.cli_options import config_option
+from agent.cli_options import config_option, exit_while_agent_runs
 from agent.config import Config, ConfigError, load_config
 
 log = logging.getLogger("ringfence.cleanup")
@@ -124,14 +124,11 @@ def cleanup(config_path: str | None, everything: bool) -> None:
     installed them, so without --all it refuses while an agent runs in this
     network namespace.
     """
-    from agent.claim import refusal
     from agent.redirect import RedirectError, Redirector
 
     _quiet_logging()
-    why = None if everything else refusal("clean up after it")
-    if why is not None:
-        click.echo(f"ringfence: {why}", err=True)
-        sys.exit(1)
+    if not everything:
+        exit_while_agent_runs("clean up after it")
     config = _config(config_path, tolerant=True)
     failed = False
     if config.agent.fail_closed and not everything:

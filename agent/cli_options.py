@@ -24,3 +24,14 @@ def load_or_exit(path: str | None) -> Config:
     except ConfigError as e:
         click.echo(f"ringfence: config error: {e}", err=True)
         sys.exit(2)
+
+
+def exit_while_agent_runs(action: str) -> None:
+    """Exit with why, when an agent runs in this network namespace: commands that remove
+    what an agent installed wait for it to stop (agent/claim.py)."""
+    from agent.claim import refusal
+
+    why = refusal(action)
+    if why is not None:
+        click.echo(f"ringfence: {why}", err=True)
+        sys.exit(1)
