@@ -490,13 +490,15 @@ def round_order(number: int) -> tuple[str, str]:
 def measure_ringfence(ns: NetNS, server: PgServer, args: argparse.Namespace, logdir: Path,
                       workers: str, number: int) -> dict[str, dict[Any, Any]]:
     """:func:`measure` through a fresh agent of this tree (row 'ringfence'), and with
-    ``--against`` through the other tree's agent too, before or after it by turns."""
+    ``--against`` through the other tree's agent too, on the side away from HAProxy (see
+    :func:`round_order`), so that HAProxy and ringfence stay next to each other."""
     result: dict[str, dict[Any, Any]] = {}
-    if args.against is not None and number % 2 == 1:
+    haproxy_first = round_order(number)[0] == "haproxy"
+    if args.against is not None and not haproxy_first:
         result["against"] = measure_agent(ns, server, args, logdir, workers)
     with running_agent(ns, args, logdir, workers) as (_, pid):
         result["ringfence"] = measure(ns, server, 5432, args, logdir, pid)
-    if args.against is not None and number % 2 == 0:
+    if args.against is not None and haproxy_first:
         result["against"] = measure_agent(ns, server, args, logdir, workers)
     return result
 
