@@ -128,6 +128,7 @@ _PARSE_COMPLETE = b"1\x00\x00\x00\x04"
 _BIND_COMPLETE = b"2\x00\x00\x00\x04"
 _NO_DATA = b"n\x00\x00\x00\x04"
 _SYNC = b"S\x00\x00\x00\x04"
+TERMINATE = b"X\x00\x00\x00\x04"
 # Server messages that change nothing the session tracks.
 _PASSIVE = frozenset({
     pg.RowDescription, pg.ParameterStatus, pg.NoticeResponse, pg.ParseComplete, pg.BindComplete,
@@ -1268,6 +1269,26 @@ class PostgresSession:
             reason = f"authentication failed: {self.last_error.get('message', '')}"
             outcome = "failure"
         self._end(actions, reason, outcome)
+        return actions
+
+    def client_lost(self, reason: str, outcome: str = "success") -> Actions:
+        """The client's connection ended without a Terminate (it closed, or failed).
+
+        When the server is idle between requests (the session ready, nothing sent that it
+        has not answered, no transaction open, no message half passed on), it is sent the
+        Terminate the client did not send, and ``close`` says so, as after the client's
+        own: the server then ends its connection first, so it, not the agent, holds that
+        connection's TIME_WAIT, and it ends as it would have for the client (with no
+        transaction open, the server logs neither ending). Otherwise the connection simply
+        ends, as the client's did.
+        """
+        idle = (self.phase == "ready" and self.replication is None and not self._pending
+                and not self._blocked_pending and self._held is None
+                and self.transaction == "I" and self.frontend.between_messages)
+        actions = self.connection_lost(reason, outcome)
+        if idle:
+            actions.to_server.append(TERMINATE)
+            actions.close = "client terminated"
         return actions
 
     def _protocol_violation(self, actions: Actions, reason: str) -> Actions:

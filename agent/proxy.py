@@ -545,7 +545,7 @@ class ClientSide(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         reason = "client closed" if exc is None else f"client connection error: {exc}"
         if self.session is not None and not self.session.ended:
-            self.apply(self.session.connection_lost(reason, "success" if exc is None else "failure"))
+            self.apply(self.session.client_lost(reason, "success" if exc is None else "failure"))
         self._close_all()
 
     def pause_writing(self) -> None:
@@ -908,7 +908,8 @@ class ClientSide(asyncio.Protocol):
 
     def _close_all(self, *, server_closes: bool = False) -> None:
         """End the session's connections. ``server_closes``: the server was sent a
-        Terminate and ends the upstream connection itself; it is then left to do so (for
+        Terminate (the client's, or one in its place: see PostgresSession.client_lost) and
+        ends the upstream connection itself; it is then left to do so (for
         at most TERMINATE_CLOSE_WAIT), so that the side closing first, which keeps the
         connection's TIME_WAIT, is the server's: a port the agent's next upstream
         connection could want is not held for a minute."""

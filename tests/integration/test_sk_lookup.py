@@ -13,7 +13,9 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -143,6 +145,11 @@ def test_the_agents_upstream_ports_are_not_left_in_time_wait(
     ns, server = host
     for n in range(5):
         ns.run(as_nobody(psql_argv(server, f"select {n}")))
+    assert_no_agent_port_waits(ns, agent)
+
+
+def assert_no_agent_port_waits(ns: NetNS, agent: AgentProcess) -> None:
+    """The only TIME_WAITs toward port 5432 in the namespace are the recorded clients'."""
     clients = {r["source"]["port"] for r in agent.records() if r["type"] == "session.start"}
     waiting = set()
     for line in ns.run(["ss", "-Htan", "state", "time-wait"]).stdout.splitlines():
@@ -151,6 +158,57 @@ def test_the_agents_upstream_ports_are_not_left_in_time_wait(
             waiting.add(int(local.rsplit(":", 1)[1]))
     assert waiting, "no TIME_WAIT at all: the clients' own connections should show"
     assert waiting <= clients, f"agent upstream ports in TIME_WAIT: {sorted(waiting - clients)}"
+
+
+# A client that leaves without a Terminate: its process ends with the connection open and
+# idle, the kernel closing the socket (with a reset when argv[1] is "reset").
+_VANISHING_CLIENT = """
+import os, socket, struct, sys
+import psycopg
+conn = psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres",
+                       autocommit=True)
+conn.execute("select 1")
+print(conn.info.backend_pid, flush=True)
+if sys.argv[1] == "reset":
+    sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("ending", ["close", "reset"])
+def test_clients_gone_without_a_terminate_leave_the_agents_ports_free(
+    host: tuple[NetNS, PgServer], agent: AgentProcess, ending: str
+) -> None:
+    """Clients that end an idle connection without a Terminate (a killed process, a pool
+    dropping its sockets): the agent sends the server the Terminate in their place, so
+    the server closes first again and no TIME_WAIT holds an upstream port the agent binds;
+    the sessions end as the clients left them, and their backends are gone."""
+    ns, server = host
+    pids = []
+    for _ in range(3):
+        done = ns.run([sys.executable, "-c", _VANISHING_CLIENT, ending], cwd=str(REPO), env=ENV)
+        pids.append(int(done.stdout))
+
+    def ended(rs: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+        ends = [recs[-1] for recs in sessions(rs).values()
+                if recs[-1]["type"] == "session.end" and recs[-1].get("backend_pid") in pids]
+        return ends if len(ends) == len(pids) else None
+
+    ends = agent.wait_for(ended)
+    if ending == "close":
+        assert {e["reason"] for e in ends} == {"client closed"}
+        assert {e["outcome"] for e in ends} == {"success"}
+    else:
+        assert all(e["reason"].startswith("client connection error") for e in ends), ends
+    assert_no_agent_port_waits(ns, agent)
+    count = [*psql_argv(server, "select count(*) from pg_stat_activity where pid in "
+                                f"({', '.join(map(str, pids))})", host=str(server.sockdir)), "-At"]
+    deadline = time.monotonic() + 10
+    while (alive := ns.run(as_nobody(count)).stdout.strip()) != "0":
+        assert time.monotonic() < deadline, f"{alive} of the backends still running"
+        time.sleep(0.1)
 
 
 @pytest.mark.parametrize("local, remote, release", [(True, True, "5.9"), (True, False, "5.17"),

@@ -192,6 +192,39 @@ def test_terminate_ends_session_with_counters() -> None:
     assert end["backend_pid"] == 11
 
 
+def test_a_client_gone_while_the_server_is_idle_is_terminated_for_it() -> None:
+    """A client that closes without a Terminate, its session idle: the server is sent the
+    Terminate, so it ends its connection as for the client's own; with anything still
+    outstanding or a transaction open, nothing is sent in the client's name."""
+    s, _ = session()
+    ready(s)
+    s.client_data(pg.query_message("select 1"))
+    s.server_data(msg(b"C", b"SELECT 0\x00") + msg(b"Z", b"I"))
+    actions = s.client_lost("client closed")
+    assert actions.to_server == [msg(b"X", b"")] and actions.close == "client terminated"
+    (end,) = records(actions, "session.end")
+    assert end["reason"] == "client closed" and end["outcome"] == "success"
+
+    def unterminated(client: bytes, server: bytes = b"") -> None:
+        s, _ = session()
+        ready(s)
+        s.client_data(client)
+        if server:
+            s.server_data(server)
+        actions = s.client_lost("client closed")
+        assert actions.to_server == [] and actions.close is None, client
+        assert records(actions, "session.end")
+
+    unterminated(pg.query_message("select pg_sleep(10)"))  # still running
+    unterminated(pg.query_message("begin"), msg(b"C", b"BEGIN\x00") + msg(b"Z", b"T"))
+    unterminated(pg.query_message("select 1")[:7])  # half a message passed on
+    # Before the session is ready (authentication under way) nothing is sent either.
+    s, _ = session()
+    s.client_data(STARTUP)
+    actions = s.client_lost("client closed")
+    assert actions.to_server == [] and actions.close is None
+
+
 def test_connection_lost_mid_query_records_interrupted_result() -> None:
     """A statement still running when the connection drops gets a failed result."""
     s, _ = session()
