@@ -167,19 +167,15 @@ def cpu_ticks_split(pid: int | None) -> tuple[int, int, int]:
     return user, system, descendants
 
 
-def machine_ticks() -> list[int]:
+def machine_ticks() -> tuple[list[int], int]:
     """The host's CPU time so far by state (/proc/stat's first line: user, nice, system, idle,
-    iowait, irq, softirq, steal, ...), in clock ticks."""
+    iowait, irq, softirq, steal, ...), in clock ticks, and its context switches so far, every
+    CPU (the ``ctxt`` line), from one reading."""
     with open("/proc/stat") as f:
-        return [int(v) for v in f.readline().split()[1:9]]
-
-
-def context_switches() -> int:
-    """Context switches on the host so far, every CPU (/proc/stat's ``ctxt``)."""
-    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:9]]
         for line in f:
             if line.startswith("ctxt "):
-                return int(line.split()[1])
+                return ticks, int(line.split()[1])
     raise RuntimeError("/proc/stat has no ctxt line")
 
 
@@ -215,11 +211,11 @@ def measure(ns: NetNS, server: PgServer, port: int, args: argparse.Namespace,
     hz = os.sysconf("SC_CLK_TCK")
     for clients in CLIENT_COUNTS:
         postgres, tools = postgres_ticks(server), os.times()
-        before, machine, switches = cpu_ticks_split(proxy_pid), machine_ticks(), context_switches()
+        before, (machine, switches) = cpu_ticks_split(proxy_pid), machine_ticks()
         result[clients] = run = pgbench(ns, server, port, clients, args.seconds, logdir,
                                         args.mode)
-        after, machine_after, tools_after = cpu_ticks_split(proxy_pid), machine_ticks(), os.times()
-        switches_after = context_switches()
+        after, (machine_after, switches_after) = cpu_ticks_split(proxy_pid), machine_ticks()
+        tools_after = os.times()
         postgres_after = postgres_ticks(server)
         run["idle_pct"], run["steal_pct"] = idle_and_steal(machine, machine_after)
         transactions = run["tps"] * args.seconds
