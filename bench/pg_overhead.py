@@ -96,12 +96,12 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 def pgbench(ns: NetNS, server: PgServer, port: int, clients: int, seconds: int,
-            logdir: Path, mode: str = "simple") -> dict[str, float]:
-    """pgbench -S -M ``mode``; TPS from its summary, latencies (ms) from its per-transaction
-    log."""
+            logdir: Path, mode: str = "simple", host: str = "127.0.0.1") -> dict[str, float]:
+    """pgbench -S -M ``mode`` dialling ``host``; TPS from its summary, latencies (ms) from
+    its per-transaction log."""
     for old in logdir.glob("pgbench_log*"):
         old.unlink()
-    argv = [server.tool("pgbench"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-S",
+    argv = [server.tool("pgbench"), "-h", host, "-p", str(port), "-U", "postgres", "-S",
             "-M", mode, "-n", "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(seconds),
             "--log", f"--log-prefix={logdir}/pgbench_log", "postgres"]
     done = ns.run(argv, timeout=seconds + 120)
