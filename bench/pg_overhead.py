@@ -73,8 +73,11 @@ REDIRECT_RULE = ["OUTPUT", "-p", "tcp", "-d", "127.0.0.1", "--dport", "5432",
                  "!", "-s", HAPROXY_SOURCE, "-j", "REDIRECT", "--to-ports", str(HAPROXY_PORT)]
 
 
-def haproxy_config(path: Path, source: str | None = None) -> None:
-    server = f"server postgres 127.0.0.1:5432{f' source {source}' if source else ''}"
+def haproxy_config(path: Path, source: str | None = None,
+                   upstream: str = "127.0.0.1:5432") -> None:
+    """HAProxy in plain TCP mode on 127.0.0.1:HAPROXY_PORT, to the server at ``upstream``
+    (from ``source``, when given)."""
+    server = f"server postgres {upstream}{f' source {source}' if source else ''}"
     path.write_text(f"""global
     maxconn 2000
 defaults

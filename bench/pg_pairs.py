@@ -45,6 +45,7 @@ from pg_overhead import (  # noqa: E402
     HAPROXY_PORT,
     busy_ticks,
     cpu_ticks_split,
+    haproxy_config,
     machine_ticks,
     pgbench,
 )
@@ -54,21 +55,6 @@ from tests.support.netns import NetNS, netns  # noqa: E402
 from tests.support.pgserver import PgServer, pgserver  # noqa: E402
 
 Slice = dict[str, float]
-
-
-def haproxy_config(path: Path) -> None:
-    """HAProxy in TCP mode on 127.0.0.1:6432, to the server over IPv6 loopback."""
-    path.write_text(f"""global
-    maxconn 2000
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 1h
-    timeout server 1h
-listen postgres
-    bind 127.0.0.1:{HAPROXY_PORT}
-    server postgres ipv6@::1:5432
-""")
 
 
 def one_slice(ns: NetNS, server: PgServer, host: str, port: int, clients: int,
@@ -156,7 +142,8 @@ def main() -> int:
                                  max(4, args.pairs // 4))
                 print(f"  c{clients}  {summary('ipv4', pairs, 'ipv6', goal=False)}", flush=True)
 
-            haproxy_config(work / "haproxy.cfg")
+            # To the server over IPv6 loopback, which the agent below leaves alone.
+            haproxy_config(work / "haproxy.cfg", upstream="ipv6@::1:5432")
             proxy = ns.popen([haproxy, "-db", "-f", str(work / "haproxy.cfg")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             agent = AgentProcess(ns, work / "agent", agent_settings='workers = "auto"',
