@@ -91,6 +91,17 @@ listen postgres
 """)
 
 
+def prepare(ns: NetNS, server: PgServer) -> None:
+    """pgbench's tables at scale 10, settled before timing (statistics, hint bits, a
+    checkpoint, a 3 s warm-up), over the server's Unix socket."""
+    ns.run([server.tool("pgbench"), "-i", "-s", "10", "-q", "-h", str(server.sockdir),
+            "-p", "5432", "-U", "postgres", "postgres"], timeout=600)
+    ns.run([server.tool("psql"), "-X", "-q", "-h", str(server.sockdir), "-U", "postgres",
+            "-c", "VACUUM ANALYZE", "-c", "CHECKPOINT", "postgres"], timeout=600)
+    ns.run([server.tool("pgbench"), "-h", str(server.sockdir), "-U", "postgres", "-S", "-n",
+            "-c", "8", "-j", "2", "-T", "3", "postgres"], timeout=120)
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -534,13 +545,7 @@ def main() -> int:
     rounds: list[dict[str, dict[Any, Any]]] = []
     try:
         with netns("rfbench") as ns, pgserver(ns) as server:
-            ns.run([server.tool("pgbench"), "-i", "-s", "10", "-q", "-h", str(server.sockdir),
-                    "-p", "5432", "-U", "postgres", "postgres"], timeout=600)
-            # Settle the fresh tables (statistics, hint bits, a checkpoint) before timing.
-            ns.run([server.tool("psql"), "-X", "-q", "-h", str(server.sockdir), "-U", "postgres",
-                    "-c", "VACUUM ANALYZE", "-c", "CHECKPOINT", "postgres"], timeout=600)
-            ns.run([server.tool("pgbench"), "-h", str(server.sockdir), "-U", "postgres", "-S", "-n",
-                    "-c", "8", "-j", "2", "-T", "3", "postgres"], timeout=120)
+            prepare(ns, server)
             print(f"PostgreSQL {server.bindir.parent.name}, pgbench -S -M {args.mode} "
                   f"-T {args.seconds}, "
                   f"scan of {args.rows} rows, {args.rounds} round(s)", flush=True)

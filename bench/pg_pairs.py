@@ -48,6 +48,7 @@ from pg_overhead import (  # noqa: E402
     haproxy_config,
     machine_ticks,
     pgbench,
+    prepare,
 )
 
 from tests.support.agent import AgentProcess  # noqa: E402
@@ -124,12 +125,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="ringfence-pairs-"))
     try:
         with netns("rfpairs") as ns, pgserver(ns) as server:
-            ns.run([server.tool("pgbench"), "-i", "-s", "10", "-q", "-h", str(server.sockdir),
-                    "-p", "5432", "-U", "postgres", "postgres"], timeout=600)
-            ns.run([server.tool("psql"), "-X", "-q", "-h", str(server.sockdir), "-U", "postgres",
-                    "-c", "VACUUM ANALYZE", "-c", "CHECKPOINT", "postgres"], timeout=600)
-            ns.run([server.tool("pgbench"), "-h", str(server.sockdir), "-U", "postgres", "-S",
-                    "-n", "-c", "8", "-j", "2", "-T", "3", "postgres"], timeout=120)
+            prepare(ns, server)
             print(f"PostgreSQL {server.bindir.parent.name}, pgbench -S -M {args.mode}, "
                   f"{args.seconds} s slices, {args.pairs} pairs a client count", flush=True)
 
