@@ -128,7 +128,7 @@ _PARSE_COMPLETE = b"1\x00\x00\x00\x04"
 _BIND_COMPLETE = b"2\x00\x00\x00\x04"
 _NO_DATA = b"n\x00\x00\x00\x04"
 _SYNC = b"S\x00\x00\x00\x04"
-TERMINATE = b"X\x00\x00\x00\x04"
+_TERMINATE = b"X\x00\x00\x00\x04"
 # Server messages that change nothing the session tracks.
 _PASSIVE = frozenset({
     pg.RowDescription, pg.ParameterStatus, pg.NoticeResponse, pg.ParseComplete, pg.BindComplete,
@@ -1287,7 +1287,7 @@ class PostgresSession:
                 and self.transaction == "I" and self.frontend.between_messages)
         actions = self.connection_lost(reason, outcome)
         if idle:
-            actions.to_server.append(TERMINATE)
+            actions.to_server.append(_TERMINATE)
             actions.close = "client terminated"
         return actions
 
