@@ -6,7 +6,7 @@
 (``python -m audit.process``). The agent encodes each event with msgpack as
 before, unless it comes already encoded (bytes: the PostgreSQL session's one-step
 paths write theirs so); records emitted on the event loop thread are sent together, about
-1 ms after the first of them and at most 5 ms (see ``SEND_DELAY_NS``), so that
+3 ms after the first of them and at most 5 ms (see ``SEND_DELAY_NS``), so that
 the writer wakes once per batch rather than once per loop turn; records from
 other threads, and strict records (with everything batched before them), go
 at once. Over a Unix
@@ -87,7 +87,12 @@ LOCK_NAME = ".writer.lock"
 # the writer (which commits them at most batch_max_delay_ms later): they go with the first
 # loop turn that emits a record SEND_DELAY_NS after the batch began, or, when none follows,
 # SEND_AT_THE_LATEST after it (a timer that busy loops then never need to wake for).
-SEND_DELAY_NS = 1_000_000
+# The longer the wait, the fewer batches the writer wakes for, and the more of a
+# statement's answers reach the agent while the statement's record still waits, so that
+# the two are stored as one (at eight clients, 3 ms instead of 1 ms took about 0.03x
+# HAProxy's TPS off the distance: bench/README.md, "Batches to the writer every 3 ms").
+# SEND_AT_THE_LATEST bounds what an agent killed outright can lose (audit/SCHEMA.md).
+SEND_DELAY_NS = 3_000_000
 SEND_AT_THE_LATEST = 0.005
 _NEVER = 1 << 64
 

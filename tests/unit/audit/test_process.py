@@ -105,19 +105,19 @@ def test_batched_records_reach_the_trail_without_a_flush_from_each_loop(tmp_path
         trail.close()
 
 
-def test_a_busy_loop_sends_its_batch_with_the_first_record_after_a_millisecond(
+def test_a_busy_loop_sends_its_batch_with_the_first_record_after_the_send_delay(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A batch goes to the writer with the loop turn that emits a record 1 ms after the
-    batch began, without waiting for the 5 ms timer meant for a batch no record follows."""
-    # That timer pushed far off: on a loaded machine the 1.5 ms sleep below can take
-    # longer than 5 ms, and the timer would then send the first record by itself.
+    """A batch goes to the writer with the loop turn that emits a record SEND_DELAY_NS after
+    the batch began, without waiting for the timer meant for a batch no record follows."""
+    # That timer pushed far off: on a loaded machine the sleep below can take longer than
+    # SEND_AT_THE_LATEST, and the timer would then send the first record by itself.
     monkeypatch.setattr(audit.process, "SEND_AT_THE_LATEST", 60.0)
     trail = start(tmp_path)
 
     async def busy() -> int:
         trail.emit("query", {"n": 0}, session_id="s1")
-        await asyncio.sleep(0.0015)
+        await asyncio.sleep(audit.process.SEND_DELAY_NS * 1.5e-9)
         trail.emit("result", {"n": 1}, session_id="s1")
         await asyncio.sleep(0)  # the turn after the emit
         return len(trail._unencoded)
